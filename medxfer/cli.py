@@ -1,0 +1,153 @@
+"""The ``medxfer`` command line.
+
+    medxfer synth msd  --out D [--profiles spleen liver ...] [--num-training N] [--seed S]
+    medxfer synth isic --out D [--year 2018|2017] [--num-images N] [--size H W] [--seed S]
+    medxfer check-data PATH [--json report.json]
+    medxfer split PATH --out splits.json [--folds 5] [--seed 0]
+    medxfer demo --out runs/demo          # the README's main job on generated data
+
+Heavy imports happen inside each command so ``medxfer --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_synth_msd(args) -> int:
+    from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
+
+    unknown = [p for p in args.profiles or [] if p not in MSD_PROFILES]
+    if unknown:
+        print(f"error: unknown profile(s) {unknown}; choose from {sorted(MSD_PROFILES)}", file=sys.stderr)
+        return 2
+    kwargs = dict(num_training=args.num_training, num_test=args.num_test, seed=args.seed,
+                  spacing_jitter=args.spacing_jitter, overwrite=args.overwrite)
+    if args.shape:
+        kwargs["shape"] = tuple(args.shape)
+    if args.spacing:
+        kwargs["spacing"] = tuple(args.spacing)
+    try:
+        folders = generate_msd(args.out, profiles=args.profiles, **kwargs)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for f in folders:
+        print(f)
+    return 0
+
+
+def _cmd_synth_isic(args) -> int:
+    from medxfer.data.synth.isic import generate_isic
+
+    try:
+        out = generate_isic(args.out, year=args.year, num_images=args.num_images, size=tuple(args.size),
+                            seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def _cmd_check_data(args) -> int:
+    from medxfer.data.validate import check_dataset
+
+    reports = check_dataset(args.path, progress=not args.quiet)
+    n_problems = 0
+    for report in reports:
+        status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        print(f"{report.kind:10s} {report.path}  {report.num_cases} case(s)  {status}")
+        for p in report.problems:
+            print(f"  {p}")
+        n_problems += len(report.problems)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+    return 1 if n_problems else 0
+
+
+def _cmd_split(args) -> int:
+    from medxfer.data.isic import detect_isic_year, load_isic
+    from medxfer.data.msd import load_task
+    from medxfer.data.problems import DatasetError
+    from medxfer.data.splits import make_kfold_splits, save_splits
+
+    try:
+        year = detect_isic_year(args.path)
+        records = load_isic(args.path, year=year, task=1) if year else load_task(args.path).training
+        splits = make_kfold_splits(records, n_folds=args.folds, seed=args.seed)
+        save_splits(splits, args.out, overwrite=args.overwrite)
+    except (DatasetError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {args.folds} folds over {len(records)} cases (seed {args.seed})")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from medxfer.demo import run_demo
+
+    return run_demo(args.out, seed=args.seed, overwrite=args.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medxfer", description="Transfer-learning workbench for medical image segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="generate data in the real MSD / ISIC layouts")
+    synth_sub = synth.add_subparsers(dest="dataset", required=True)
+    msd = synth_sub.add_parser("msd", help="synthetic Medical Segmentation Decathlon tasks (TaskNN_Name folders)")
+    msd.add_argument("--out", required=True, help="folder that receives the TaskNN_Name folders")
+    msd.add_argument("--profiles", nargs="+", help="task profiles (default: all)")
+    msd.add_argument("--num-training", type=int, default=6)
+    msd.add_argument("--num-test", type=int, default=2)
+    msd.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="base voxel shape")
+    msd.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="base spacing in mm")
+    msd.add_argument("--spacing-jitter", type=float, default=0.1, help="relative in-plane spacing jitter per case (0 = none)")
+    msd.add_argument("--seed", type=int, default=0)
+    msd.add_argument("--overwrite", action="store_true", help="replace existing task folders")
+    msd.set_defaults(func=_cmd_synth_msd)
+    isic = synth_sub.add_parser("isic", help="synthetic ISIC 2017/2018 Task 1 + Task 2 folders")
+    isic.add_argument("--out", required=True)
+    isic.add_argument("--year", type=int, choices=(2017, 2018), default=2018)
+    isic.add_argument("--num-images", type=int, default=20)
+    isic.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(96, 128))
+    isic.add_argument("--seed", type=int, default=0)
+    isic.add_argument("--overwrite", action="store_true")
+    isic.set_defaults(func=_cmd_synth_isic)
+
+    check = sub.add_parser("check-data", help="validate every dataset under PATH; exit 1 if any problem")
+    check.add_argument("path")
+    check.add_argument("--json", help="also write the report as JSON")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(func=_cmd_check_data)
+
+    split = sub.add_parser("split", help="seeded k-fold split of a dataset, saved as JSON (nnU-Net splits_final.json format)")
+    split.add_argument("path")
+    split.add_argument("--out", required=True)
+    split.add_argument("--folds", type=int, default=5)
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--overwrite", action="store_true")
+    split.set_defaults(func=_cmd_split)
+
+    demo = sub.add_parser("demo", help="the main job on generated data (README quick start)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder not made by a previous demo")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

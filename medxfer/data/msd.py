@@ -1,0 +1,322 @@
+"""Medical Segmentation Decathlon (MSD) and nnU-Net v2 dataset folders -> MONAI-style lists of dicts.
+
+Two on-disk layouts are read exactly as published (SPEC section 2):
+
+* **MSD** ``TaskNN_Name/dataset.json`` with ``training: [{"image": "./imagesTr/x_1.nii.gz",
+  "label": "./labelsTr/x_1.nii.gz"}]`` and ``test: ["./imagesTs/x_2.nii.gz"]``. A 4D task
+  (``tensorImageSize == "4D"``) stores all channels in one NIfTI, channel last.
+* **nnU-Net v2** ``DatasetNNN_Name/dataset.json`` with ``channel_names``, ``labels`` (name -> int),
+  ``numTraining`` and ``file_ending``; one file per channel ``case_0000.nii.gz`` in ``imagesTr``,
+  labels ``case.nii.gz`` in ``labelsTr``.
+
+Both give a :class:`SegTask` whose ``training`` records are dicts ``{"id", "image", "label"}`` with
+absolute paths, ready for ``monai.transforms.LoadImaged(keys=["image", "label"])``. For nnU-Net
+tasks with several channels ``image`` is the list of channel files (``LoadImaged`` stacks them).
+macOS ``._*`` junk and other hidden files are ignored. Structural problems (bad JSON, missing keys,
+files listed but absent, ...) come back as :class:`~medxfer.data.problems.Problem` from
+:func:`scan_task`; :func:`load_task` raises :class:`~medxfer.data.problems.DatasetError` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .problems import DatasetError, Problem, raise_if_problems
+
+__all__ = [
+    "SegTask",
+    "scan_task",
+    "load_task",
+    "load_msd_datalist",
+    "is_hidden",
+    "MSD_REQUIRED_KEYS",
+    "NNUNET_REQUIRED_KEYS",
+]
+
+MSD_REQUIRED_KEYS = ("name", "tensorImageSize", "modality", "labels", "numTraining", "training")
+NNUNET_REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
+_NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def is_hidden(name: str) -> bool:
+    """True for macOS ``._*`` resource forks and other dot files, which every loader ignores."""
+    return name.startswith(".")
+
+
+@dataclass
+class SegTask:
+    """A segmentation task read from disk.
+
+    Attributes:
+        root: the task folder.
+        layout: ``"msd"`` or ``"nnunetv2"``.
+        name: dataset name from dataset.json (or the folder name).
+        channel_names: ``{channel index: modality}``, e.g. ``{0: "CT"}`` or ``{0: "T2", 1: "ADC"}``.
+        labels: ``{label value: name}``, background included (``{0: "background", 1: "spleen"}``).
+        training: records ``{"id": str, "image": str | list[str], "label": str}`` (absolute paths).
+        test: records ``{"id": str, "image": str | list[str]}``.
+        four_d: MSD 4D task (all channels in one channel-last NIfTI).
+        meta: the parsed dataset.json.
+    """
+
+    root: Path
+    layout: str
+    name: str
+    channel_names: dict[int, str]
+    labels: dict[int, str]
+    training: list[dict] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)
+    four_d: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output channels of a segmentation network: labels incl. background."""
+        return len(self.labels)
+
+
+def _read_json(path: Path) -> tuple[dict | None, list[Problem]]:
+    if not path.is_file():
+        return None, [Problem(str(path), "dataset.json not found (expected an MSD TaskNN_Name or nnU-Net DatasetNNN_Name folder)")]
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        return None, [Problem(str(path), f"not a text file: {e}")]
+    except json.JSONDecodeError as e:
+        return None, [Problem(str(path), f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")]
+    if not isinstance(data, dict):
+        return None, [Problem(str(path), "dataset.json must hold a JSON object")]
+    return data, []
+
+
+def _int_keyed(mapping, json_path: Path, key: str, problems: list[Problem]) -> dict[int, str]:
+    """``{"0": "CT"}`` -> ``{0: "CT"}``; reports keys that are not integers."""
+    out: dict[int, str] = {}
+    if not isinstance(mapping, dict) or not mapping:
+        problems.append(Problem(str(json_path), f"'{key}' must be a non-empty object"))
+        return out
+    for k, v in mapping.items():
+        try:
+            out[int(k)] = str(v)
+        except (TypeError, ValueError):
+            problems.append(Problem(str(json_path), f"'{key}' key {k!r} is not an integer"))
+    return dict(sorted(out.items()))
+
+
+def _nnunet_labels(mapping, json_path: Path, problems: list[Problem]) -> dict[int, str]:
+    """nnU-Net v2 ``labels`` is name -> int (or name -> list of ints for region training)."""
+    out: dict[int, str] = {}
+    if not isinstance(mapping, dict) or not mapping:
+        problems.append(Problem(str(json_path), "'labels' must be a non-empty object"))
+        return out
+    for name, value in mapping.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int):
+                problems.append(Problem(str(json_path), f"label {name!r} has value {v!r}, expected an integer"))
+            else:
+                out.setdefault(v, str(name))
+    return dict(sorted(out.items()))
+
+
+def _check_labels_consecutive(labels: dict[int, str], json_path: Path, problems: list[Problem]) -> None:
+    if labels and sorted(labels) != list(range(len(labels))):
+        problems.append(Problem(str(json_path), f"label values must be 0..{len(labels) - 1} with 0 = background, got {sorted(labels)}"))
+
+
+def _resolve(root: Path, rel, json_path: Path, where: str, problems: list[Problem]) -> Path | None:
+    if not isinstance(rel, str) or not rel:
+        problems.append(Problem(str(json_path), f"{where}: expected a relative file path, got {rel!r}"))
+        return None
+    path = (root / rel).resolve()
+    if not path.is_file():
+        problems.append(Problem(str(root / rel), f"listed in dataset.json ({where}) but the file does not exist"))
+        return None
+    return path
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for ending in (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".gz"):
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return path.stem
+
+
+def _scan_msd(root: Path, json_path: Path, meta: dict) -> tuple[SegTask | None, list[Problem]]:
+    problems: list[Problem] = []
+    missing = [k for k in MSD_REQUIRED_KEYS if k not in meta]
+    if missing:
+        problems.append(Problem(str(json_path), f"MSD dataset.json lacks required key(s): {', '.join(missing)}"))
+        return None, problems
+    channels = _int_keyed(meta["modality"], json_path, "modality", problems)
+    labels = _int_keyed(meta["labels"], json_path, "labels", problems)
+    _check_labels_consecutive(labels, json_path, problems)
+    size = meta["tensorImageSize"]
+    if size not in ("3D", "4D"):
+        problems.append(Problem(str(json_path), f"tensorImageSize must be '3D' or '4D', got {size!r}"))
+    if size == "3D" and len(channels) > 1:
+        problems.append(Problem(str(json_path), f"tensorImageSize is 3D but {len(channels)} modalities are declared"))
+    task = SegTask(root, "msd", str(meta["name"]), channels, labels, four_d=size == "4D", meta=meta)
+
+    training = meta["training"]
+    if not isinstance(training, list):
+        problems.append(Problem(str(json_path), "'training' must be a list of {image, label} objects"))
+        training = []
+    seen: set[str] = set()
+    for i, entry in enumerate(training):
+        where = f"training[{i}]"
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            problems.append(Problem(str(json_path), f"{where} must be an object with 'image' and 'label'"))
+            continue
+        image = _resolve(root, entry["image"], json_path, where, problems)
+        label = _resolve(root, entry["label"], json_path, where, problems)
+        if image is None or label is None:
+            continue
+        case = _case_id(image)
+        if case in seen:
+            problems.append(Problem(str(image), f"{where}: case listed twice in dataset.json"))
+            continue
+        seen.add(case)
+        if image.name != label.name:
+            problems.append(Problem(str(label), f"{where}: label file name differs from image {image.name} (MSD pairs share the file name)"))
+        task.training.append({"id": case, "image": str(image), "label": str(label)})
+    if isinstance(meta["numTraining"], int) and meta["numTraining"] != len(training):
+        problems.append(Problem(str(json_path), f"numTraining is {meta['numTraining']} but 'training' lists {len(training)} cases"))
+
+    test = meta.get("test", [])
+    if not isinstance(test, list):
+        problems.append(Problem(str(json_path), "'test' must be a list of relative paths"))
+        test = []
+    for i, rel in enumerate(test):
+        # The MSD release lists test images as plain strings; some copies use {"image": ...}.
+        rel = rel.get("image") if isinstance(rel, dict) else rel
+        image = _resolve(root, rel, json_path, f"test[{i}]", problems)
+        if image is not None:
+            task.test.append({"id": _case_id(image), "image": str(image)})
+    if isinstance(meta.get("numTest"), int) and meta["numTest"] != len(test):
+        problems.append(Problem(str(json_path), f"numTest is {meta['numTest']} but 'test' lists {len(test)} images"))
+    return task, problems
+
+
+def _nnunet_cases(folder: Path, ending: str, n_channels: int, problems: list[Problem]) -> dict[str, list[str]]:
+    """Group ``case_XXXX<ending>`` files of an nnU-Net images folder by case."""
+    cases: dict[str, dict[int, Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if is_hidden(f.name) or not f.is_file():
+            continue
+        if not f.name.endswith(ending):
+            problems.append(Problem(str(f), f"file does not end with the dataset's file_ending {ending!r}"))
+            continue
+        m = _NNUNET_CHANNEL.match(f.name[: -len(ending)])
+        if m is None:
+            problems.append(Problem(str(f), "image name must be <case>_<4-digit channel>" + ending))
+            continue
+        cases.setdefault(m["case"], {})[int(m["channel"])] = f
+    out: dict[str, list[str]] = {}
+    for case, chans in cases.items():
+        missing = [c for c in range(n_channels) if c not in chans]
+        extra = [c for c in chans if c >= n_channels]
+        if missing:
+            problems.append(Problem(str(folder / f"{case}_{missing[0]:04d}{ending}"), f"channel {missing[0]} of case {case} is missing"))
+            continue
+        if extra:
+            problems.append(Problem(str(chans[extra[0]]), f"channel {extra[0]} is not declared in channel_names"))
+            continue
+        out[case] = [str(chans[c].resolve()) for c in range(n_channels)]
+    return out
+
+
+def _scan_nnunet(root: Path, json_path: Path, meta: dict) -> tuple[SegTask | None, list[Problem]]:
+    problems: list[Problem] = []
+    missing = [k for k in NNUNET_REQUIRED_KEYS if k not in meta]
+    if missing:
+        problems.append(Problem(str(json_path), f"nnU-Net v2 dataset.json lacks required key(s): {', '.join(missing)}"))
+        return None, problems
+    channels = _int_keyed(meta["channel_names"], json_path, "channel_names", problems)
+    labels = _nnunet_labels(meta["labels"], json_path, problems)
+    _check_labels_consecutive(labels, json_path, problems)
+    ending = str(meta["file_ending"])
+    task = SegTask(root, "nnunetv2", str(meta.get("name", root.name)), channels, labels, meta=meta)
+    images_tr, labels_tr = root / "imagesTr", root / "labelsTr"
+    for folder in (images_tr, labels_tr):
+        if not folder.is_dir():
+            problems.append(Problem(str(folder), "folder missing"))
+    if problems:
+        return task, problems
+    n = max(len(channels), 1)
+    images = _nnunet_cases(images_tr, ending, n, problems)
+    label_files = {}
+    for f in sorted(labels_tr.iterdir()):
+        if is_hidden(f.name) or not f.is_file():
+            continue
+        if not f.name.endswith(ending):
+            problems.append(Problem(str(f), f"file does not end with the dataset's file_ending {ending!r}"))
+            continue
+        label_files[f.name[: -len(ending)]] = str(f.resolve())
+    for case in sorted(set(images) | set(label_files)):
+        if case not in label_files:
+            problems.append(Problem(str(labels_tr / f"{case}{ending}"), f"label of case {case} is missing"))
+        elif case not in images:
+            problems.append(Problem(label_files[case], f"label has no image {case}_0000{ending} in imagesTr"))
+        else:
+            image = images[case] if n > 1 else images[case][0]
+            task.training.append({"id": case, "image": image, "label": label_files[case]})
+    if isinstance(meta["numTraining"], int) and meta["numTraining"] != len(task.training) and not problems:
+        problems.append(Problem(str(json_path), f"numTraining is {meta['numTraining']} but {len(task.training)} cases were found"))
+    images_ts = root / "imagesTs"
+    if images_ts.is_dir():
+        for case, files in sorted(_nnunet_cases(images_ts, ending, n, problems).items()):
+            task.test.append({"id": case, "image": files if n > 1 else files[0]})
+    return task, problems
+
+
+def scan_task(path) -> tuple[SegTask | None, list[Problem]]:
+    """Read an MSD or nnU-Net v2 task folder (or its dataset.json) without opening the images.
+
+    Returns:
+        the task (``None`` if dataset.json itself is unusable) and every structural problem found.
+    """
+    path = Path(path)
+    root = path.parent if path.name == "dataset.json" else path
+    json_path = root / "dataset.json"
+    if not root.is_dir():
+        return None, [Problem(str(root), "task folder does not exist")]
+    meta, problems = _read_json(json_path)
+    if meta is None:
+        return None, problems
+    if "training" in meta or "modality" in meta:
+        return _scan_msd(root, json_path, meta)
+    if "channel_names" in meta or "file_ending" in meta:
+        return _scan_nnunet(root, json_path, meta)
+    return None, [Problem(str(json_path), "neither an MSD dataset.json (needs 'training', 'modality') nor an nnU-Net v2 one (needs 'channel_names', 'file_ending')")]
+
+
+def load_task(path) -> SegTask:
+    """:func:`scan_task`, raising :class:`DatasetError` naming the first broken file."""
+    task, problems = scan_task(path)
+    raise_if_problems(problems)
+    assert task is not None
+    return task
+
+
+def load_msd_datalist(path, section: str = "training") -> list[dict]:
+    """The MONAI datalist of one section (``"training"`` or ``"test"``) of an MSD/nnU-Net task.
+
+    Same role as ``monai.data.load_decathlon_datalist`` but with absolute paths, case ids, nnU-Net v2
+    support and errors that name the file.
+    """
+    if section not in ("training", "test"):
+        raise ValueError(f"section must be 'training' or 'test', got {section!r}")
+    task = load_task(path)
+    records = getattr(task, section)
+    if not records:
+        raise DatasetError(task.root / "dataset.json", f"section '{section}' lists no cases")
+    return records

@@ -1,0 +1,94 @@
+"""Seeded k-fold splits, saved as JSON in nnU-Net's ``splits_final.json`` format.
+
+The file is a list with one object per fold, ``[{"train": [case ids], "val": [case ids]}, ...]``,
+exactly what nnU-Net v2 reads from ``nnUNet_preprocessed/DatasetNNN_Name/splits_final.json``,
+so one split file serves both medxfer bundles and nnU-Net. Every case is in exactly one
+validation fold; fold sizes differ by at most one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .problems import DatasetError
+
+__all__ = ["make_kfold_splits", "save_splits", "load_splits", "apply_split"]
+
+
+def _ids_of(cases: Iterable) -> list[str]:
+    ids = [c["id"] if isinstance(c, dict) else str(c) for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"case ids must be unique, duplicated: {dup[:5]}")
+    return ids
+
+
+def make_kfold_splits(cases: Sequence, n_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
+    """Shuffle case ids with ``numpy.random.default_rng(seed)`` and cut them into ``n_folds`` folds.
+
+    Args:
+        cases: case ids, or records with an ``"id"`` key (as the loaders return).
+        n_folds: number of folds, 2 <= n_folds <= number of cases.
+        seed: shuffling seed; the same ids and seed always give the same folds, independent of
+            the order the ids come in (they are sorted first).
+
+    Returns:
+        ``[{"train": [...], "val": [...]}] * n_folds``, ids sorted inside each list.
+    """
+    ids = sorted(_ids_of(cases))
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    if len(ids) < n_folds:
+        raise ValueError(f"cannot make {n_folds} folds from {len(ids)} cases")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds = np.array_split(order, n_folds)
+    out = []
+    for k in range(n_folds):
+        val = {ids[i] for i in folds[k]}
+        out.append({"train": [i for i in ids if i not in val], "val": sorted(val)})
+    return out
+
+
+def save_splits(splits: list[dict], path, overwrite: bool = False) -> Path:
+    """Write splits as JSON. An existing file is kept unless ``overwrite`` (it may be the user's)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: split file exists; pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(splits, indent=2) + "\n")
+    return path
+
+
+def load_splits(path) -> list[dict[str, list[str]]]:
+    """Read and check a split file written by :func:`save_splits` or by nnU-Net."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(path, "split file not found") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(path, f"invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, list) or not data:
+        raise DatasetError(path, "a split file is a non-empty list of {'train': [...], 'val': [...]}")
+    for k, fold in enumerate(data):
+        if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or not isinstance(fold.get("val"), list):
+            raise DatasetError(path, f"fold {k} must be an object with 'train' and 'val' lists")
+        overlap = set(fold["train"]) & set(fold["val"])
+        if overlap:
+            raise DatasetError(path, f"fold {k}: case(s) both in train and val: {sorted(overlap)[:5]}")
+    return data
+
+
+def apply_split(records: Sequence[dict], splits: list[dict], fold: int) -> tuple[list[dict], list[dict]]:
+    """Records of fold ``fold`` as ``(train, val)``; every id in the split must exist in ``records``."""
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold must be in 0..{len(splits) - 1}, got {fold}")
+    by_id = {r["id"]: r for r in records}
+    unknown = [i for i in splits[fold]["train"] + splits[fold]["val"] if i not in by_id]
+    if unknown:
+        raise ValueError(f"fold {fold} names case(s) not in the dataset: {unknown[:5]}")
+    return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]

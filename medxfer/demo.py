@@ -1,0 +1,98 @@
+"""The README's main job on generated data (``medxfer demo --out runs/demo``).
+
+Today it covers the foundation: generate every synthetic MSD task profile and ISIC 2017 + 2018
+sets in their real layouts, validate them with the same checks as ``medxfer check-data``, write
+seeded 5-fold splits, and report what was made::
+
+    OUT/data/msd/TaskNN_Name/...        OUT/data/isic2018/ISIC2018_*/...   OUT/data/isic2017/...
+    OUT/splits/<dataset>.json           (nnU-Net splits_final.json format)
+    OUT/check_report.json               every problem found (none expected)
+    OUT/summary.json                    per-dataset numbers (shapes, spacings, labels, prevalence)
+    OUT/preview.png                     one slice per task, a few dermoscopy images with outlines
+
+Later issues extend it to the model bank, transferability scoring and fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+__all__ = ["run_demo", "DEMO_MARKER"]
+
+DEMO_MARKER = ".medxfer-demo"
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty folder the demo did not make (it may hold the user's work)."""
+    if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists() and not overwrite:
+        raise FileExistsError(f"{out}: folder is not empty and was not made by `medxfer demo`; "
+                              "choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by medxfer demo; its contents are regenerated on every run\n")
+
+
+def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_training: int = 6,
+             num_isic: int = 40) -> int:
+    """Run the demo; returns the process exit code (0 = data generated and valid)."""
+    from medxfer.data.isic import load_isic
+    from medxfer.data.msd import load_task
+    from medxfer.data.splits import make_kfold_splits, save_splits
+    from medxfer.data.summary import save_preview, summarize_isic, summarize_task
+    from medxfer.data.synth.isic import generate_isic
+    from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
+    from medxfer.data.validate import check_dataset
+
+    out = Path(out)
+    try:
+        _prepare_out(out, overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}")
+        return 1
+    t0 = time.perf_counter()
+    print(f"medxfer demo -> {out}  (seed {seed}; about 1 minute on 2 CPU cores)")
+    print(f"[1/4] generating {len(MSD_PROFILES)} MSD task profiles x {num_training} training cases, ISIC 2018 + 2017 x {num_isic} images")
+    task_dirs = generate_msd(out / "data" / "msd", num_training=num_training, seed=seed, overwrite=True)
+    isic_dirs = {year: generate_isic(out / "data" / f"isic{year}", year=year, num_images=num_isic, seed=seed, overwrite=True)
+                 for year in (2018, 2017)}
+
+    print("[2/4] validating (same checks as `medxfer check-data`)")
+    reports = check_dataset(out / "data")
+    (out / "check_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+    problems = [p for r in reports for p in r.problems]
+    for p in problems:
+        print(f"  {p}")
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in the generated data, see {out / 'check_report.json'}")
+        return 1
+
+    print("[3/4] writing seeded 5-fold splits")
+    tasks = [load_task(d) for d in task_dirs]
+    isic_sets = [(year, load_isic(d, year=year)) for year, d in isic_dirs.items()]
+    for name, records in [(t.root.name, t.training) for t in tasks] + [(f"isic{y}", r) for y, r in isic_sets]:
+        save_splits(make_kfold_splits(records, n_folds=5, seed=seed), out / "splits" / f"{name}.json", overwrite=True)
+
+    print("[4/4] summarising")
+    summary = {
+        "seed": seed,
+        "msd": [summarize_task(t) for t in tasks],
+        "isic": [summarize_isic(r, y) for y, r in isic_sets],
+        "datasets_checked": len(reports),
+        "problems": 0,
+    }
+    save_preview(tasks, isic_sets, out / "preview.png")
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    print(f"\n{'task':18s} {'train':>5s} {'test':>4s} {'ch':>2s}  {'shape (min..max)':27s} {'spacing mm (min..max)':35s} orientations / labels")
+    for s in summary["msd"]:
+        shape = f"{s['shape_min'][:3]}..{s['shape_max'][:3]}"
+        spacing = f"{s['spacing_min_mm']}..{s['spacing_max_mm']}"
+        labels = ", ".join(f"{k} {v:.3f}" for k, v in s["label_fraction"].items())
+        print(f"{Path(s['folder']).name:18s} {s['num_training']:5d} {s['num_test']:4d} {len(s['channels']):2d}  {shape:27s} {spacing:35s} {'/'.join(s['orientations'])} | {labels}")
+    for s in summary["isic"]:
+        prevalence = ", ".join(f"{k} {v:.2f}" for k, v in s["attribute_prevalence"].items())
+        print(f"ISIC {s['year']}: {s['num_images']} images, sizes {s['size_min_hw']}..{s['size_max_hw']} | prevalence: {prevalence}")
+    print(f"\nall {len(reports)} datasets valid; wrote {out / 'summary.json'}, {out / 'preview.png'}, {out / 'splits'}  ({summary['seconds']} s)")
+    return 0
