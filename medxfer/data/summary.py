@@ -131,7 +131,9 @@ def save_preview(tasks: list[SegTask], isic_sets: list[tuple[int, list[dict]]], 
     if tasks:
         for ax, task in zip(axes[0], tasks):
             image, label = _mid_axial_ras(task.training[0])
-            ax.imshow(image, cmap="gray", vmin=np.percentile(image, 1), vmax=np.percentile(image, 99))
+            ct = image.min() < -500  # Hounsfield units: soft-tissue window W 600 / L 50
+            vmin, vmax = (-250, 350) if ct else (np.percentile(image, 1), np.percentile(image, 99.5))
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax)
             if label.max() > 0:
                 ax.contour(label, levels=np.arange(0.5, label.max() + 0.5), colors=["yellow", "red", "cyan"][: int(label.max())], linewidths=0.8)
             ax.set_title(f"{task.root.name}\n{task.training[0]['id']}", fontsize=8)

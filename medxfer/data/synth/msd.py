@@ -257,7 +257,7 @@ class _Phantom:
         g.paint(ndimage.binary_erosion(stomach, iterations=1) & (self.g.y > 40), "gas")
         for side in (1, -1):
             g.paint(self.ellipsoid((side * 66, -42, 0), (24, 26, 52)), "kidney", body & ~liver & ~spleen & ~spine)
-        pancreas, _, _ = self.tube([self.jit((45, 2, 18), 5), self.jit((-5, 8, 25), 5), self.jit((-72, -18, 38), 5)], 11.0 * self.scale)
+        pancreas, _, _ = self.tube([self.jit((45, 2, 18), 5), self.jit((-5, 8, 25), 5), self.jit((-72, -18, 38), 5)], 13.0 * self.scale)
         pancreas = g.paint(pancreas, "pancreas", body & ~liver & ~spleen & ~stomach & ~aorta & ~spine)
         self.masks.update(liver=liver, spleen=spleen, pancreas=pancreas)
         # colon frame: ascending, transverse, descending, sigmoid
@@ -288,9 +288,9 @@ class _Phantom:
             self.masks["liver_tumour"] = g.paint(tumour, "tumour")
             self.masks["liver"] = liver  # tumour voxels stay inside the organ region
         if "pancreas_tumour" in lesions:
-            self.masks["pancreas_tumour"] = g.paint(self.sphere_inside(pancreas, self.rng.uniform(10, 14)), "tumour")
+            self.masks["pancreas_tumour"] = g.paint(self.sphere_inside(pancreas, self.rng.uniform(13, 17)), "tumour")
         if "lung_nodule" in lesions:
-            self.masks["lung_nodule"] = g.paint(self.sphere_inside(g.masks["lung"], self.rng.uniform(10, 16)), "nodule")
+            self.masks["lung_nodule"] = g.paint(self.sphere_inside(g.masks["lung"], self.rng.uniform(15, 22)), "nodule")
         if "colon_tumour" in lesions:
             # an annular wall thickening over a 30-50 mm stretch of the colon
             start = self.rng.uniform(0.15, 0.75) * float(arc[colon].max())
