@@ -51,7 +51,7 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
         print(f"error: {e}")
         return 1
     t0 = time.perf_counter()
-    print(f"medxfer demo -> {out}  (seed {seed}; about 1 minute on 2 CPU cores)")
+    print(f"medxfer demo -> {out}  (seed {seed}; about 10 s on 2 CPU cores)")
     print(f"[1/4] generating {len(MSD_PROFILES)} MSD task profiles x {num_training} training cases, ISIC 2018 + 2017 x {num_isic} images")
     task_dirs = generate_msd(out / "data" / "msd", num_training=num_training, seed=seed, overwrite=True)
     isic_dirs = {year: generate_isic(out / "data" / f"isic{year}", year=year, num_images=num_isic, seed=seed, overwrite=True)

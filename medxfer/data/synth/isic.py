@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import shutil
 from dataclasses import dataclass, field
 from os import PathLike
 
@@ -477,8 +478,9 @@ def generate_isic(
             ``num_images`` and ``seed``). So ``seed`` fixes every byte written.
         first_id: number of the first id (``ISIC_%07d``).
         overwrite: if False and a folder of the year already holds ``ISIC_*`` files, raise
-            :class:`FileExistsError`; if True, files with the same names are replaced and
-            other files are left in place.
+            :class:`FileExistsError`; if True, the year's three folders are removed and written
+            anew (so no image of an earlier, larger set is left behind); the other year's
+            folders and any other file in ``out_dir`` are left in place.
 
     Images are RGB JPEG (quality 95); masks are 8-bit single-channel PNG with values 0/255;
     every attribute mask of the year is written, all-zero when the image lacks it.
@@ -504,6 +506,8 @@ def generate_isic(
                     f"{folder} already holds ISIC {year} files; pass overwrite=True to replace them"
                 )
     for folder in folders:
+        if overwrite and folder.is_dir():
+            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
 
     for index, attrs in enumerate(assign_attributes(num_images, year, seed)):

@@ -240,7 +240,7 @@ class _Phantom:
         aorta = self.ellipsoid((18, -38, 0), (11, 11, 900), wobble=0.02) & (self.g.z < 300)
         g.paint(aorta, "blood", body)
         # thorax: lungs, heart with left atrium and myocardium
-        lungs = (self.ellipsoid((78, 0, 260), (62, 80, 170)) | self.ellipsoid((-78, 0, 260), (62, 80, 170))) & body & ~spine
+        lungs = (self.ellipsoid((78, 0, 260), (62, 80, 170)) | self.ellipsoid((-78, 0, 260), (62, 80, 170))) & inner & ~spine
         heart = self.ellipsoid((-20, 30, 230), (62, 48, 58))
         g.paint(lungs & ~heart, "lung")
         g.paint(heart, "myocardium", body)
