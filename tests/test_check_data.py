@@ -62,6 +62,19 @@ def test_undeclared_label_value_7_is_named(task_copy, capsys):
     assert f"{record['label']}: label value(s) [7] not declared" in out
 
 
+def test_loader_with_check_files_raises_the_same_error(task_copy):
+    from medxfer.data.problems import DatasetError
+
+    folder, record = task_copy
+    lab = nib.load(record["label"])
+    data = np.asanyarray(lab.dataobj).copy()
+    data[1, 1, 1] = 7
+    nib.save(nib.Nifti1Image(data, lab.affine, lab.header), record["label"])
+    load_task(folder)  # structure alone is fine
+    with pytest.raises(DatasetError, match=record["label"] + r": label value\(s\) \[7\]"):
+        load_task(folder, check_files=True)
+
+
 def test_nan_voxel_is_named(task_copy, capsys):
     folder, record = task_copy
     img = nib.load(record["image"])

@@ -299,11 +299,19 @@ def scan_task(path) -> tuple[SegTask | None, list[Problem]]:
     return None, [Problem(str(json_path), "neither an MSD dataset.json (needs 'training', 'modality') nor an nnU-Net v2 one (needs 'channel_names', 'file_ending')")]
 
 
-def load_task(path) -> SegTask:
-    """:func:`scan_task`, raising :class:`DatasetError` naming the first broken file."""
+def load_task(path, check_files: bool = False) -> SegTask:
+    """:func:`scan_task`, raising :class:`DatasetError` naming the first broken file.
+
+    With ``check_files`` every case is also opened and checked as ``medxfer check-data`` does
+    (readable, shapes/affines agree, declared label values, finite intensities).
+    """
     task, problems = scan_task(path)
     raise_if_problems(problems)
     assert task is not None
+    if check_files:
+        from .validate import check_case  # validate builds on this module
+
+        raise_if_problems([p for record in task.training + task.test for p in check_case(task, record)])
     return task
 
 
