@@ -11,6 +11,21 @@ from medxfer.cli import main
 from medxfer.data.msd import load_task
 
 
+def _edit_label(path, edit):
+    """Rewrite a label file with ``edit(data, affine) -> (data, affine)``."""
+    lab = nib.load(path)
+    data, affine = edit(np.asanyarray(lab.dataobj).copy(), lab.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def _set_voxel(value):
+    def edit(data, affine):
+        data[1, 1, 1] = value
+        return data, affine
+
+    return edit
+
+
 def _check(path, capsys):
     code = main(["check-data", str(path), "--quiet"])
     return code, capsys.readouterr().out
@@ -43,9 +58,7 @@ def test_truncated_nifti_is_named(task_copy, capsys):
 
 def test_label_shape_mismatch_is_named(task_copy, capsys):
     folder, record = task_copy
-    lab = nib.load(record["label"])
-    data = np.asanyarray(lab.dataobj)[:-2]
-    nib.save(nib.Nifti1Image(data, lab.affine, lab.header), record["label"])
+    _edit_label(record["label"], lambda data, affine: (data[:-2], affine))
     code, out = _check(folder, capsys)
     assert code == 1
     assert f"{record['image']}: spatial shape" in out or f"{record['label']}: spatial shape" in out
@@ -53,10 +66,7 @@ def test_label_shape_mismatch_is_named(task_copy, capsys):
 
 def test_undeclared_label_value_7_is_named(task_copy, capsys):
     folder, record = task_copy
-    lab = nib.load(record["label"])
-    data = np.asanyarray(lab.dataobj).copy()
-    data[0, 0, 0] = 7
-    nib.save(nib.Nifti1Image(data, lab.affine, lab.header), record["label"])
+    _edit_label(record["label"], _set_voxel(7))
     code, out = _check(folder, capsys)
     assert code == 1
     assert f"{record['label']}: label value(s) [7] not declared" in out
@@ -66,10 +76,7 @@ def test_loader_with_check_files_raises_the_same_error(task_copy):
     from medxfer.data.problems import DatasetError
 
     folder, record = task_copy
-    lab = nib.load(record["label"])
-    data = np.asanyarray(lab.dataobj).copy()
-    data[1, 1, 1] = 7
-    nib.save(nib.Nifti1Image(data, lab.affine, lab.header), record["label"])
+    _edit_label(record["label"], _set_voxel(7))
     load_task(folder)  # structure alone is fine
     with pytest.raises(DatasetError, match=record["label"] + r": label value\(s\) \[7\]"):
         load_task(folder, check_files=True)
@@ -91,10 +98,11 @@ def test_nan_voxel_is_named(task_copy, capsys):
 
 def test_affine_mismatch_is_named(task_copy, capsys):
     folder, record = task_copy
-    lab = nib.load(record["label"])
-    affine = lab.affine.copy()
-    affine[:3, 3] += 5.0  # label shifted by 5 mm
-    nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj), affine), record["label"])
+    def shift(data, affine):
+        affine[:3, 3] += 5.0  # label shifted by 5 mm
+        return data, affine
+
+    _edit_label(record["label"], shift)
     code, out = _check(folder, capsys)
     assert code == 1
     assert "affine differs" in out and record["image"] in out
