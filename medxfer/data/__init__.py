@@ -1,0 +1,19 @@
+"""Datasets: loaders for the published layouts, k-fold splits, validation and generated data.
+
+* :mod:`.msd` — MSD ``TaskNN_Name`` and nnU-Net v2 ``DatasetNNN_Name`` folders (3D and 4D).
+* :mod:`.isic` — ISIC 2017 / 2018 Task 1 (lesion) and Task 2 (attribute) folders.
+* :mod:`.splits` — seeded k-fold splits in nnU-Net's ``splits_final.json`` format.
+* :mod:`.validate` — ``medxfer check-data``: every problem as ``<file>: <reason>``.
+* :mod:`.synth` — generators writing the same layouts (``medxfer synth msd|isic``).
+"""
+
+from .isic import check_isic_record, detect_isic_year, load_isic, scan_isic
+from .msd import SegTask, load_msd_datalist, load_task, scan_task
+from .problems import DatasetError, Problem
+from .splits import apply_split, load_splits, make_kfold_splits, save_splits
+
+__all__ = [
+    "DatasetError", "Problem", "SegTask", "load_task", "scan_task", "load_msd_datalist",
+    "load_isic", "scan_isic", "check_isic_record", "detect_isic_year",
+    "make_kfold_splits", "save_splits", "load_splits", "apply_split",
+]
