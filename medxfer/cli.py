@@ -4,6 +4,7 @@
     medxfer synth isic --out D [--year 2018|2017] [--num-images N] [--size H W] [--seed S]
     medxfer check-data PATH [--json report.json]
     medxfer split PATH --out splits.json [--folds 5] [--seed 0]
+    medxfer convert-isic2017 ROOT                 # released superpixel JSON -> attribute PNGs
     medxfer demo --out runs/demo          # the README's main job on generated data
 
 Heavy imports happen inside each command so ``medxfer --help`` stays fast.
@@ -90,6 +91,19 @@ def _cmd_split(args) -> int:
     return 0
 
 
+def _cmd_convert_isic2017(args) -> int:
+    from medxfer.data.isic import convert_isic2017_superpixels
+    from medxfer.data.problems import DatasetError
+
+    try:
+        written = convert_isic2017_superpixels(args.root, overwrite=args.overwrite)
+    except (DatasetError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} attribute mask(s) under {args.root}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from medxfer.demo import run_demo
 
@@ -135,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--overwrite", action="store_true")
     split.set_defaults(func=_cmd_split)
+
+    conv = sub.add_parser("convert-isic2017", help="ISIC 2017 Part 2 superpixel JSON -> one 0/255 PNG per attribute")
+    conv.add_argument("root", help="folder holding ISIC-2017_Training_Data and ISIC-2017_Training_Part2_GroundTruth")
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(func=_cmd_convert_isic2017)
 
     demo = sub.add_parser("demo", help="the main job on generated data (README quick start)")
     demo.add_argument("--out", default="runs/demo")

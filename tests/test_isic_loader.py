@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medxfer.data.isic import ISIC_ID, check_isic_record, detect_isic_year, load_isic, scan_isic
+from medxfer.data.isic import (
+    ISIC_ID,
+    check_isic_record,
+    convert_isic2017_superpixels,
+    detect_isic_year,
+    load_isic,
+    scan_isic,
+)
 from medxfer.data.problems import DatasetError
 from medxfer.data.synth.isic import generate_isic
 
@@ -197,13 +205,51 @@ def test_flat_keys_work_with_monai_load_imaged(isic2018):
         assert tuple(data[key].shape) == (1, w, h)
 
 
-def test_2017_superpixel_json_is_reported_with_a_hint(tmp_path):
-    root = generate_isic(tmp_path, year=2017, num_images=1, size=(40, 52))
+def test_2017_superpixel_json_without_pngs_is_reported_once_with_a_hint(tmp_path):
+    root = generate_isic(tmp_path, year=2017, num_images=2, size=(40, 52))
     part2 = root / "ISIC-2017_Training_Part2_GroundTruth"
     (part2 / "ISIC_0000000_features.json").write_text("{}")
-    problems = scan_isic(root)[1]
+    (part2 / "ISIC_0000001_features.json").write_text("{}")
+    assert scan_isic(root)[1] == []  # converted already: the JSON beside the PNGs is ignored
+    for png in part2.glob("ISIC_0000000_*.png"):
+        png.unlink()
+    records, problems = scan_isic(root)
     assert [p.path for p in problems] == [str((part2 / "ISIC_0000000_features.json").absolute())]
-    assert "superpixel JSON" in problems[0].reason
+    assert "medxfer convert-isic2017" in problems[0].reason
+    assert [r["id"] for r in records] == ["ISIC_0000001"]
+
+
+def _superpixel_png(index: np.ndarray, path):
+    rgb = np.stack([index & 255, (index >> 8) & 255, (index >> 16) & 255], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+def test_convert_isic2017_superpixels_paints_marked_superpixels(tmp_path):
+    from medxfer.cli import main
+
+    root = generate_isic(tmp_path, year=2017, num_images=1, size=(40, 52))
+    images, part2 = root / "ISIC-2017_Training_Data", root / "ISIC-2017_Training_Part2_GroundTruth"
+    h, w = np.asarray(Image.open(images / "ISIC_0000000.jpg")).shape[:2]
+    for png in part2.glob("*.png"):
+        png.unlink()
+    # 300 superpixels: ids above 255 exercise the green channel of the encoding
+    index = (np.arange(h * w).reshape(h, w) * 300 // (h * w)).astype(np.int64)
+    _superpixel_png(index, images / "ISIC_0000000_superpixels.png")
+    marks = {name: [0] * 300 for name in ("milia_like_cyst", "negative_network", "pigment_network", "streaks")}
+    marks["pigment_network"][7] = 1
+    marks["pigment_network"][290] = 1
+    (part2 / "ISIC_0000000_features.json").write_text(json.dumps(marks))
+    assert main(["convert-isic2017", str(root)]) == 0
+    pigment = np.asarray(Image.open(part2 / "ISIC_0000000_pigment_network.png"))
+    assert set(np.unique(pigment)) == {0, 255}
+    assert np.array_equal(pigment == 255, np.isin(index, [7, 290]))
+    assert not np.asarray(Image.open(part2 / "ISIC_0000000_streaks.png")).any()
+    assert [r["id"] for r in load_isic(root, check_files=True)] == ["ISIC_0000000"]
+    assert main(["convert-isic2017", str(root)]) == 1  # masks exist: not overwritten silently
+    marks["streaks"] = [0] * 10
+    (part2 / "ISIC_0000000_features.json").write_text(json.dumps(marks))
+    with pytest.raises(DatasetError, match="features.json: 'streaks' has 10 entries but .* 300 superpixels"):
+        convert_isic2017_superpixels(root, overwrite=True)
 
 
 def test_root_holding_both_years_is_read_as_asked(tmp_path):

@@ -50,6 +50,9 @@ __all__ = [
 
 #: An ISIC image id.
 ISIC_ID = re.compile(r"ISIC_[0-9]{7}")
+#: ISIC 2017 Part 2 as released: per-superpixel ground truth beside ``<id>_superpixels.png``.
+SUPERPIXEL_JSON_SUFFIX = "_features.json"
+SUPERPIXEL_PNG_SUFFIX = "_superpixels.png"
 
 
 @dataclass(frozen=True)
@@ -226,19 +229,16 @@ def scan_isic(
 
     # task 2 attribute masks
     attributes: dict[str, dict[str, Path]] = {}
+    superpixel_json: dict[str, Path] = {}  # ISIC 2017 Part 2 as released: ground truth per superpixel
     if task == 2:
         expected = layout.attribute_name("ISIC_nnnnnnn", "<attribute>")
         for path in _list_files(dirs["task2"], problems):
             parsed = layout.parse_attribute(path.name)
+            if parsed is None and year == 2017 and path.name.endswith(SUPERPIXEL_JSON_SUFFIX):
+                superpixel_json[path.name[: -len(SUPERPIXEL_JSON_SUFFIX)]] = path
+                continue
             if parsed is None:
-                if year == 2017 and path.suffix.lower() == ".json":
-                    reason = (
-                        "ISIC 2017 Part 2 superpixel JSON is not supported; convert it to one 0/255 "
-                        f"PNG per attribute named {expected}"
-                    )
-                else:
-                    reason = f"file name is not an attribute mask {expected}"
-                problems.append(Problem(str(path), reason))
+                problems.append(Problem(str(path), f"file name is not an attribute mask {expected}"))
                 continue
             case_id, name = parsed
             if name not in layout.attributes:
@@ -260,6 +260,12 @@ def scan_isic(
         if task == 2:
             # all of the year's attribute masks, or each missing one is reported
             found = attributes.get(case_id, {})
+            if case_id in superpixel_json and len(found) < len(layout.attributes):
+                reason = ("ISIC 2017 Part 2 superpixel ground truth without attribute PNGs; convert it "
+                          f"with `medxfer convert-isic2017 {root}`")
+                problems.append(Problem(str(superpixel_json[case_id]), reason))
+                found = {name: None for name in layout.attributes}  # reported once, not per attribute
+                complete = False
             for name in layout.attributes:
                 if name not in found:
                     expected = dirs["task2"] / layout.attribute_name(case_id, name)
@@ -269,7 +275,7 @@ def scan_isic(
                     )
                     problems.append(Problem(str(expected), reason))
                     complete = False
-            record["attributes"] = {name: str(found[name]) for name in layout.attributes if name in found}
+            record["attributes"] = {name: str(found[name]) for name in layout.attributes if found.get(name)}
             record.update({f"attribute_{name}": path for name, path in record["attributes"].items()})
         if complete:
             records.append(record)
@@ -364,3 +370,62 @@ def check_isic_record(record: dict) -> list[Problem]:
             shown = ", ".join(str(int(v)) for v in others[:5]) + (", ..." if len(others) > 5 else "")
             problems.append(Problem(path, f"mask has values other than 0/255 ({shown}) in {int(bad.sum())} pixels"))
     return problems
+
+
+def _superpixel_index(path: Path) -> np.ndarray:
+    """Superpixel id per pixel of an ISIC 2017 ``*_superpixels.png``: R + 256 G + 65536 B, (H, W) int64."""
+    image, problem = _open(str(path), "superpixel image")
+    if problem is not None:
+        raise DatasetError(problem.path, problem.reason)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
+    return rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)
+
+
+def convert_isic2017_superpixels(root: str | PathLike, overwrite: bool = False) -> list[Path]:
+    """Turn ISIC 2017 Part 2 superpixel ground truth into one 0/255 PNG per attribute.
+
+    The 2017 release gives, per image, ``ISIC-2017_Training_Part2_GroundTruth/<id>_features.json``
+    (``{attribute: [0/1 per superpixel]}``) and ``ISIC-2017_Training_Data/<id>_superpixels.png``
+    (superpixel id encoded as R + 256 G + 65536 B). A pixel belongs to an attribute when its
+    superpixel is marked 1. Masks are written beside the JSON as ``<id>_<attribute>.png``, the
+    layout :func:`scan_isic` reads. Written by hand: no maintained library reads this format.
+
+    Returns:
+        the mask files written. Raises :class:`DatasetError` naming the file for a missing
+        superpixel image, bad JSON, an unknown attribute or a list shorter than the number of
+        superpixels; :class:`FileExistsError` if a mask exists and ``overwrite`` is False.
+    """
+    import json
+
+    from PIL import Image
+
+    root = Path(root)
+    layout = ISIC2017
+    part2, images = root / layout.task2_dir, root / layout.image_dir
+    if not part2.is_dir():
+        raise DatasetError(part2, "missing folder of the ISIC 2017 layout")
+    written = []
+    for path in sorted(part2.glob(f"ISIC_*{SUPERPIXEL_JSON_SUFFIX}")):
+        case_id = path.name[: -len(SUPERPIXEL_JSON_SUFFIX)]
+        try:
+            features = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(path, f"invalid superpixel JSON: {e}") from None
+        if not isinstance(features, dict):
+            raise DatasetError(path, "superpixel JSON must map attribute names to 0/1 lists")
+        unknown = sorted(set(features) - set(layout.attributes))
+        if unknown:
+            raise DatasetError(path, f"unknown attribute(s) {unknown}; ISIC 2017 attributes are {', '.join(layout.attributes)}")
+        index = _superpixel_index(images / f"{case_id}{SUPERPIXEL_PNG_SUFFIX}")
+        n_superpixels = int(index.max()) + 1
+        for name in layout.attributes:
+            marks = np.asarray(features.get(name, []), dtype=np.int64).ravel()
+            if marks.size < n_superpixels:
+                raise DatasetError(path, f"'{name}' has {marks.size} entries but the superpixel image has {n_superpixels} superpixels")
+            out = part2 / layout.attribute_name(case_id, name)
+            if out.exists() and not overwrite:
+                raise FileExistsError(f"{out}: mask exists; pass overwrite=True (--overwrite) to replace it")
+            mask = (marks[index] > 0).astype(np.uint8) * 255
+            Image.fromarray(mask).save(out)
+            written.append(out)
+    return written
