@@ -9,17 +9,17 @@ outline, fat layer, muscle, spine, organs as perturbed implicit ellipsoids, lesi
 their organ, per-tissue intensity tables, texture, noise) with different parameters, transfer
 between them is graded for real, not by decree:
 
-=========  ===============  ===============  ==================================  ====================  ===========
-profile    folder           modality         labelled (value: structure)         level / field of view  spacing mm
-=========  ===============  ===============  ==================================  ====================  ===========
-spleen     Task09_Spleen    CT (HU)          1 spleen                            upper abdomen, body    4.8 4.8 12
-liver      Task03_Liver     CT (HU)          1 liver, 2 cancer (hypodense)       upper abdomen, body    5.0 5.0 8
-pancreas   Task07_Pancreas  CT (HU)          1 pancreas, 2 cancer (hypodense)    upper abdomen, body    4.8 4.8 7
-colon      Task10_Colon     CT (HU)          1 colon cancer (wall thickening)    lower abdomen, body    5.0 5.0 15
-lung       Task06_Lung      CT (HU)          1 cancer (nodule inside a lung)     thorax, body           5.2 5.2 6
-heart      Task02_Heart     MR (bSSFP-like)  1 left atrium                       thorax, body           4.0 4.0 5
-prostate   Task05_Prostate  4D MR T2 + ADC   1 PZ, 2 TZ                          pelvis, inside body    2.8 2.8 8.4
-=========  ===============  ===============  ==================================  ====================  ===========
+========  ===============  ===============  ================================  =====================  ===========
+profile   folder           modality         labelled (value: structure)       level / field of view  spacing mm
+========  ===============  ===============  ================================  =====================  ===========
+spleen    Task09_Spleen    CT (HU)          1 spleen                          upper abdomen, body    4.8 4.8 12
+liver     Task03_Liver     CT (HU)          1 liver, 2 cancer (hypodense)     upper abdomen, body    5.0 5.0 8
+pancreas  Task07_Pancreas  CT (HU)          1 pancreas, 2 cancer (hypodense)  upper abdomen, body    4.8 4.8 7
+colon     Task10_Colon     CT (HU)          1 colon cancer (wall thickening)  lower abdomen, body    5.0 5.0 15
+lung      Task06_Lung      CT (HU)          1 cancer (nodule inside a lung)   thorax, body           5.2 5.2 6
+heart     Task02_Heart     MR (bSSFP-like)  1 left atrium                     thorax, body           4.0 4.0 5
+prostate  Task05_Prostate  4D MR T2 + ADC   1 PZ, 2 TZ                        pelvis, inside body    2.8 2.8 8.4
+========  ===============  ===============  ================================  =====================  ===========
 
 Intended similarity, closest first (from the spleen task's point of view):
 
