@@ -89,7 +89,7 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
     for s in summary["msd"]:
         shape = f"{s['shape_min'][:3]}..{s['shape_max'][:3]}"
         spacing = f"{s['spacing_min_mm']}..{s['spacing_max_mm']}"
-        labels = ", ".join(f"{k} {v:.3f}" for k, v in s["label_fraction"].items())
+        labels = ", ".join(f"{k} {100 * v:.2f}%" for k, v in s["label_fraction"].items())
         print(f"{Path(s['folder']).name:18s} {s['num_training']:5d} {s['num_test']:4d} {len(s['channels']):2d}  {shape:27s} {spacing:35s} {'/'.join(s['orientations'])} | {labels}")
     for s in summary["isic"]:
         prevalence = ", ".join(f"{k} {v:.2f}" for k, v in s["attribute_prevalence"].items())
