@@ -4,6 +4,7 @@
     medxfer synth isic --out D [--year 2018|2017] [--num-images N] [--size H W] [--seed S]
     medxfer check-data PATH [--json report.json]
     medxfer split PATH --out splits.json [--folds 5] [--seed 0]
+    medxfer plan TASK [--out plans.json]          # nnU-Net v2 planning -> spacing, patch, normalisation
     medxfer convert-isic2017 ROOT                 # released superpixel JSON -> attribute PNGs
     medxfer demo --out runs/demo          # the README's main job on generated data
 
@@ -104,6 +105,19 @@ def _cmd_convert_isic2017(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from medxfer.data.problems import DatasetError
+    from medxfer.planning import plan_task
+
+    try:
+        plans = plan_task(args.task, out=args.out, configuration=args.configuration, overwrite=args.overwrite)
+    except (DatasetError, FileExistsError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: plans[k] for k in ("task", "target_spacing", "patch_size", "batch_size", "normalization")}, indent=2))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from medxfer.demo import run_demo
 
@@ -154,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("root", help="folder holding ISIC-2017_Training_Data and ISIC-2017_Training_Part2_GroundTruth")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=_cmd_convert_isic2017)
+
+    plan = sub.add_parser("plan", help="nnU-Net v2 planning of a task -> medxfer plans JSON (spacing, patch, normalisation)")
+    plan.add_argument("task", help="MSD TaskNN_Name or nnU-Net DatasetNNN_Name folder")
+    plan.add_argument("--out", help="plans JSON (default TASK/medxfer_plans.json)")
+    plan.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
+    plan.add_argument("--overwrite", action="store_true", help="replace existing (maybe hand-edited) plans")
+    plan.set_defaults(func=_cmd_plan)
 
     demo = sub.add_parser("demo", help="the main job on generated data (README quick start)")
     demo.add_argument("--out", default="runs/demo")
