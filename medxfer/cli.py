@@ -21,6 +21,12 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 
+def _error(err: Exception) -> int:
+    """Report an expected failure (bad data, existing output) in one line; exit code 1."""
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+
+
 def _cmd_synth_msd(args) -> int:
     from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
 
@@ -37,8 +43,7 @@ def _cmd_synth_msd(args) -> int:
     try:
         folders = generate_msd(args.out, profiles=args.profiles, **kwargs)
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(e)
     for f in folders:
         print(f)
     return 0
@@ -51,8 +56,7 @@ def _cmd_synth_isic(args) -> int:
         out = generate_isic(args.out, year=args.year, num_images=args.num_images, size=tuple(args.size),
                             seed=args.seed, overwrite=args.overwrite)
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(e)
     print(out)
     return 0
 
@@ -86,8 +90,7 @@ def _cmd_split(args) -> int:
         splits = make_kfold_splits(records, n_folds=args.folds, seed=args.seed)
         save_splits(splits, args.out, overwrite=args.overwrite)
     except (DatasetError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(e)
     print(f"{args.out}: {args.folds} folds over {len(records)} cases (seed {args.seed})")
     return 0
 
@@ -99,8 +102,7 @@ def _cmd_convert_isic2017(args) -> int:
     try:
         written = convert_isic2017_superpixels(args.root, overwrite=args.overwrite)
     except (DatasetError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(e)
     print(f"wrote {len(written)} attribute mask(s) under {args.root}")
     return 0
 
@@ -112,8 +114,7 @@ def _cmd_plan(args) -> int:
     try:
         plans = plan_task(args.task, out=args.out, configuration=args.configuration, overwrite=args.overwrite)
     except (DatasetError, FileExistsError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(e)
     print(json.dumps({k: plans[k] for k in ("task", "target_spacing", "patch_size", "batch_size", "normalization")}, indent=2))
     return 0
 

@@ -19,12 +19,11 @@ files listed but absent, ...) come back as :class:`~medxfer.data.problems.Proble
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .problems import DatasetError, Problem, raise_if_problems
+from .problems import DatasetError, Problem, raise_if_problems, read_json
 
 __all__ = [
     "SegTask",
@@ -86,11 +85,9 @@ def _read_json(path: Path) -> tuple[dict | None, list[Problem]]:
     if not path.is_file():
         return None, [Problem(str(path), "dataset.json not found (expected an MSD TaskNN_Name or nnU-Net DatasetNNN_Name folder)")]
     try:
-        data = json.loads(path.read_text())
-    except UnicodeDecodeError as e:
-        return None, [Problem(str(path), f"not a text file: {e}")]
-    except json.JSONDecodeError as e:
-        return None, [Problem(str(path), f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")]
+        data = read_json(path)
+    except DatasetError as e:
+        return None, [e.problem]
     if not isinstance(data, dict):
         return None, [Problem(str(path), "dataset.json must hold a JSON object")]
     return data, []
@@ -150,11 +147,14 @@ def _case_id(path: Path) -> str:
     return path.stem
 
 
+def _missing_keys(meta: dict, required, json_path: Path, layout: str) -> list[Problem]:
+    missing = [k for k in required if k not in meta]
+    return [Problem(str(json_path), f"{layout} dataset.json lacks required key(s): {', '.join(missing)}")] if missing else []
+
+
 def _scan_msd(root: Path, json_path: Path, meta: dict) -> tuple[SegTask | None, list[Problem]]:
-    problems: list[Problem] = []
-    missing = [k for k in MSD_REQUIRED_KEYS if k not in meta]
-    if missing:
-        problems.append(Problem(str(json_path), f"MSD dataset.json lacks required key(s): {', '.join(missing)}"))
+    problems = _missing_keys(meta, MSD_REQUIRED_KEYS, json_path, "MSD")
+    if problems:
         return None, problems
     channels = _int_keyed(meta["modality"], json_path, "modality", problems)
     labels = _int_keyed(meta["labels"], json_path, "labels", problems)
@@ -206,16 +206,24 @@ def _scan_msd(root: Path, json_path: Path, meta: dict) -> tuple[SegTask | None, 
     return task, problems
 
 
-def _nnunet_cases(folder: Path, ending: str, n_channels: int, problems: list[Problem]) -> dict[str, list[str]]:
-    """Group ``case_XXXX<ending>`` files of an nnU-Net images folder by case."""
-    cases: dict[str, dict[int, Path]] = {}
+def _files_with_ending(folder: Path, ending: str, problems: list[Problem]) -> list[tuple[str, Path]]:
+    """``(name without ending, path)`` of the data files of ``folder``; other endings are problems."""
+    out = []
     for f in sorted(folder.iterdir()):
         if is_hidden(f.name) or not f.is_file():
             continue
         if not f.name.endswith(ending):
             problems.append(Problem(str(f), f"file does not end with the dataset's file_ending {ending!r}"))
             continue
-        m = _NNUNET_CHANNEL.match(f.name[: -len(ending)])
+        out.append((f.name[: -len(ending)], f))
+    return out
+
+
+def _nnunet_cases(folder: Path, ending: str, n_channels: int, problems: list[Problem]) -> dict[str, list[str]]:
+    """Group ``case_XXXX<ending>`` files of an nnU-Net images folder by case."""
+    cases: dict[str, dict[int, Path]] = {}
+    for stem, f in _files_with_ending(folder, ending, problems):
+        m = _NNUNET_CHANNEL.match(stem)
         if m is None:
             problems.append(Problem(str(f), "image name must be <case>_<4-digit channel>" + ending))
             continue
@@ -235,10 +243,8 @@ def _nnunet_cases(folder: Path, ending: str, n_channels: int, problems: list[Pro
 
 
 def _scan_nnunet(root: Path, json_path: Path, meta: dict) -> tuple[SegTask | None, list[Problem]]:
-    problems: list[Problem] = []
-    missing = [k for k in NNUNET_REQUIRED_KEYS if k not in meta]
-    if missing:
-        problems.append(Problem(str(json_path), f"nnU-Net v2 dataset.json lacks required key(s): {', '.join(missing)}"))
+    problems = _missing_keys(meta, NNUNET_REQUIRED_KEYS, json_path, "nnU-Net v2")
+    if problems:
         return None, problems
     channels = _int_keyed(meta["channel_names"], json_path, "channel_names", problems)
     labels = _nnunet_labels(meta["labels"], json_path, problems)
@@ -253,14 +259,7 @@ def _scan_nnunet(root: Path, json_path: Path, meta: dict) -> tuple[SegTask | Non
         return task, problems
     n = max(len(channels), 1)
     images = _nnunet_cases(images_tr, ending, n, problems)
-    label_files = {}
-    for f in sorted(labels_tr.iterdir()):
-        if is_hidden(f.name) or not f.is_file():
-            continue
-        if not f.name.endswith(ending):
-            problems.append(Problem(str(f), f"file does not end with the dataset's file_ending {ending!r}"))
-            continue
-        label_files[f.name[: -len(ending)]] = str(f.resolve())
+    label_files = {stem: str(f.resolve()) for stem, f in _files_with_ending(labels_tr, ending, problems)}
     for case in sorted(set(images) | set(label_files)):
         if case not in label_files:
             problems.append(Problem(str(labels_tr / f"{case}{ending}"), f"label of case {case} is missing"))

@@ -6,10 +6,12 @@ collects every :class:`Problem` of a dataset and prints one line per problem.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 
-__all__ = ["Problem", "DatasetError", "raise_if_problems"]
+__all__ = ["Problem", "DatasetError", "raise_if_problems", "read_json"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,16 @@ def raise_if_problems(problems: list[Problem]) -> None:
     first = problems[0]
     more = f" (and {len(problems) - 1} more problem(s); run `medxfer check-data` for all)" if len(problems) > 1 else ""
     raise DatasetError(first.path, first.reason + more)
+
+
+def read_json(path: str | PathLike, missing: str = "file not found"):
+    """Parse a JSON file; :class:`DatasetError` naming the file if it is missing, not text or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(path, missing) from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(path, f"not a text file: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(path, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None

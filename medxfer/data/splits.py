@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .problems import DatasetError
+from .problems import DatasetError, read_json
 
 __all__ = ["make_kfold_splits", "save_splits", "load_splits", "apply_split"]
 
@@ -66,12 +66,7 @@ def save_splits(splits: list[dict], path, overwrite: bool = False) -> Path:
 def load_splits(path) -> list[dict[str, list[str]]]:
     """Read and check a split file written by :func:`save_splits` or by nnU-Net."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(path, "split file not found") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(path, f"invalid JSON at line {e.lineno}: {e.msg}") from None
+    data = read_json(path, "split file not found")
     if not isinstance(data, list) or not data:
         raise DatasetError(path, "a split file is a non-empty list of {'train': [...], 'val': [...]}")
     for k, fold in enumerate(data):

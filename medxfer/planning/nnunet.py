@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from medxfer.data.msd import SegTask, load_task
-from medxfer.data.problems import DatasetError
+from medxfer.data.problems import DatasetError, read_json
 
 __all__ = ["plan_task", "plans_from_nnunet", "load_plans", "PLANS_VERSION"]
 
@@ -165,12 +165,7 @@ def plan_task(task_dir, out=None, configuration: str = "3d_fullres", verify: boo
 def load_plans(path) -> dict:
     """Read a plans JSON written by :func:`plan_task` (possibly edited by hand) and check its keys."""
     path = Path(path)
-    try:
-        plans = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(path, "plans file not found; create it with `medxfer plan TASK`") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(path, f"invalid JSON at line {e.lineno}: {e.msg}") from None
+    plans = read_json(path, "plans file not found; create it with `medxfer plan TASK`")
     for key in ("target_spacing", "patch_size", "normalization"):
         if key not in plans:
             raise DatasetError(path, f"plans lack required key '{key}'")
