@@ -31,6 +31,7 @@ __all__ = [
     "load_task",
     "load_msd_datalist",
     "is_hidden",
+    "image_files",
     "MSD_REQUIRED_KEYS",
     "NNUNET_REQUIRED_KEYS",
 ]
@@ -43,6 +44,12 @@ _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 def is_hidden(name: str) -> bool:
     """True for macOS ``._*`` resource forks and other dot files, which every loader ignores."""
     return name.startswith(".")
+
+
+def image_files(record: dict) -> list[str]:
+    """The image file(s) of a record: one per channel for nnU-Net multi-file cases, else one."""
+    image = record["image"]
+    return list(image) if isinstance(image, list) else [image]
 
 
 @dataclass

@@ -12,35 +12,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
-from .msd import SegTask
+from .msd import SegTask, image_files
 
 __all__ = ["summarize_task", "summarize_isic", "save_preview"]
 
 
-def _nifti(path: str):
-    import nibabel as nib
-
-    return nib.load(path)
-
-
 def summarize_task(task: SegTask, max_cases: int | None = None) -> dict:
     """Numbers describing a task; reads headers of every case and the labels of ``max_cases`` cases."""
-    import nibabel as nib
-
     shapes, spacings, orientations = [], [], set()
     label_counts = {k: 0 for k in task.labels}
     total_voxels = 0
     records = task.training + task.test
     for i, record in enumerate(records):
-        first = record["image"][0] if isinstance(record["image"], list) else record["image"]
-        img = _nifti(first)
+        img = nib.load(image_files(record)[0])
         shapes.append(list(img.shape))
         spacings.append([float(z) for z in img.header.get_zooms()[:3]])
         orientations.add("".join(nib.aff2axcodes(img.affine)))
         if "label" in record and (max_cases is None or i < max_cases):
-            label = np.asanyarray(_nifti(record["label"]).dataobj)
+            label = np.asanyarray(nib.load(record["label"]).dataobj)
             values, counts = np.unique(label, return_counts=True)
             for v, c in zip(values.astype(int), counts):
                 label_counts[int(v)] = label_counts.get(int(v), 0) + int(c)
@@ -96,11 +88,8 @@ def summarize_isic(records: list[dict], year: int) -> dict:
 
 
 def _mid_axial_ras(record: dict) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    first = record["image"][0] if isinstance(record["image"], list) else record["image"]
-    img = nib.as_closest_canonical(_nifti(first))
-    lab = nib.as_closest_canonical(_nifti(record["label"]))
+    img = nib.as_closest_canonical(nib.load(image_files(record)[0]))
+    lab = nib.as_closest_canonical(nib.load(record["label"]))
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4:
         data = data[..., 0]
@@ -143,9 +132,10 @@ def save_preview(tasks: list[SegTask], isic_sets: list[tuple[int, list[dict]]], 
             with Image.open(record["image"]) as im:
                 ax.imshow(np.asarray(im.convert("RGB")))
             ax.contour(_read_mask(record["lesion"]), levels=[0.5], colors="white", linewidths=0.8)
-            names = [n for n, p in record.get("attributes", {}).items() if _read_mask(p).any()]
-            for name in names:
-                ax.contour(_read_mask(record["attributes"][name]), levels=[0.5], colors="lime", linewidths=0.6)
+            present = {n: m for n, m in ((n, _read_mask(p)) for n, p in record.get("attributes", {}).items()) if m.any()}
+            for mask in present.values():
+                ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.6)
+            names = list(present)
             ax.set_title(f"ISIC {year} {record['id']}\n{', '.join(names) or 'no attribute'}", fontsize=6)
         row += 1
     fig.tight_layout()

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import isic
-from .msd import SegTask, scan_task
+from .msd import SegTask, image_files, scan_task
 from .problems import DatasetError, Problem
 
 __all__ = ["check_dataset", "check_task", "check_case", "find_datasets", "read_volume", "DatasetReport"]
@@ -121,7 +121,7 @@ def _geometry_problems(path: str, shape, affine, ref_path: str, ref_shape, ref_a
 
 def check_case(task: SegTask, record: dict) -> list[Problem]:
     """Open every file of one record of ``task`` and check it (see module docstring)."""
-    files = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    files = image_files(record)
     expect_channels = task.num_channels if task.four_d else None
     problems: list[Problem] = []
     volumes = []

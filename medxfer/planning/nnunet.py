@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from medxfer.data.msd import SegTask, load_task
+from medxfer.data.msd import SegTask, image_files, load_task
 from medxfer.data.problems import DatasetError, read_json
 
 __all__ = ["plan_task", "plans_from_nnunet", "load_plans", "PLANS_VERSION"]
@@ -57,8 +57,7 @@ def _link_nnunet_raw(task: SegTask, raw: Path, dataset_id: int) -> Path:
     (target / "imagesTr").mkdir(parents=True)
     (target / "labelsTr").mkdir()
     for record in task.training:
-        files = record["image"] if isinstance(record["image"], list) else [record["image"]]
-        for c, f in enumerate(files):
+        for c, f in enumerate(image_files(record)):
             os.symlink(f, target / "imagesTr" / f"{record['id']}_{c:04d}.nii.gz")
         os.symlink(record["label"], target / "labelsTr" / f"{record['id']}.nii.gz")
     meta = {"channel_names": {str(k): v for k, v in task.channel_names.items()},
