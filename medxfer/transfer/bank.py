@@ -1,0 +1,252 @@
+"""Model bank: pretrained checkpoints plus a YAML manifest that says what each one is (SPEC section 4).
+
+Layout of a bank folder (shareable as it is; paths in the manifest are relative to it)::
+
+    bank/
+      bank.yaml                      # manifest, plain YAML a person can read
+      checkpoints/<name>.pt          # state dict only (tensors), loadable with weights_only=True
+
+Every manifest entry records ``name, arch, arch_kwargs, source (task list), epoch, iterations,
+checkpoint, sha256, in_channels, out_channels, patch_size, preprocessing`` (and optional ``notes``).
+
+Loading (:meth:`ModelBank.load_state_dict`) verifies the sha256 of the file against the manifest,
+reads it with ``torch.load(weights_only=True)`` (a checkpoint holding pickled objects is refused,
+not executed), and strips the ``module.`` (DistributedDataParallel) and ``_orig_mod.``
+(``torch.compile``) prefixes. Problems raise :class:`BankError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+import yaml
+
+__all__ = ["BankError", "BankEntry", "ModelBank", "sha256_file", "strip_prefixes", "read_state_dict",
+           "MANIFEST", "WRAPPER_PREFIXES"]
+
+MANIFEST = "bank.yaml"
+#: Prefixes added by wrappers: DistributedDataParallel / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+logger = logging.getLogger("medxfer.bank")
+
+
+class BankError(ValueError):
+    """A bank file is missing, tampered with or unsafe. The message names the file."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class BankEntry:
+    """One pretrained model of the bank (one manifest entry)."""
+
+    name: str
+    arch: str
+    checkpoint: str                     # relative to the bank folder
+    sha256: str
+    in_channels: int
+    out_channels: int
+    patch_size: list[int]
+    arch_kwargs: dict = field(default_factory=dict)
+    source: list[str] = field(default_factory=list)   # source task folder names; [] = scratch
+    epoch: int | None = None
+    iterations: int | None = None
+    preprocessing: dict = field(default_factory=dict)
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["arch_kwargs"] = _plain(out["arch_kwargs"])
+        return out
+
+
+def _plain(value):
+    """Tuples -> lists (recursively) so the manifest is plain YAML."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (repeatedly: ``module._orig_mod.x`` -> ``x``) from every key."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def read_state_dict(path, map_location="cpu") -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` with ``torch.load(weights_only=True)``, wrapper prefixes stripped.
+
+    Accepts a bare state dict or MONAI ``CheckpointSaver`` output (``{"network": state, ...}``).
+    Raises :class:`BankError` for a missing/unreadable file or one that holds pickled objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BankError(path, "checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BankError(path, "refused: the checkpoint holds pickled Python objects, not only tensors "
+                              f"(torch.load weights_only=True: {first}). Re-save it as a plain state dict.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise BankError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(obj, Mapping) and "network" in obj and isinstance(obj["network"], Mapping):
+        obj = obj["network"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BankError(path, "not a state dict (expected a mapping of parameter names to tensors)")
+    return strip_prefixes(obj)
+
+
+class ModelBank:
+    """A bank folder: its manifest and checkpoints.
+
+    >>> bank = ModelBank.open("bank", create=True)
+    >>> bank.add("unet_Task03_Liver_e100", net, arch="unet", in_channels=1, out_channels=3,
+    ...          patch_size=[64, 64, 32], source=["Task03_Liver"], epoch=100)
+    >>> state = bank.load_state_dict("unet_Task03_Liver_e100")   # sha256 checked, weights only
+    """
+
+    def __init__(self, root, entries: list[BankEntry], description: str = ""):
+        self.root = Path(root)
+        self._entries = {e.name: e for e in entries}
+        self.description = description
+
+    # --- manifest -------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @classmethod
+    def open(cls, root, create: bool = False, description: str = "") -> "ModelBank":
+        """Read ``root/bank.yaml`` (``create=True``: start an empty bank if there is none)."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.exists():
+            if not create:
+                raise BankError(path, "no model bank here (bank manifest not found)")
+            bank = cls(root, [], description)
+            bank.save()
+            return bank
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise BankError(path, f"invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("entries", []), list):
+            raise BankError(path, "expected a mapping with an 'entries' list")
+        entries = []
+        for i, raw in enumerate(data.get("entries") or []):
+            try:
+                entries.append(BankEntry(**raw))
+            except TypeError as e:
+                raise BankError(path, f"entry {i} ({raw.get('name', '?') if isinstance(raw, Mapping) else raw}): {e}") from None
+        return cls(root, entries, data.get("description", ""))
+
+    def save(self) -> None:
+        """Write the manifest atomically (a crash never leaves half a manifest)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = {"description": self.description, "format": "medxfer model bank v1",
+                "entries": [e.to_dict() for e in self._entries.values()]}
+        fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".yaml", dir=self.root)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(data, f, sort_keys=False)
+        os.replace(tmp, self.manifest)
+
+    # --- entries --------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[BankEntry]:
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> BankEntry:
+        if name not in self._entries:
+            raise BankError(self.manifest, f"no entry {name!r}; entries: {self.names()}")
+        return self._entries[name]
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.root / self.get(name).checkpoint
+
+    def add(self, name: str, network: torch.nn.Module | Mapping[str, torch.Tensor], *, arch: str, in_channels: int,
+            out_channels: int, patch_size, arch_kwargs: dict | None = None, source=(), epoch: int | None = None,
+            iterations: int | None = None, preprocessing: dict | None = None, notes: str = "",
+            overwrite: bool = False) -> BankEntry:
+        """Save ``network``'s state dict (wrappers unwrapped, tensors on CPU) and record it.
+
+        An existing ``name`` is an error unless ``overwrite`` (a bank is never changed silently).
+        """
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid bank entry name {name!r}")
+        if name in self._entries and not overwrite:
+            raise FileExistsError(f"{self.manifest}: entry {name!r} exists; pass overwrite=True to replace it")
+        state = network.state_dict() if isinstance(network, torch.nn.Module) else network
+        state = {k: v.detach().cpu().clone() for k, v in strip_prefixes(state).items()}
+        rel = f"checkpoints/{name}.pt"
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+        entry = BankEntry(name=name, arch=str(arch), checkpoint=rel, sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
+                          in_channels=int(in_channels), out_channels=int(out_channels),
+                          patch_size=[int(p) for p in patch_size], arch_kwargs=_plain(dict(arch_kwargs or {})),
+                          source=[str(s) for s in source], epoch=None if epoch is None else int(epoch),
+                          iterations=None if iterations is None else int(iterations),
+                          preprocessing=_plain(dict(preprocessing or {})), notes=notes)
+        self._entries[name] = entry
+        self.save()
+        return entry
+
+    def verify(self, name: str) -> Path:
+        """Check the checkpoint of ``name`` exists and matches its recorded sha256; returns its path."""
+        entry = self.get(name)
+        path = self.root / entry.checkpoint
+        if not path.is_file():
+            raise BankError(path, f"checkpoint of bank entry {name!r} not found")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise BankError(path, f"sha256 mismatch for bank entry {name!r}: manifest says {entry.sha256[:16]}..., "
+                                  f"file has {digest[:16]}... (file changed or corrupted; do not use it)")
+        return path
+
+    def load_state_dict(self, name: str, map_location="cpu") -> dict[str, torch.Tensor]:
+        """Verified (sha256), weights-only state dict of entry ``name``, wrapper prefixes stripped."""
+        return read_state_dict(self.verify(name), map_location=map_location)

@@ -1,0 +1,208 @@
+"""Helpers the ``bundles/msd_seg3d`` configs call: device, plans, datalists, datasets, transfer.
+
+The bundle configs stay declarative (they read like SPEC section 3); the decisions that need
+code — planning a task on first use, seeded folds saved beside the run, joint label spaces for
+multi-task pretraining, loading a bank entry with a transfer mode — live here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from monai.data import CacheDataset
+from monai.transforms import Compose, MapLabelValued
+
+from medxfer.data.msd import load_task
+from medxfer.data.problems import DatasetError
+from medxfer.data.splits import apply_split, load_splits, make_kfold_splits, save_splits
+from medxfer.planning.nnunet import load_plans, plan_task
+from medxfer.transforms.msd import msd_transforms
+
+__all__ = ["resolve_device", "task_plans", "fold_datalists", "inference_datalist", "class_names",
+           "source_datasets", "joint_labels", "load_bank_network", "ensure_empty_output",
+           "preprocessing_summary", "bank_entry_name", "save_run_plans"]
+
+logger = logging.getLogger("medxfer.workflows")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def task_plans(data_root, plans_file: str | None = None, patch_size: Sequence[int] | None = None,
+               arch: str | None = None, arch_kwargs: dict | None = None) -> dict:
+    """Plans of a task: read ``plans_file`` (default ``<task>/medxfer_plans.json``), or run nnU-Net
+    planning (:func:`medxfer.planning.nnunet.plan_task`) and write it there when it does not exist.
+
+    ``patch_size`` (voxels, file-axis order), when given, overrides the planned patch — e.g. to
+    share one patch between the tasks of a model bank, or tiny patches in tests. With ``arch`` the
+    patch is then rounded up to a size the network accepts (:func:`medxfer.networks.factory.fit_patch`).
+    """
+    path = Path(plans_file) if plans_file else Path(str(data_root)) / "medxfer_plans.json"
+    if path.exists():
+        plans = load_plans(path)
+    elif data_root is None:
+        raise DatasetError(path, "plans file not found (a trained model keeps the plans.json it was trained with)")
+    else:
+        logger.info("no plans at %s: planning %s with nnU-Net (written there, edit by hand if needed)", path, data_root)
+        plans = plan_task(data_root, out=path)
+    if patch_size is not None:
+        plans = dict(plans, patch_size=[int(p) for p in patch_size])
+    if arch is not None:
+        from medxfer.networks.factory import fit_patch
+
+        fitted = fit_patch(arch, plans["patch_size"], arch_kwargs)
+        if fitted != list(plans["patch_size"]):
+            logger.info("patch %s rounded up to %s for %s", plans["patch_size"], fitted, arch)
+            plans = dict(plans, patch_size=fitted)
+    return plans
+
+
+def fold_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None) -> tuple[list, list]:
+    """``(train, val)`` records of one fold of the task's training cases.
+
+    The folds come from ``splits_file`` when it exists (our JSON or nnU-Net's ``splits_final.json``);
+    otherwise seeded k-fold splits are made and saved there, so every later run (resume, evaluate,
+    other folds) uses the same cases.
+    """
+    task = load_task(data_root)
+    if splits_file is not None and Path(splits_file).exists():
+        splits = load_splits(splits_file)
+    else:
+        splits = make_kfold_splits(task.training, n_folds=n_folds, seed=seed)
+        if splits_file is not None:
+            save_splits(splits, splits_file)
+    return apply_split(task.training, splits, fold)
+
+
+def inference_datalist(input_path) -> list[dict]:
+    """Images to segment: an MSD/nnU-Net task folder (its ``test`` list), a folder of ``.nii(.gz)``
+    files, or a single file. Returns ``[{"image": path}]``."""
+    path = Path(input_path)
+    if path.is_file():
+        return [{"image": str(path)}]
+    if (path / "dataset.json").exists():
+        task = load_task(path)
+        return [{"image": r["image"]} for r in task.test]
+    if not path.is_dir():
+        raise DatasetError(path, "input not found (expected a task folder, a folder of NIfTI files or one file)")
+    files = sorted(p for p in path.iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("._"))
+    if not files:
+        raise DatasetError(path, "no .nii/.nii.gz images in this folder")
+    return [{"image": str(p)} for p in files]
+
+
+def class_names(plans: dict) -> dict[int, str]:
+    """``{index: name}`` of the task's labels (background included) from the plans."""
+    return {int(k): v for k, v in plans["labels"].items()}
+
+
+def preprocessing_summary(plans: dict) -> dict:
+    """The part of the plans a bank entry records (spacing, patch, normalisation scheme)."""
+    return {"task": plans.get("task"), "target_spacing": plans["target_spacing"], "patch_size": plans["patch_size"],
+            "normalization": [n.get("scheme") for n in plans["normalization"]]}
+
+
+def ensure_empty_output(output_dir, overwrite: bool = False, pattern: str = "*.nii.gz") -> Path:
+    """Refuse to write predictions into a folder that already holds some (unless ``overwrite``)."""
+    out = Path(output_dir)
+    existing = sorted(out.glob(pattern)) if out.exists() else []
+    if existing and not overwrite:
+        raise FileExistsError(f"{out}: already holds {len(existing)} prediction(s) such as {existing[0].name}; "
+                              "choose another output_dir or set overwrite true")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# --- multi-task pretraining ------------------------------------------------------------------
+
+def joint_labels(source_roots: Sequence) -> dict[int, str]:
+    """One label space for several source tasks: background 0, then every task's foreground labels
+    in order, named ``<TaskName>/<label>`` (pretraining on Liver + Pancreas: 1 liver, 2 cancer,
+    3 pancreas, 4 cancer). A single task keeps its own indices and names."""
+    tasks = [load_task(r) for r in source_roots]
+    if len(tasks) == 1:
+        return dict(tasks[0].labels)
+    joint = {0: "background"}
+    for task in tasks:
+        for index in sorted(k for k in task.labels if k != 0):
+            joint[len(joint)] = f"{task.root.name}/{task.labels[index]}"
+    return joint
+
+
+def source_datasets(source_roots: Sequence, mode: str, patch_size: Sequence[int], fold: int = 0,
+                    n_folds: int = 5, seed: int = 0, splits_dir=None, cache_rate: float = 1.0,
+                    num_workers: int = 0, num_samples: int = 2) -> torch.utils.data.ConcatDataset:
+    """Training (``mode="train"``) or validation (``"eval"``) cases of several source tasks as one
+    dataset, each task preprocessed with its own plans at a shared ``patch_size`` and its labels
+    mapped into :func:`joint_labels`. All tasks must have the same number of channels."""
+    tasks = [load_task(r) for r in source_roots]
+    channels = {t.root.name: t.num_channels for t in tasks}
+    if len(set(channels.values())) > 1:
+        raise ValueError(f"source tasks must have the same number of input channels, got {channels}")
+    datasets, offset = [], 0
+    for task in tasks:
+        plans = task_plans(task.root, patch_size=patch_size)
+        split_file = Path(splits_dir) / f"splits_{task.root.name}.json" if splits_dir else None
+        train, val = fold_datalists(task.root, fold, n_folds, seed, split_file)
+        chain = msd_transforms(plans, mode=mode, num_samples=num_samples)
+        if len(tasks) > 1:
+            fg = sorted(k for k in task.labels if k != 0)
+            chain = Compose([chain, MapLabelValued("label", orig_labels=fg, target_labels=[offset + i + 1 for i in range(len(fg))])])
+            offset += len(fg)
+        datasets.append(CacheDataset(train if mode == "train" else val, chain, cache_rate=cache_rate,
+                                     num_workers=num_workers, progress=False))
+    return torch.utils.data.ConcatDataset(datasets)
+
+
+# --- fine-tuning from a bank entry -----------------------------------------------------------
+
+def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int, patch_size: Sequence[int],
+                      mode: str = "all_but_head", report_file=None) -> torch.nn.Module:
+    """Network of model-bank ``entry`` (its arch and arch kwargs) for the target task's channels and
+    patch, initialised with a transfer mode (SPEC section 4).
+
+    ``mode="scratch"`` takes only the architecture from the entry. Every loaded, skipped and
+    shape-mismatched key is logged and, with ``report_file``, saved as JSON.
+    """
+    import json
+
+    from medxfer.networks.factory import build_network
+    from medxfer.transfer.bank import ModelBank
+    from medxfer.transfer.finetune import apply_transfer, parse_mode
+
+    parse_mode(mode)
+    bank = ModelBank.open(bank_root)
+    bank_entry = bank.get(entry)
+    network = build_network(bank_entry.arch, in_channels, out_channels, patch_size, **bank_entry.arch_kwargs)
+    state = {} if mode == "scratch" else bank.load_state_dict(entry)
+    report = apply_transfer(network, state, mode, bank_entry.arch)
+    if report_file:
+        Path(report_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_file).write_text(json.dumps({"entry": entry, "mode": mode, **report.to_dict()}, indent=2) + "\n")
+    return network
+
+
+def bank_entry_name(arch: str, source_roots: Sequence) -> str:
+    """``<arch>_<Task>[+<Task>...]``, the bank entry prefix of a pretraining run."""
+    return f"{arch}_" + "+".join(Path(str(r)).resolve().name for r in source_roots)
+
+
+def save_run_plans(plans: dict, output_dir) -> Path:
+    """Copy the plans a run uses to ``<output_dir>/plans.json`` (inference needs them next to the
+    weights). A run folder holding other plans is refused: it belongs to another experiment."""
+    import json
+
+    out = Path(output_dir) / "plans.json"
+    text = json.dumps(plans, indent=2) + "\n"
+    if out.exists() and json.loads(out.read_text()) != json.loads(text):
+        raise FileExistsError(f"{out}: this output_dir holds a run with different plans; choose another output_dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
