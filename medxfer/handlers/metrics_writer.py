@@ -58,8 +58,10 @@ class SegmentationMetricsWriter:
     """
 
     def __init__(self, output_dir, class_names: Mapping, pred_key: str = "pred", label_key: str = "label",
-                 name: str = "metrics"):
+                 name: str = "metrics", label_from_file: bool = False):
         self.output_dir = Path(output_dir)
+        self.label_from_file = label_from_file
+        self._load = None
         self.class_names = {int(k): str(v) for k, v in class_names.items()}
         self.pred_key, self.label_key, self.name = pred_key, label_key, name
         self.rows: list[dict] = []
@@ -73,9 +75,21 @@ class SegmentationMetricsWriter:
         items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         for item in items:
             pred, label = item[self.pred_key], item[self.label_key]
+            if self.label_from_file:
+                label = self._read_label(label)
             row = {"case": _case_id(item, self.label_key, len(self.rows))}
             row.update(case_metrics(pred.detach().cpu(), label.detach().cpu(), _spacing(label), self.class_names))
             self.rows.append(row)
+
+    def _read_label(self, label):
+        from monai.transforms import Compose, EnsureChannelFirst, LoadImage
+
+        path = (getattr(label, "meta", None) or {}).get("filename_or_obj")
+        if not path:
+            raise ValueError("label_from_file: the label carries no file name in its meta data")
+        if self._load is None:
+            self._load = Compose([LoadImage(image_only=True), EnsureChannelFirst()])
+        return self._load(str(path))
 
     def _write(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
