@@ -6,6 +6,8 @@
     medxfer split PATH --out splits.json [--folds 5] [--seed 0]
     medxfer plan TASK [--out plans.json]          # nnU-Net v2 planning -> spacing, patch, normalisation
     medxfer convert-isic2017 ROOT                 # released superpixel JSON -> attribute PNGs
+    medxfer bank build --data D --target Task09_Spleen --out bank   # CC-FV leave-one-task-out bank
+    medxfer bank list BANK                        # entries of a bank manifest, sha256 checked
     medxfer demo --out runs/demo          # the README's main job on generated data
 
 Heavy imports happen inside each command so ``medxfer --help`` stays fast.
@@ -119,6 +121,50 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_bank_build(args) -> int:
+    from medxfer.data.problems import DatasetError
+    from medxfer.transfer.bank import BankError
+    from medxfer.transfer.bank_build import build_ccfv_bank, load_bank_config
+
+    try:
+        config = load_bank_config(args.config, epochs=args.epochs, patch_size=args.patch, optimizer=args.optimizer)
+        if args.archs:
+            unknown = [a for a in args.archs if a not in config["archs"]]
+            if unknown:
+                raise DatasetError(args.config or "configs/bank_ccfv.yaml", f"archs {unknown} not defined there "
+                                   f"(defined: {sorted(config['archs'])})")
+            config["archs"] = {a: config["archs"][a] for a in args.archs}
+        summary = build_ccfv_bank(args.data, args.target, args.out, config, device=args.device, seed=args.seed,
+                                  num_workers=args.num_workers)
+    except (DatasetError, BankError, FileExistsError, ValueError) as e:
+        return _error(e)
+    for item in summary["entries"]:
+        print(f"{item['arch']:10s} {item['source'] or 'scratch':20s} {', '.join(item['entries'])}")
+    for item in summary["skipped_sources"]:
+        print(f"skipped {item['task']}: {item['reason']}")
+    print(f"bank: {Path(args.out) / 'bank.yaml'}")
+    return 0
+
+
+def _cmd_bank_list(args) -> int:
+    from medxfer.transfer.bank import BankError, ModelBank
+
+    try:
+        bank = ModelBank.open(args.bank)
+        bad = 0
+        for entry in bank:
+            try:
+                bank.verify(entry.name)
+                status = "ok"
+            except BankError as e:
+                status, bad = f"BROKEN: {e.reason}", bad + 1
+            source = "+".join(entry.source) or "scratch"
+            print(f"{entry.name:40s} {entry.arch:10s} {source:24s} epoch {entry.epoch}  {status}")
+    except BankError as e:
+        return _error(e)
+    return 1 if bad else 0
+
+
 def _cmd_demo(args) -> int:
     from medxfer.demo import run_demo
 
@@ -176,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
     plan.add_argument("--overwrite", action="store_true", help="replace existing (maybe hand-edited) plans")
     plan.set_defaults(func=_cmd_plan)
+
+    bank = sub.add_parser("bank", help="model banks of pretrained networks (SPEC section 4)")
+    bank_sub = bank.add_subparsers(dest="bank_command", required=True)
+    build = bank_sub.add_parser("build", help="CC-FV bank for one target: every other task x arch pretrained, plus scratch")
+    build.add_argument("--data", required=True, help="folder holding the MSD task folders")
+    build.add_argument("--target", required=True, help="target task folder name, e.g. Task09_Spleen (left out)")
+    build.add_argument("--out", required=True, help="bank folder (bank.yaml, checkpoints/, runs/)")
+    build.add_argument("--config", help="bank definition YAML (default configs/bank_ccfv.yaml)")
+    build.add_argument("--archs", nargs="+", help="subset of the definition's archs (default: all)")
+    build.add_argument("--epochs", type=int, help="pretraining epochs per entry")
+    build.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="patch size in voxels")
+    build.add_argument("--optimizer", choices=("adamw", "sgd"))
+    build.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    build.add_argument("--num-workers", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=_cmd_bank_build)
+    lst = bank_sub.add_parser("list", help="entries of a bank with their sha256 checked (exit 1 if any is broken)")
+    lst.add_argument("bank")
+    lst.set_defaults(func=_cmd_bank_list)
 
     demo = sub.add_parser("demo", help="the main job on generated data (README quick start)")
     demo.add_argument("--out", default="runs/demo")

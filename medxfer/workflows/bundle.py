@@ -53,8 +53,16 @@ def run_bundle(name: str, configs: Sequence[str], run: bool = True, **override):
     override.setdefault("bundle_root", str(root))
     workflow = ConfigWorkflow(config_file=bundle_configs(name, configs), meta_file=str(root / "configs" / "metadata.json"),
                               workflow_type=None, **override)
-    workflow.initialize()
-    if run:
-        workflow.run()
-        workflow.finalize()
+    try:
+        workflow.initialize()
+        if run:
+            workflow.run()
+            workflow.finalize()
+    except RuntimeError as err:  # MONAI wraps errors of config expressions: surface ours (they name the file)
+        root = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, (ValueError, FileExistsError, FileNotFoundError)) and root is not err:
+            raise root from err
+        raise
     return workflow
