@@ -1,0 +1,209 @@
+"""Transfer modes: which tensors come from the checkpoint, which keep their init, what is frozen."""
+
+import pytest
+import torch
+
+from medxfer.networks.factory import build_network
+from medxfer.transfer.finetune import (TRANSFER_MODES, TransferReport, apply_transfer, parse_mode,
+                                       trainable_parameters)
+
+UNET_KWARGS = {"channels": (4, 8, 16), "strides": (2, 2)}
+ROI = [16, 16, 16]
+# Written out by hand (not taken from arch_layout): the 3-level MONAI UNet's module tree.
+LEVEL_PREFIXES = {1: "model.0.", 2: "model.1.submodule.0.", 3: "model.1.submodule.1.submodule."}
+HEAD_PREFIX = "model.2."
+
+
+def _unet(seed, out_channels, in_channels=1):
+    torch.manual_seed(seed)
+    return build_network("unet", in_channels, out_channels, ROI, **UNET_KWARGS)
+
+
+def _level(key):
+    hits = [lv for lv, p in LEVEL_PREFIXES.items() if key.startswith(p)]
+    assert len(hits) <= 1
+    return hits[0] if hits else None
+
+
+def _source_state(out_channels=3, in_channels=1):
+    """Source weights (seed 1), shifted by 1 so that no tensor equals the target's init by chance
+    (e.g. PReLU weights start at 0.25 in every fresh network)."""
+    return {k: v + 1.0 for k, v in _unet(1, out_channels, in_channels).state_dict().items()}
+
+
+def _target(out_channels=2):
+    net = _unet(2, out_channels)
+    return net, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _assert_loaded_exactly(net, init, state, keys):
+    """``keys`` hold the checkpoint's tensors, every other key its own initialisation."""
+    now = net.state_dict()
+    for key in now:
+        expected = state[key] if key in keys else init[key]
+        assert torch.equal(now[key], expected), key
+        assert not torch.equal(now[key], init[key] if key in keys else state.get(key, init[key] + 1)), key
+
+
+def test_modes_parse_and_every_documented_mode_is_accepted():
+    assert parse_mode("truncated:3") == ("truncated", 3)
+    assert parse_mode(" all_but_head ") == ("all_but_head", None)
+    for mode in TRANSFER_MODES:
+        parse_mode(mode.replace(":k", ":2"))
+
+
+def test_all_but_head_copies_every_non_head_tensor_and_keeps_the_head_init():
+    state = _source_state(out_channels=3)
+    net, init = _target(out_channels=2)
+    report = apply_transfer(net, state, "all_but_head", "unet")
+    head = sorted(k for k in init if k.startswith(HEAD_PREFIX))
+    body = sorted(k for k in init if not k.startswith(HEAD_PREFIX))
+    assert head and body
+    _assert_loaded_exactly(net, init, state, set(body))
+    assert report.loaded == body
+    assert report.initialised == head
+    assert sorted(report.skipped_by_mode + list(report.shape_mismatch)) == head
+    assert report.not_in_network == [] and report.frozen == []
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_full_with_the_same_classes_loads_the_head_too():
+    state = _source_state(out_channels=2)
+    net, init = _target(out_channels=2)
+    report = apply_transfer(net, state, "full", "unet")
+    _assert_loaded_exactly(net, init, state, set(init))
+    assert report.loaded == sorted(init)
+    assert report.initialised == [] and report.skipped_by_mode == [] and report.shape_mismatch == {}
+
+
+def test_full_with_other_classes_reports_the_head_shape_mismatches():
+    state = _source_state(out_channels=3)
+    net, init = _target(out_channels=2)
+    report = apply_transfer(net, state, "full", "unet")
+    mismatched = {k: [list(state[k].shape), list(init[k].shape)] for k in init if state[k].shape != init[k].shape}
+    assert mismatched and all(k.startswith(HEAD_PREFIX) for k in mismatched)
+    assert report.shape_mismatch == mismatched
+    _assert_loaded_exactly(net, init, state, set(init) - set(mismatched))
+    assert report.initialised == sorted(mismatched)
+
+
+def test_frozen_encoder_sgd_step_changes_only_decoder_and_head():
+    state = _source_state(out_channels=3)
+    net, _ = _target(out_channels=2)
+    report = apply_transfer(net, state, "frozen_encoder", "unet")
+    names = dict(net.named_parameters())
+    encoder = sorted(n for n in names if _level(n) is not None)
+    assert sorted(report.frozen) == encoder
+    assert all(not names[n].requires_grad for n in encoder)
+    assert all(names[n].requires_grad for n in names if n not in encoder)
+
+    params = trainable_parameters(net)
+    assert {id(p) for p in params} == {id(names[n]) for n in names if n not in encoder}
+    opt = torch.optim.SGD(params, lr=0.1)
+    assert {id(p) for g in opt.param_groups for p in g["params"]}.isdisjoint({id(names[n]) for n in encoder})
+
+    before = {n: p.detach().clone() for n, p in names.items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, *ROI, generator=g)
+    y = torch.randint(0, 2, (2, *ROI), generator=g)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert all(names[n].grad is None for n in encoder)
+    for n in encoder:
+        assert torch.equal(names[n], before[n]), n
+        assert torch.equal(names[n], state[n]), n  # still the loaded source weights
+    changed = [n for n in names if n not in encoder and not torch.equal(names[n], before[n])]
+    assert any(not n.startswith(HEAD_PREFIX) for n in changed), changed
+    assert any(n.startswith(HEAD_PREFIX) for n in changed), changed
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_truncated_k_loads_exactly_the_encoder_levels_up_to_k(k):
+    state = _source_state(out_channels=3)
+    net, init = _target(out_channels=2)
+    report = apply_transfer(net, state, f"truncated:{k}", "unet")
+    expected = sorted(key for key in init if _level(key) is not None and _level(key) <= k)
+    assert expected and {_level(key) for key in expected} == set(range(1, k + 1))
+    _assert_loaded_exactly(net, init, state, set(expected))
+    assert report.loaded == expected
+    assert sorted(report.skipped_by_mode) == sorted(set(state) - set(expected))
+    assert report.initialised == sorted(set(init) - set(expected))
+    assert report.frozen == []
+
+
+def test_scratch_loads_nothing():
+    state = _source_state(out_channels=2)
+    net, init = _target(out_channels=2)
+    report = apply_transfer(net, state, "scratch", "unet")
+    _assert_loaded_exactly(net, init, state, set())
+    assert report.loaded == [] and sorted(report.skipped_by_mode) == sorted(state)
+    assert report.initialised == sorted(init)
+
+
+def test_source_with_other_input_channels_mismatches_the_first_convs_and_loads_the_rest():
+    state = _source_state(out_channels=3, in_channels=2)
+    net, init = _target(out_channels=2)
+    report = apply_transfer(net, state, "all_but_head", "unet")
+    reads_input = {"model.0.conv.unit0.conv.weight", "model.0.residual.weight"}  # the convs on the image
+    assert report.shape_mismatch == {k: [list(state[k].shape), list(init[k].shape)] for k in reads_input}
+    assert report.shape_mismatch["model.0.conv.unit0.conv.weight"] == [[4, 2, 3, 3, 3], [4, 1, 3, 3, 3]]
+    body = {k for k in init if not k.startswith(HEAD_PREFIX)} - reads_input
+    _assert_loaded_exactly(net, init, state, body)
+    assert report.loaded == sorted(body)
+
+
+def test_checkpoint_keys_the_network_lacks_are_reported():
+    state = {**_source_state(out_channels=2), "extra.weight": torch.ones(3)}
+    net, init = _target(out_channels=2)
+    report = apply_transfer(net, state, "full", "unet")
+    assert report.not_in_network == ["extra.weight"]
+    assert report.loaded == sorted(init)
+
+
+@pytest.mark.parametrize("mode, match", [("truncated:99", "encoder levels"), ("truncated:4", "encoder levels"),
+                                         ("truncated:x", "truncated:k"), ("truncated:0", "truncated:k"),
+                                         ("truncated", "truncated:k"), ("half_frozen", "unknown transfer mode")])
+def test_invalid_modes_are_refused_and_leave_the_network_untouched(mode, match):
+    net, init = _target(out_channels=2)
+    with pytest.raises(ValueError, match=match):
+        apply_transfer(net, _source_state(out_channels=2), mode, "unet")
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, init[key]), key
+
+
+def test_report_counts_match_the_lists():
+    report = apply_transfer(_target(2)[0], {**_source_state(3, in_channels=2), "extra": torch.zeros(1)},
+                            "frozen_encoder", "unet")
+    d = report.to_dict()
+    fields = ["loaded", "skipped_by_mode", "shape_mismatch", "not_in_network", "initialised", "frozen"]
+    assert d["mode"] == "frozen_encoder"
+    assert set(d["counts"]) == set(fields)
+    for f in fields:
+        assert d["counts"][f] == len(d[f]) == len(getattr(report, f)) > 0, f
+    assert isinstance(report, TransferReport)
+
+
+def test_trainable_parameters_refuses_a_fully_frozen_network():
+    net, _ = _target(2)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        trainable_parameters(net)
+
+
+def test_unetr_all_but_head_skips_only_the_out_block():
+    kwargs = {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}
+    torch.manual_seed(1)
+    state = {k: v + 1.0 for k, v in build_network("unetr", 1, 3, [32, 32, 32], **kwargs).state_dict().items()}
+    torch.manual_seed(2)
+    net = build_network("unetr", 1, 2, [32, 32, 32], **kwargs)
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    report = apply_transfer(net, state, "all_but_head", "unetr")
+    out_keys = sorted(k for k in init if k.startswith("out."))
+    assert out_keys == ["out.conv.conv.bias", "out.conv.conv.weight"]
+    assert sorted(report.skipped_by_mode) == out_keys
+    assert report.shape_mismatch == {} and report.not_in_network == []
+    assert report.loaded == sorted(set(init) - set(out_keys))
+    _assert_loaded_exactly(net, init, state, set(report.loaded))
