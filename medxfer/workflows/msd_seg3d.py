@@ -21,18 +21,23 @@ from medxfer.data.splits import apply_split, load_splits, make_kfold_splits, sav
 from medxfer.planning.nnunet import load_plans, plan_task
 from medxfer.transforms.msd import msd_transforms
 
-__all__ = ["resolve_device", "task_plans", "fold_datalists", "inference_datalist", "class_names",
+__all__ = ["default_num_workers", "task_plans", "fold_datalists", "inference_datalist", "class_names",
            "source_datasets", "joint_labels", "load_bank_network", "ensure_empty_output",
-           "preprocessing_summary", "bank_entry_name", "save_run_plans"]
+           "preprocessing_summary", "sources_preprocessing", "bank_entry_name", "save_run_plans"]
 
 logger = logging.getLogger("medxfer.workflows")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def default_num_workers(device) -> int:
+    """DataLoader workers for ``device``: 0 on CPU, ``min(4, cpu_count)`` with CUDA.
+
+    On a CPU run the workers compete with the compute threads for the same cores; measured on
+    2 cores (UNet, 48x48x16 patches, ``scripts/bench/msd_seg3d.py`` setup): 0.091 s/iteration with
+    no workers, 0.12 s with 2 persistent workers, 0.18 s with 2 workers restarted every epoch.
+    """
+    import os
+
+    return 0 if torch.device(device).type == "cpu" else min(4, os.cpu_count() or 1)
 
 
 def task_plans(data_root, plans_file: str | None = None, patch_size: Sequence[int] | None = None,
@@ -107,6 +112,15 @@ def preprocessing_summary(plans: dict) -> dict:
     """The part of the plans a bank entry records (spacing, patch, normalisation scheme)."""
     return {"task": plans.get("task"), "target_spacing": plans["target_spacing"], "patch_size": plans["patch_size"],
             "normalization": [n.get("scheme") for n in plans["normalization"]]}
+
+
+def sources_preprocessing(source_roots: Sequence, patch_size: Sequence[int]) -> dict:
+    """Preprocessing summary of a pretraining run: one task -> its :func:`preprocessing_summary`;
+    several -> ``{"patch_size", "tasks": {task: summary}}`` (each task keeps its own plans)."""
+    summaries = [preprocessing_summary(task_plans(r, patch_size=patch_size)) for r in source_roots]
+    if len(summaries) == 1:
+        return summaries[0]
+    return {"patch_size": [int(p) for p in patch_size], "tasks": {s["task"]: s for s in summaries}}
 
 
 def ensure_empty_output(output_dir, overwrite: bool = False, pattern: str = "*.nii.gz") -> Path:
