@@ -110,6 +110,25 @@ def plans_from_nnunet(plans: dict, dataset_json: dict, configuration: str = "3d_
     }
 
 
+def _write_new(path: Path, text: str, overwrite: bool) -> None:
+    """Write ``path`` atomically; without ``overwrite`` only if it does not exist yet (so two
+    processes planning the same task at once, e.g. the ranks of a multi-GPU run, cannot both win)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path}: plans exist (written meanwhile); pass overwrite=True to replan") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def plan_task(task_dir, out=None, configuration: str = "3d_fullres", verify: bool = True,
               num_processes: int = 1, keep_work: bool = False, overwrite: bool = False) -> dict:
     """Plan an MSD or nnU-Net v2 task with nnU-Net and write the medxfer plans JSON.
@@ -154,7 +173,7 @@ def plan_task(task_dir, out=None, configuration: str = "3d_fullres", verify: boo
                  **plans_from_nnunet(nn_plans, json.loads((raw / "dataset.json").read_text()), configuration)}
         for name in ("nnUNetPlans.json", "dataset_fingerprint.json"):
             shutil.copy(pre / name, out.parent / f"{out.stem}.{name}")
-        out.write_text(json.dumps(plans, indent=2) + "\n")
+        _write_new(out, json.dumps(plans, indent=2) + "\n", overwrite)
         return plans
     finally:
         if not keep_work:

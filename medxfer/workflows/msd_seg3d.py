@@ -56,7 +56,10 @@ def task_plans(data_root, plans_file: str | None = None, patch_size: Sequence[in
         raise DatasetError(path, "plans file not found (a trained model keeps the plans.json it was trained with)")
     else:
         logger.info("no plans at %s: planning %s with nnU-Net (written there, edit by hand if needed)", path, data_root)
-        plans = plan_task(data_root, out=path)
+        try:
+            plans = plan_task(data_root, out=path)
+        except FileExistsError:  # another process (multi-GPU rank) planned it meanwhile
+            plans = load_plans(path)
     if patch_size is not None:
         plans = dict(plans, patch_size=[int(p) for p in patch_size])
     if arch is not None:
@@ -82,7 +85,10 @@ def fold_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, sp
     else:
         splits = make_kfold_splits(task.training, n_folds=n_folds, seed=seed)
         if splits_file is not None:
-            save_splits(splits, splits_file)
+            try:
+                save_splits(splits, splits_file)
+            except FileExistsError:  # another rank of a multi-GPU run saved it first: use that one
+                splits = load_splits(splits_file)
     return apply_split(task.training, splits, fold)
 
 
