@@ -7,6 +7,7 @@
     medxfer plan TASK [--out plans.json]          # nnU-Net v2 planning -> spacing, patch, normalisation
     medxfer convert-isic2017 ROOT                 # released superpixel JSON -> attribute PNGs
     medxfer bank build --data D --target Task09_Spleen --out bank   # CC-FV leave-one-task-out bank
+    medxfer rank --bank BANK --data TASK [--dice dice.csv] # score every bank model with every estimator
     medxfer bank list BANK                        # entries of a bank manifest, sha256 checked
     medxfer demo --out runs/demo          # the README's main job on generated data
 
@@ -165,6 +166,46 @@ def _cmd_bank_list(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_rank(args) -> int:
+    from medxfer.data.problems import DatasetError
+    from medxfer.transfer.bank import BankError
+    from medxfer.transferability.features import SamplingConfig
+    from medxfer.transferability.score import DEFAULT_ESTIMATORS, score_bank, write_scores
+    from medxfer.workflows.msd_seg3d import task_plans
+
+    out = Path(args.out)
+    estimators = args.estimators or list(DEFAULT_ESTIMATORS)
+    try:
+        if (out / "scores.json").exists() and not args.overwrite:
+            raise FileExistsError(f"{out / 'scores.json'}: exists; choose another --out or pass --overwrite")
+        plans = task_plans(args.data)
+        rows = score_bank(args.bank, args.data, plans, estimators, SamplingConfig(seed=args.seed), device=args.device,
+                          max_cases=args.max_cases)
+        write_scores(rows, out, {"bank": str(args.bank), "target": str(args.data), "estimators": estimators})
+        if args.dice:
+            from medxfer.transferability.evaluate import (evaluate_estimators, plot_scores, table_from_files,
+                                                          write_report)
+
+            table = table_from_files(out / "scores.json", args.dice)
+            result = evaluate_estimators(table)
+            write_report(result, out)
+            plot_scores(table, out / "scores_vs_dice.png", result=result)
+    except (DatasetError, BankError, FileExistsError, ValueError) as e:
+        return _error(e)
+    print(f"{'estimator':15s} best model by this estimator")
+    for name in estimators:
+        scored = [r for r in rows if r[name] == r[name]]  # NaN != NaN: undefined scores left out
+        best = max(scored, key=lambda r: r[name])["model"] if scored else "(undefined)"
+        print(f"{name:15s} {best}")
+    if args.dice:
+        print(f"\n{'estimator':15s} {'w. tau':>8s} {'pearson':>8s} {'TIS':>6s}")
+        for name in estimators:
+            m = result["mean"][name]
+            print(f"{name:15s} {m['weighted_tau']:8.3f} {m['pearson']:8.3f} {m['tis']:6.3f}")
+    print(f"scores: {out / 'scores.csv'}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from medxfer.demo import run_demo
 
@@ -241,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     lst = bank_sub.add_parser("list", help="entries of a bank with their sha256 checked (exit 1 if any is broken)")
     lst.add_argument("bank")
     lst.set_defaults(func=_cmd_bank_list)
+
+    rank = sub.add_parser("rank", help="transferability scores of every bank model on a target task (no fine-tuning)")
+    rank.add_argument("--bank", required=True, help="model bank folder (bank.yaml)")
+    rank.add_argument("--data", required=True, help="target task folder (labelled training cases are scored)")
+    rank.add_argument("--out", default="runs/rank", help="scores.csv / scores.json (+ evaluation with --dice)")
+    rank.add_argument("--estimators", nargs="+", help="default: all (ccfv ccfv_official logme gbc transrate leep nce)")
+    rank.add_argument("--dice", help="CSV model,dice of fine-tuned bank models: also evaluate the estimators")
+    rank.add_argument("--max-cases", type=int, help="score on the first N labelled cases only")
+    rank.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    rank.add_argument("--seed", type=int, default=0)
+    rank.add_argument("--overwrite", action="store_true")
+    rank.set_defaults(func=_cmd_rank)
 
     demo = sub.add_parser("demo", help="the main job on generated data (README quick start)")
     demo.add_argument("--out", default="runs/demo")

@@ -1,0 +1,409 @@
+"""Robustness of a pretrained encoder's target representation (thesis chapter 4, eqs. 4.1-4.3;
+SPEC section 5), and the online rule that stops pretraining at its first local maximum.
+
+For each target image ``q_i`` (``i = 1..N``) three jittered views are drawn: the anchor
+``q~_i`` and the positive ``k+_i`` (two views of ``q_i``), and a view of a *different* image
+``q_j``, ``j = neg[i] != i``, as the negative ``k-_i``. With ``f^`` the features of an encoder level
+(the second-to-last in the thesis), pooled over space (mean) or not (flattened):
+
+    ``d(q, k) = 1 - <q, k> / (|q| |k|)``                                            (eq. 4.3)
+    ``h_i = max(0, d(f^(q~_i), f^(k+_i)) - d(f^(q~_i), f^(k-_i)) + eps)``,  ``eps = 0.5``  (eq. 4.1)
+    ``rho = 1 - (1/N) sum_i h_i``                                                  (eq. 4.2)
+
+Higher = more robust = (offline) the checkpoint to transfer. ``rho`` lies in ``[-1 - eps, 1]``;
+features that ignore the image entirely give ``h_i = eps``, i.e. ``rho = 1 - eps``.
+
+Jitter (the parameters of the thesis's Algorithm 2.3 did not survive in our copy; ours follow
+torchvision's ``ColorJitter`` and are arguments):
+
+- ``"color"`` (RGB 2D images in ``[0, 1]``): brightness, contrast, saturation and hue jitter
+  in a random order, each clamped to ``[0, 1]`` like torchvision. MONAI has no colour (hue /
+  saturation) transforms, so this part is written by hand (:func:`color_jitter`).
+- ``"intensity"`` (grey / multi-channel scans, 2D or 3D): multiplicative scale
+  ``v (1 + s)`` (MONAI ``ScaleIntensity(factor=s)``), shift by a multiple of the image's standard
+  deviation ``v + t std(v)`` (MONAI ``StdShiftIntensity``, scale-free for HU and z-scored data),
+  and gamma on the min-max range (MONAI ``AdjustContrast``) (:func:`intensity_jitter`).
+
+All randomness (the negative assignment and every view's jitter parameters) comes from one
+``torch.Generator`` seeded with ``seed``, drawn up front, so a score does not depend on
+``batch_size``. ``neg`` is a random single-cycle derangement (a random permutation ``p`` and
+``neg[p[k]] = p[(k + 1) mod N]``), so no image is its own negative for any ``N >= 2``, odd or even;
+with ``N = 1`` there is no other image and a ``ValueError`` is raised.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import AdjustContrast, ScaleIntensity, StdShiftIntensity
+from monai.utils import convert_to_tensor
+
+__all__ = [
+    "JitterConfig",
+    "color_jitter",
+    "intensity_jitter",
+    "cyclic_derangement",
+    "triplet_views",
+    "cosine_distance",
+    "robustness_from_features",
+    "robustness_score",
+    "hooked_output",
+    "first_local_maximum",
+    "should_stop",
+]
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class JitterConfig:
+    """Strength of the random jitter of one view.
+
+    Colour (torchvision ``ColorJitter`` semantics): factors drawn uniformly from
+    ``[max(0, 1 - brightness), 1 + brightness]`` (likewise contrast, saturation) and a hue shift
+    from ``[-hue, hue]`` (fraction of the hue circle, ``hue <= 0.5``).
+    Intensity: ``s ~ U[-scale, scale]`` (``v (1 + s)``), ``t ~ U[-shift, shift]``
+    (``v + t std(v)``), ``gamma ~ U[gamma_range]``.
+    """
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    scale: float = 0.1
+    shift: float = 0.1
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+
+    def __post_init__(self):
+        if min(self.brightness, self.contrast, self.saturation, self.hue, self.scale, self.shift) < 0:
+            raise ValueError("jitter strengths must be >= 0")
+        if self.hue > 0.5:
+            raise ValueError(f"hue must be <= 0.5, got {self.hue}")
+        lo, hi = self.gamma_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"gamma_range must satisfy 0 < lo <= hi, got {self.gamma_range}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Colour jitter (by hand: MONAI has no hue / saturation transforms)
+
+def _grey(img: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B`` of ``(3, *S)`` -> ``(1, *S)``."""
+    return (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).unsqueeze(0)
+
+
+def _rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    """``(3, *S)`` RGB in ``[0, 1]`` -> ``(3, *S)`` HSV, hue in ``[0, 1)`` (torchvision's algorithm)."""
+    r, g, b = img.unbind(0)
+    maxc, minc = img.max(0).values, img.min(0).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc))
+
+
+def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_rgb_to_hsv`."""
+    h, s, v = img.unbind(0)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    sector = torch.stack([(i == k) for k in range(6)]).to(img.dtype)     # (6, *S)
+    table = torch.stack((torch.stack((v, q, p, p, t, v)),                # R per sector
+                         torch.stack((t, v, v, q, p, p)),                # G
+                         torch.stack((p, p, t, v, v, q))))               # B -> (3, 6, *S)
+    return (table * sector.unsqueeze(0)).sum(1)
+
+
+def color_jitter(img: torch.Tensor, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0,
+                 hue: float = 0.0, order: Sequence[int] = (0, 1, 2, 3)) -> torch.Tensor:
+    """Deterministic colour jitter of one RGB image ``(3, H, W[, D])`` with values in ``[0, 1]``.
+
+    Ops (torchvision semantics, each followed by a clamp to ``[0, 1]``), applied in ``order``
+    (0 = brightness, 1 = contrast, 2 = saturation, 3 = hue):
+    brightness ``b x``; contrast ``c x + (1 - c) mean(grey(x))``; saturation ``s x + (1 - s) grey(x)``;
+    hue: ``h <- (h + shift) mod 1`` in HSV. Identity factors are 1, 1, 1 and shift 0.
+    """
+    if img.shape[0] != 3:
+        raise ValueError(f"color_jitter needs a (3, H, W[, D]) RGB image, got shape {tuple(img.shape)}")
+    out = img
+    for op in order:
+        if op == 0 and brightness != 1.0:
+            out = (brightness * out).clamp(0.0, 1.0)
+        elif op == 1 and contrast != 1.0:
+            out = (contrast * out + (1.0 - contrast) * _grey(out).mean()).clamp(0.0, 1.0)
+        elif op == 2 and saturation != 1.0:
+            out = (saturation * out + (1.0 - saturation) * _grey(out)).clamp(0.0, 1.0)
+        elif op == 3 and hue != 0.0:
+            hsv = _rgb_to_hsv(out)
+            hsv = torch.stack((torch.remainder(hsv[0] + hue, 1.0), hsv[1], hsv[2]))
+            out = _hsv_to_rgb(hsv)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Intensity jitter (MONAI transforms with parameters drawn by us)
+
+def intensity_jitter(img: torch.Tensor, scale: float = 0.0, shift: float = 0.0, gamma: float = 1.0) -> torch.Tensor:
+    """Deterministic intensity jitter of one image ``(C, H, W[, D])`` (any value range):
+    ``x <- x (1 + scale)`` (MONAI ``ScaleIntensity``), ``x <- x + shift std(x)`` (MONAI
+    ``StdShiftIntensity``), then gamma on the min-max range (MONAI ``AdjustContrast``), all over
+    the whole image (not channel-wise). Identity: ``scale = shift = 0``, ``gamma = 1``.
+    """
+    out = img.clone()  # StdShiftIntensity works in place (MONAI 1.6)
+    if scale != 0.0:
+        out = ScaleIntensity(minv=None, maxv=None, factor=float(scale), dtype=None)(out)
+    if shift != 0.0:
+        out = StdShiftIntensity(float(shift), dtype=None)(out)
+    if gamma != 1.0:
+        out = AdjustContrast(float(gamma))(out)
+    return convert_to_tensor(out, track_meta=False).to(img.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Views
+
+def _as_batch(images) -> torch.Tensor:
+    if isinstance(images, (list, tuple)):
+        images = torch.stack([torch.as_tensor(im) for im in images])
+    images = torch.as_tensor(images)
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must be (N, C, H, W) or (N, C, H, W, D), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        images = images.float()
+    return images
+
+
+def _resolve_mode(mode: str, images: torch.Tensor) -> str:
+    if mode == "auto":
+        return "color" if images.shape[1] == 3 and images.ndim == 4 else "intensity"
+    if mode not in ("color", "intensity"):
+        raise ValueError(f"mode must be 'auto', 'color' or 'intensity', got {mode!r}")
+    if mode == "color" and images.shape[1] != 3:
+        raise ValueError(f"mode 'color' needs 3 channels, got {images.shape[1]}")
+    return mode
+
+
+def cyclic_derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n,)`` int64 ``neg`` with ``neg[i] != i`` for all ``i``: a random permutation ``p`` and
+    ``neg[p[k]] = p[(k + 1) mod n]`` (one ``n``-cycle). Needs ``n >= 2``."""
+    if n < 2:
+        raise ValueError(f"robustness needs at least 2 images (the negative of an image is a view of a "
+                         f"different image), got {n}")
+    p = torch.randperm(n, generator=generator)
+    neg = torch.empty(n, dtype=torch.int64)
+    neg[p] = torch.roll(p, -1)
+    return neg
+
+
+class _Plan:
+    """Negative assignment and the jitter parameters of the 3 views of every image, drawn up front."""
+
+    def __init__(self, n: int, mode: str, jitter: JitterConfig, generator: torch.Generator):
+        self.mode = mode
+        self.neg = cyclic_derangement(n, generator)
+        u = torch.rand((n, 3, 4), generator=generator, dtype=torch.float64)   # view 0/1/2 = anchor/pos/neg
+        if mode == "color":
+            def factor(x, w):
+                return max(0.0, 1.0 - w) + x * ((1.0 + w) - max(0.0, 1.0 - w))
+            self.params = [[dict(brightness=factor(u[i, v, 0].item(), jitter.brightness),
+                                 contrast=factor(u[i, v, 1].item(), jitter.contrast),
+                                 saturation=factor(u[i, v, 2].item(), jitter.saturation),
+                                 hue=(2.0 * u[i, v, 3].item() - 1.0) * jitter.hue)
+                            for v in range(3)] for i in range(n)]
+            orders = torch.argsort(torch.rand((n, 3, 4), generator=generator), dim=-1)
+            for i in range(n):
+                for v in range(3):
+                    self.params[i][v]["order"] = tuple(orders[i, v].tolist())
+        else:
+            lo, hi = jitter.gamma_range
+            self.params = [[dict(scale=(2.0 * u[i, v, 0].item() - 1.0) * jitter.scale,
+                                 shift=(2.0 * u[i, v, 1].item() - 1.0) * jitter.shift,
+                                 gamma=lo + u[i, v, 2].item() * (hi - lo))
+                            for v in range(3)] for i in range(n)]
+
+    def view(self, img: torch.Tensor, i: int, v: int) -> torch.Tensor:
+        fn = color_jitter if self.mode == "color" else intensity_jitter
+        return fn(img, **self.params[i][v])
+
+    def triplets(self, images: torch.Tensor, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        anchor = torch.stack([self.view(images[i], i, 0) for i in idx])
+        positive = torch.stack([self.view(images[i], i, 1) for i in idx])
+        negative = torch.stack([self.view(images[int(self.neg[i])], int(self.neg[i]), 2) for i in idx])
+        return anchor, positive, negative
+
+
+def triplet_views(images, seed: int = 0, mode: str = "auto",
+                  jitter: JitterConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The jittered views :func:`robustness_score` uses (same ``seed``, ``mode``, ``jitter``).
+
+    Args:
+        images: ``(N, C, H, W[, D])`` target images (or a sequence of ``(C, H, W[, D])``), ``N >= 2``.
+        seed: seed of the ``torch.Generator`` that draws the negatives and the jitter.
+        mode: ``"auto"`` (``"color"`` for 3-channel 2D images, else ``"intensity"``), ``"color"``
+            or ``"intensity"``.
+        jitter: jitter strengths (default :class:`JitterConfig()`).
+
+    Returns:
+        ``anchor, positive, negative`` ``(N, C, H, W[, D])`` each and ``neg`` ``(N,)``:
+        ``negative[i]`` is a view of ``images[neg[i]]``, ``neg[i] != i``.
+    """
+    images = _as_batch(images)
+    plan = _Plan(images.shape[0], _resolve_mode(mode, images), jitter or JitterConfig(),
+                 torch.Generator().manual_seed(int(seed)))
+    return (*plan.triplets(images, range(images.shape[0])), plan.neg.clone())
+
+
+# ----------------------------------------------------------------------------------------------
+# Score
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``d(a, b) = 1 - <a, b> / (|a| |b|)`` (eq. 4.3) of ``(N, F)`` -> ``(N,)``; a zero
+    row has cosine 0 (norms clamped at 1e-8), i.e. distance 1."""
+    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-8)
+
+
+def _flatten(features: torch.Tensor, pooled: bool) -> torch.Tensor:
+    features = torch.as_tensor(features)
+    if features.ndim < 2:
+        raise ValueError(f"feature_fn must return (B, F, ...) features, got shape {tuple(features.shape)}")
+    if pooled and features.ndim > 2:
+        features = features.mean(dim=tuple(range(2, features.ndim)))
+    return features.reshape(features.shape[0], -1).double()
+
+
+def robustness_from_features(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                             margin: float = 0.5) -> float:
+    """Eq. 4.2 on ``(N, F)`` feature rows: ``1 - mean_i max(0, d(a_i, p_i) - d(a_i, n_i) + margin)``."""
+    hinge = torch.clamp(cosine_distance(anchor, positive) - cosine_distance(anchor, negative) + margin, min=0.0)
+    return float(1.0 - hinge.mean())
+
+
+def robustness_score(images, feature_fn: FeatureFn, pooled: bool = True, margin: float = 0.5, seed: int = 0,
+                     mode: str = "auto", jitter: JitterConfig | None = None, batch_size: int = 8) -> float:
+    """Robustness ``rho`` (eq. 4.2) of an encoder's representation of the target images.
+
+    Args:
+        images: ``(N, C, H, W[, D])`` target images (or a sequence of ``(C, H, W[, D])``), ``N >= 2``
+            (``ValueError`` otherwise). RGB images in ``[0, 1]`` for ``"color"`` mode.
+        feature_fn: maps a batch ``(B, C, H, W[, D])`` to features ``(B, F, h, w[, d])`` (or
+            ``(B, F)``), e.g. the second-to-last encoder level (see :func:`hooked_output`). Called
+            under ``torch.no_grad()`` on batches of ``3 * batch_size`` views (anchors, positives,
+            negatives), so it must not depend on the batch composition: put networks in
+            ``eval()`` mode (a warning is given for an ``nn.Module`` in training mode).
+        pooled: ``True``: mean over space -> ``(B, F)``; ``False``: flattened ``(B, F h w [d])``.
+        margin: ``eps`` of eq. 4.1 (thesis: 0.5).
+        seed, mode, jitter: as :func:`triplet_views` (the views are exactly those).
+        batch_size: images per ``feature_fn`` call group; does not change the score.
+
+    Returns:
+        ``rho`` in ``[-1 - margin, 1]``; higher = more robust.
+    """
+    images = _as_batch(images)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(feature_fn, torch.nn.Module) and feature_fn.training:
+        warnings.warn("feature_fn is an nn.Module in training mode; call .eval() for a batch-independent score")
+    n = images.shape[0]
+    plan = _Plan(n, _resolve_mode(mode, images), jitter or JitterConfig(), torch.Generator().manual_seed(int(seed)))
+    feats: list[list[torch.Tensor]] = [[], [], []]
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            idx = range(start, min(start + batch_size, n))
+            views = plan.triplets(images, idx)
+            out = _flatten(feature_fn(torch.cat(views)), pooled)
+            for k, part in enumerate(out.split(len(idx))):
+                feats[k].append(part.cpu())
+    return robustness_from_features(*(torch.cat(f) for f in feats), margin=margin)
+
+
+def hooked_output(model: torch.nn.Module, module: str | torch.nn.Module, index: int | None = None) -> FeatureFn:
+    """A ``feature_fn`` returning the output of one submodule of ``model`` (a forward hook).
+
+    Args:
+        model: the network; the whole forward pass is run (use a feature-returning encoder
+            directly when the network has one, e.g. ``lambda x: net.encoder(x)[-2]``).
+        module: the submodule or its dotted name (``model.get_submodule``), e.g. the
+            second-to-last encoder level.
+        index: for a submodule returning a list / tuple, the element to take.
+
+    Warns when called while ``model`` is in training mode (batch-norm / dropout).
+    """
+    target = model.get_submodule(module) if isinstance(module, str) else module
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if model.training:
+            warnings.warn("hooked_output: model is in training mode; call .eval() for a batch-independent score")
+        captured = []
+        handle = target.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError("the hooked module was not called during the forward pass")
+        out = captured[-1]
+        return out[index] if index is not None else out
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Online stopping
+
+def first_local_maximum(scores: Sequence[float], epochs: Sequence[int] | None = None,
+                        start_epoch: int = 1) -> int | None:
+    """The first local maximum of a robustness curve, ignoring checkpoints before ``start_epoch``.
+
+    Definition: the candidates are the checkpoints with ``epochs[k] >= start_epoch`` (default 1:
+    the randomly initialised encoder, epoch 0, is disregarded, as in thesis section 4.2 — random
+    encoders often score high). The first candidate ``k`` whose score is strictly above that of
+    the next checkpoint, ``scores[k] > scores[k + 1]``, is the maximum: the earlier candidates rose
+    (or stayed level) up to it, and the first candidate has no left neighbour to beat. Plateaus
+    (equal scores) continue. Because the next checkpoint's score is needed, the maximum is known
+    one checkpoint late (see :func:`should_stop`). A maximum at the last checkpoint is not found.
+
+    Args:
+        scores: robustness per checkpoint, in training order.
+        epochs: epoch of each checkpoint (default ``0, 1, 2, ...``: ``scores[0]`` = random init).
+        start_epoch: first epoch that may be chosen (``2`` also ignores epoch 1).
+
+    Returns:
+        The epoch of the first local maximum, or ``None`` (none yet: e.g. a rising curve).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    epochs = np.arange(len(scores)) if epochs is None else np.asarray(epochs)
+    if scores.ndim != 1 or epochs.shape != scores.shape:
+        raise ValueError(f"scores and epochs must be 1-D of equal length, got {scores.shape} and {epochs.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if len(epochs) > 1 and np.any(np.diff(epochs) <= 0):
+        raise ValueError("epochs must be strictly increasing")
+    for k in range(len(scores) - 1):
+        if epochs[k] >= start_epoch and scores[k] > scores[k + 1]:
+            return int(epochs[k])
+    return None
+
+
+def should_stop(history: Sequence[float], epochs: Sequence[int] | None = None, start_epoch: int = 1) -> bool:
+    """Online rule: after scoring each new checkpoint, stop pretraining iff the scores so far
+    contain a first local maximum (:func:`first_local_maximum`); keep the checkpoint at that
+    epoch. Once True it stays True as more scores arrive. E.g. ``[0.1, 0.3, 0.5, 0.4]`` (epochs
+    0-3) stops at epoch 3 and keeps epoch 2."""
+    return first_local_maximum(history, epochs, start_epoch) is not None

@@ -1,0 +1,178 @@
+"""Score every model of a bank on a target dataset with every estimator, in one pass per model.
+
+For each bank entry (SPEC sections 4-5): build the entry's network with its own channels and
+classes, load its weights (sha256-checked, weights only; the whole network, head included, since
+LEEP / NCE read the source head), preprocess the target's labelled cases with the *target's* plans
+(as fine-tuning would), and sample voxel features once (:mod:`medxfer.transferability.features`);
+every estimator then works on those samples:
+
+=================  ==============================================================================
+``ccfv``           CC-FV, paper definition (:func:`medxfer.transferability.ccfv.ccfv_score`)
+``ccfv_official``  CC-FV as the official code computes it (``variant="official"``)
+``logme``          LogME on the last decoder stage (the layer before the final conv), pooled cases
+``gbc``            GBC on the same features
+``transrate``      TransRate on the same features
+``leep``           LEEP from the source head's softmax at the sampled voxels
+``nce``            NCE from the source head's argmax at the sampled voxels
+=================  ==============================================================================
+
+Higher is better for every score. Per entry the seconds spent in the forward passes and in the
+estimator math are recorded, so a benchmark can compare them with bare forward passes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medxfer.transferability.features import CaseFeatures, SamplingConfig, pooled, sample_dataset
+
+__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "run_estimators", "target_cases", "score_bank",
+           "write_scores"]
+
+logger = logging.getLogger("medxfer.transferability")
+
+
+def _ccfv(variant: str) -> Callable:
+    def score(cases):
+        from medxfer.transferability.ccfv import ccfv_score
+
+        return ccfv_score(cases, variant=variant)["score"]
+    return score
+
+
+def _on_last_stage(name: str) -> Callable:
+    def score(cases):
+        import importlib
+
+        fn = getattr(importlib.import_module(f"medxfer.transferability.{name}"), name)
+        return fn(*pooled(cases, level=-1))
+    return score
+
+
+def _leep(cases):
+    from medxfer.transferability.leep import leep_cases
+
+    return leep_cases(cases)
+
+
+def _nce(cases):
+    from medxfer.transferability.nce import nce_cases
+
+    return nce_cases(cases)
+
+
+#: Estimator name -> function of the sampled cases of one model returning one float.
+ESTIMATORS: dict[str, Callable[[Sequence[CaseFeatures]], float]] = {
+    "ccfv": _ccfv("paper"), "ccfv_official": _ccfv("official"), "logme": _on_last_stage("logme"),
+    "gbc": _on_last_stage("gbc"), "transrate": _on_last_stage("transrate"), "leep": _leep, "nce": _nce,
+}
+DEFAULT_ESTIMATORS = tuple(ESTIMATORS)
+
+
+def run_estimators(cases: Sequence[CaseFeatures], estimators: Sequence[str] = DEFAULT_ESTIMATORS) -> dict[str, dict]:
+    """``{name: {"score": float (NaN if undefined), "seconds": float, "error": str|None}}``.
+
+    An estimator that fails on degenerate input gives NaN with the reason, the others still run.
+    """
+    out = {}
+    for name in estimators:
+        if name not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {name!r}; choose from {sorted(ESTIMATORS)}")
+        t0 = time.perf_counter()
+        try:
+            value, error = float(ESTIMATORS[name](cases)), None
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError) as e:
+            value, error = float("nan"), f"{type(e).__name__}: {e}"
+            logger.warning("estimator %s undefined here: %s", name, error)
+        out[name] = {"score": value, "seconds": time.perf_counter() - t0, "error": error}
+    return out
+
+
+def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids: Sequence[str] | None = None) -> list[dict]:
+    """Preprocessed labelled target cases (the target's plans, eval chain: RAS, spacing, crop,
+    normalisation), as ``{"id", "image": (C, ...), "label": (1, ...)}``; ``split_ids`` restricts
+    them (e.g. the fine-tuning fold's training cases), ``max_cases`` keeps the first ones."""
+    from medxfer.data.msd import load_task
+    from medxfer.transforms.msd import msd_transforms
+
+    records = load_task(data_root).training
+    if split_ids is not None:
+        wanted = set(split_ids)
+        records = [r for r in records if r["id"] in wanted]
+    if max_cases:
+        records = records[:max_cases]
+    chain = msd_transforms(plans, mode="eval")
+    out = []
+    for r in records:
+        item = chain(r)
+        out.append({"id": r["id"], "image": item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"],
+                    "label": item["label"]})
+    return out
+
+
+def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+               sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None, device: str | None = None,
+               max_cases: int | None = None, split_ids: Sequence[str] | None = None, progress: bool = True) -> list[dict]:
+    """Scores of every bank entry (or ``entries``) on the target; one row per entry.
+
+    Rows: ``{"model", "arch", "source", "epoch", <estimator>: score, ..., "errors": {...},
+    "seconds_forward", "seconds_estimators", "seconds_<estimator>"}``.
+    """
+    from tqdm.auto import tqdm
+
+    from medxfer.networks.factory import arch_layout, build_network
+    from medxfer.transfer.bank import ModelBank
+
+    bank = ModelBank.open(bank_root)
+    names = list(entries) if entries else bank.names()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
+    if not cases:
+        raise ValueError(f"{data_root}: no labelled target cases to score on")
+    rows = []
+    for name in tqdm(names, desc="scoring bank models", disable=not progress):
+        entry = bank.get(name)
+        net = build_network(entry.arch, entry.in_channels, entry.out_channels, entry.patch_size, **entry.arch_kwargs)
+        net.load_state_dict(bank.load_state_dict(name))
+        net.to(dev).eval()
+        stages = arch_layout(entry.arch, net).decoder_stages
+        t0 = time.perf_counter()
+        feats = sample_dataset(net, stages, cases, entry.patch_size, sampling, progress=False)
+        t_forward = time.perf_counter() - t0
+        results = run_estimators(feats, estimators)
+        row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
+        row.update({k: v["score"] for k, v in results.items()})
+        row.update({"seconds_forward": t_forward, "seconds_estimators": sum(v["seconds"] for v in results.values())})
+        row.update({f"seconds_{k}": v["seconds"] for k, v in results.items()})
+        row["errors"] = {k: v["error"] for k, v in results.items() if v["error"]}
+        rows.append(row)
+        del net
+    return rows
+
+
+def write_scores(rows: list[dict], out_dir, meta: dict | None = None) -> tuple[Path, Path]:
+    """``scores.csv`` (one row per model; NaN written empty) and ``scores.json`` (rows + ``meta``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [k for k in rows[0] if k != "errors"] if rows else ["model"]
+    with open(out / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    payload = {"meta": meta or {}, "higher_is_better": True, "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}
+    (out / "scores.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return out / "scores.csv", out / "scores.json"

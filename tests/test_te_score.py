@@ -1,0 +1,122 @@
+"""Scoring a model bank on a target with every estimator: pipeline, bundle configs, `medxfer rank`."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medxfer.data.synth.msd import generate_msd_task
+from medxfer.networks.factory import build_network
+from medxfer.transfer.bank import ModelBank
+from medxfer.transferability.features import SamplingConfig
+from medxfer.transferability.score import DEFAULT_ESTIMATORS, run_estimators, score_bank, write_scores
+from medxfer.workflows.bundle import bundle_dir, run_bundle
+
+PLANS = {"task": "Task09_Spleen", "target_spacing": [9.6, 9.6, 24.0], "patch_size": [32, 32, 16],
+         "normalization": [{"channel": 0, "scheme": "CT", "clip": [-100.0, 200.0], "mean": 100.0, "std": 50.0}],
+         "labels": {"0": "background", "1": "spleen"}, "channels": {"0": "CT"}}
+UNET = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
+UNETR = {"feature_size": 4, "hidden_size": 24, "mlp_dim": 48, "num_heads": 2}
+SAMPLING = SamplingConfig(min_per_class=16, max_per_class=64, variety_samples=64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("te")
+    task = generate_msd_task(root / "msd", "spleen", num_training=3, num_test=0, seed=2, shape=(32, 32, 12),
+                             spacing=(9.6, 9.6, 24.0))
+    (task / "medxfer_plans.json").write_text(json.dumps(PLANS))
+    bank = ModelBank.open(root / "bank", create=True)
+    for seed, (arch, kw, out) in enumerate([("unet", UNET, 3), ("unet", UNET, 2), ("unetr", UNETR, 2)]):
+        torch.manual_seed(seed)
+        net = build_network(arch, 1, out, [32, 32, 16], **kw)
+        bank.add(f"{arch}_{seed}", net, arch=arch, arch_kwargs=kw, in_channels=1, out_channels=out,
+                 patch_size=[32, 32, 16], source=[f"Task0{seed}_X"], epoch=1)
+    return {"root": root, "task": task, "bank": root / "bank"}
+
+
+def test_every_estimator_scores_every_bank_model_in_one_pass(setup):
+    rows = score_bank(setup["bank"], setup["task"], PLANS, sampling=SAMPLING, device="cpu", progress=False)
+    assert [r["model"] for r in rows] == ["unet_0", "unet_1", "unetr_2"]
+    for r in rows:
+        assert all(math.isfinite(r[e]) for e in DEFAULT_ESTIMATORS), r
+        assert r["errors"] == {} and r["seconds_forward"] > 0 and r["seconds_estimators"] > 0
+        assert r["leep"] <= 0 and r["nce"] <= 0 and r["gbc"] <= 0
+    csv_path, json_path = write_scores(rows, setup["root"] / "scores", {"estimators": list(DEFAULT_ESTIMATORS)})
+    with open(csv_path) as f:
+        assert [r["model"] for r in csv.DictReader(f)] == ["unet_0", "unet_1", "unetr_2"]
+    payload = json.loads(json_path.read_text())
+    assert payload["higher_is_better"] and len(payload["rows"]) == 3
+
+
+def test_a_failing_estimator_gives_nan_with_its_reason_and_the_others_still_run(setup):
+    from medxfer.transferability.features import CaseFeatures
+
+    one = CaseFeatures("c", [np.random.rand(10, 4).astype(np.float32)], np.r_[np.zeros(5, int), np.ones(5, int)],
+                       np.zeros(10, bool), source_probs=None)
+    out = run_estimators([one], ["leep", "logme", "ccfv"])
+    assert math.isnan(out["leep"]["score"]) and "source" in out["leep"]["error"]
+    assert math.isfinite(out["logme"]["score"])
+    assert math.isnan(out["ccfv"]["score"])  # one case: class consistency is undefined
+    with pytest.raises(ValueError, match="unknown estimator"):
+        run_estimators([one], ["nope"])
+
+
+def test_score_and_evaluate_bundle_configs_and_rank_cli_agree(setup, tmp_path, capsys):
+    from medxfer.cli import main
+
+    out = tmp_path / "bundle_scores"
+    sampling = {"_target_": "medxfer.transferability.features.SamplingConfig", "min_per_class": 16,
+                "max_per_class": 64, "variety_samples": 64, "seed": 0, "sw_batch_size": 2}
+    run_bundle("transferability", ["score"], bank_root=str(setup["bank"]), data_root=str(setup["task"]),
+               output_dir=str(out), device="cpu", sampling=sampling)
+    bundle_rows = json.loads((out / "scores.json").read_text())["rows"]
+    dice = tmp_path / "dice.csv"
+    dice.write_text("model,dice\nunet_0,0.8\nunet_1,0.6\nunetr_2,0.7\n")
+    run_bundle("transferability", ["evaluate"], scores_file=str(out / "scores.json"), dice_file=str(dice),
+               output_dir=str(tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "te_evaluation.json").read_text())
+    assert set(report["mean"]) == set(DEFAULT_ESTIMATORS) and report["targets"] == ["Task09_Spleen"]
+    assert (tmp_path / "eval" / "scores_vs_dice.png").stat().st_size > 1000
+    from scipy.stats import weightedtau
+
+    ccfv = [r["ccfv"] for r in bundle_rows]
+    assert report["mean"]["ccfv"]["weighted_tau"] == pytest.approx(weightedtau(ccfv, [0.8, 0.6, 0.7])[0])
+
+    cli_out = tmp_path / "cli"
+    assert main(["rank", "--bank", str(setup["bank"]), "--data", str(setup["task"]), "--out", str(cli_out),
+                 "--dice", str(dice), "--device", "cpu", "--estimators", "ccfv", "logme", "leep"]) == 0
+    printed = capsys.readouterr().out
+    assert "ccfv" in printed and "w. tau" in printed
+    assert (cli_out / "te_evaluation.csv").is_file()
+    assert main(["rank", "--bank", str(setup["bank"]), "--data", str(setup["task"]), "--out", str(cli_out)]) == 1
+    assert "exists" in capsys.readouterr().err
+
+
+def test_dice_file_that_does_not_match_the_scored_models_names_both_files(setup, tmp_path):
+    from medxfer.data.problems import DatasetError
+    from medxfer.transferability.evaluate import table_from_files
+
+    rows = [{"model": "a", "ccfv": 1.0}, {"model": "b", "ccfv": 2.0}]
+    write_scores(rows, tmp_path, {"estimators": ["ccfv"], "target": "T"})
+    dice = tmp_path / "dice.csv"
+    dice.write_text("model,dice\na,0.5\nc,0.7\n")
+    with pytest.raises(DatasetError, match="dice.csv: models not in both scores.json"):
+        table_from_files(tmp_path / "scores.json", dice)
+
+
+def test_score_workflow_runs_with_monai_bundle_cli(setup, tmp_path):
+    out = tmp_path / "cli_bundle"
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/score.yaml",
+                           "--bundle_root", ".", "--bank_root", str(setup["bank"]), "--data_root", str(setup["task"]),
+                           "--output_dir", str(out), "--device", "cpu", "--estimators", "['ccfv','gbc']",
+                           "--max_cases", "2"], cwd=bundle_dir("transferability"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    assert len(rows) == 3 and all(set(r) >= {"ccfv", "gbc"} and "logme" not in r for r in rows)
