@@ -120,3 +120,20 @@ def test_score_workflow_runs_with_monai_bundle_cli(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "scores.json").read_text())["rows"]
     assert len(rows) == 3 and all(set(r) >= {"ccfv", "gbc"} and "logme" not in r for r in rows)
+
+
+@pytest.mark.parametrize("arch,kw,roi,n_down", [("unet", {"channels": [4, 8, 16, 32], "strides": [2, 2, 2]}, [32, 32, 16], 3),
+                                                ("unetr", UNETR, [32, 32, 16], None),
+                                                ("swinunetr", {"feature_size": 12}, [64, 64, 32], 4)])
+def test_robustness_reads_a_spatial_map_of_the_second_to_last_encoder_level(arch, kw, roi, n_down):
+    from medxfer.networks.factory import arch_layout
+    from medxfer.transferability.robustness import hooked_output
+    from medxfer.transferability.score import robustness_of
+
+    net = build_network(arch, 1, 2, roi, **kw).eval()
+    feats = hooked_output(net, arch_layout(arch, net).penultimate_encoder)(torch.zeros(2, 1, *roi))
+    assert feats.dim() == 5 and feats.shape[0] == 2
+    if n_down is not None:  # UNet: level 3 of 4 has passed 3 strided convs; Swin: patch 2 then 3 mergings
+        assert list(feats.shape[2:]) == [r // 2 ** n_down for r in roi]
+    value = robustness_of(net, arch, torch.randn(3, 1, *roi))
+    assert -1.5 <= value <= 1.0

@@ -114,12 +114,15 @@ class ArchLayout:
         encoder_levels: ``encoder_levels[k-1]`` = module-name prefixes forming encoder level ``k``.
         decoder_stages: module names whose outputs are the decoder feature maps, deepest first.
         head: module-name prefixes of the last (class-specific) block.
+        penultimate_encoder: module whose output is the second-to-last encoder level's feature map
+            ``(B, C, *spatial)``, the representation the robustness score reads (thesis ch. 4).
     """
 
     arch: str
     encoder_levels: list[list[str]]
     decoder_stages: list[str]
     head: list[str] = field(default_factory=list)
+    penultimate_encoder: str = ""
 
     @staticmethod
     def _match(key: str, prefixes: Sequence[str]) -> bool:
@@ -151,15 +154,16 @@ def arch_layout(arch: str, network: torch.nn.Module | None = None, arch_kwargs: 
         n = len(network.channels) if network is not None else len(_kwargs(arch, arch_kwargs)["channels"])
         prefix = ["model" + ".1.submodule" * d for d in range(n - 1)]
         levels = [[p + ".0"] for p in prefix] + [["model" + ".1.submodule" * (n - 1)]]
-        return ArchLayout(arch, levels, [prefix[d] + ".2" for d in range(n - 2, 0, -1)], ["model.2"])
+        return ArchLayout(arch, levels, [prefix[d] + ".2" for d in range(n - 2, 0, -1)], ["model.2"], levels[-2][0])
     if arch == "unetr":
         n_blocks = len(network.vit.blocks) if network is not None else 12
         q = n_blocks // 4
         blocks = [[f"vit.blocks.{b}" for b in range(i * q, (i + 1) * q if i < 3 else n_blocks)] for i in range(4)]
         levels = [["encoder1", "vit.patch_embedding"], blocks[0] + ["encoder2"], blocks[1] + ["encoder3"],
                   blocks[2] + ["encoder4"], blocks[3] + ["vit.norm"]]
-        return ArchLayout(arch, levels, ["decoder5", "decoder4", "decoder3", "decoder2"], ["out"])
+        return ArchLayout(arch, levels, ["decoder5", "decoder4", "decoder3", "decoder2"], ["out"], "encoder4")
     levels = [["swinViT.patch_embed", "encoder1", "encoder2"], ["swinViT.layers1", "swinViT.layers1c", "encoder3"],
               ["swinViT.layers2", "swinViT.layers2c", "encoder4"], ["swinViT.layers3", "swinViT.layers3c"],
               ["swinViT.layers4", "swinViT.layers4c", "encoder10"]]
-    return ArchLayout(arch, levels, ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1"], ["out"])
+    return ArchLayout(arch, levels, ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1"], ["out"],
+                      "swinViT.layers3.0")

@@ -14,6 +14,8 @@ every estimator then works on those samples:
 ``transrate``      TransRate on the same features
 ``leep``           LEEP from the source head's softmax at the sampled voxels
 ``nce``            NCE from the source head's argmax at the sampled voxels
+``robustness``     robustness (thesis ch. 4) of the second-to-last encoder level, on one window per
+                   case (its centre) under intensity jitter: 3 extra forward passes per case
 =================  ==============================================================================
 
 Higher is better for every score. Per entry the seconds spent in the forward passes and in the
@@ -75,7 +77,26 @@ ESTIMATORS: dict[str, Callable[[Sequence[CaseFeatures]], float]] = {
     "ccfv": _ccfv("paper"), "ccfv_official": _ccfv("official"), "logme": _on_last_stage("logme"),
     "gbc": _on_last_stage("gbc"), "transrate": _on_last_stage("transrate"), "leep": _leep, "nce": _nce,
 }
-DEFAULT_ESTIMATORS = tuple(ESTIMATORS)
+DEFAULT_ESTIMATORS = (*ESTIMATORS, "robustness")
+
+
+def centre_windows(cases: Sequence[dict], roi: Sequence[int]) -> torch.Tensor:
+    """One ``roi``-sized window per case around its centre (zero-padded when smaller): ``(N, C, *roi)``."""
+    from monai.transforms import ResizeWithPadOrCrop
+
+    crop = ResizeWithPadOrCrop([int(r) for r in roi])
+    return torch.stack([torch.as_tensor(crop(torch.as_tensor(c["image"]))) for c in cases])
+
+
+def robustness_of(network: torch.nn.Module, arch: str, windows: torch.Tensor, seed: int = 0) -> float:
+    """:func:`medxfer.transferability.robustness.robustness_score` of the network's second-to-last
+    encoder level (pooled), on target windows ``(N, C, *roi)`` with intensity jitter."""
+    from medxfer.networks.factory import arch_layout
+    from medxfer.transferability.robustness import hooked_output, robustness_score
+
+    device = next(network.parameters()).device
+    feature_fn = hooked_output(network, arch_layout(arch, network).penultimate_encoder)
+    return robustness_score(windows.to(device), feature_fn, pooled=True, seed=seed, mode="intensity", batch_size=2)
 
 
 def run_estimators(cases: Sequence[CaseFeatures], estimators: Sequence[str] = DEFAULT_ESTIMATORS) -> dict[str, dict]:
@@ -85,6 +106,8 @@ def run_estimators(cases: Sequence[CaseFeatures], estimators: Sequence[str] = DE
     """
     out = {}
     for name in estimators:
+        if name == "robustness":  # needs the network, not the samples: see score_bank
+            continue
         if name not in ESTIMATORS:
             raise ValueError(f"unknown estimator {name!r}; choose from {sorted(ESTIMATORS)}")
         t0 = time.perf_counter()
@@ -121,7 +144,8 @@ def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids
 
 def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None, device: str | None = None,
-               max_cases: int | None = None, split_ids: Sequence[str] | None = None, progress: bool = True) -> list[dict]:
+               max_cases: int | None = None, split_ids: Sequence[str] | None = None, progress: bool = True,
+               seed: int = 0) -> list[dict]:
     """Scores of every bank entry (or ``entries``) on the target; one row per entry.
 
     Rows: ``{"model", "arch", "source", "epoch", <estimator>: score, ..., "errors": {...},
@@ -149,6 +173,14 @@ def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DE
         feats = sample_dataset(net, stages, cases, entry.patch_size, sampling, progress=False)
         t_forward = time.perf_counter() - t0
         results = run_estimators(feats, estimators)
+        if "robustness" in estimators:
+            t1 = time.perf_counter()
+            try:
+                value, error = robustness_of(net, entry.arch, centre_windows(cases, entry.patch_size), seed=seed), None
+            except ValueError as e:  # e.g. a single target case: no negative image
+                value, error = float("nan"), f"ValueError: {e}"
+            results["robustness"] = {"score": value, "seconds": time.perf_counter() - t1, "error": error}
+            results = {k: results[k] for k in estimators}
         row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
         row.update({k: v["score"] for k, v in results.items()})
         row.update({"seconds_forward": t_forward, "seconds_estimators": sum(v["seconds"] for v in results.values())})
