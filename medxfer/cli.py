@@ -209,7 +209,7 @@ def _cmd_rank(args) -> int:
 def _cmd_demo(args) -> int:
     from medxfer.demo import run_demo
 
-    return run_demo(args.out, seed=args.seed, overwrite=args.overwrite)
+    return run_demo(args.out, seed=args.seed, overwrite=args.overwrite, study=args.study)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder not made by a previous demo")
+    demo.add_argument("--study", choices=("full", "quick", "none"), default="full",
+                      help="the CC-FV study after the data: full (about 10 min on 2 CPU cores), quick (smoke test), none")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -10,12 +10,20 @@ seeded 5-fold splits, and report what was made::
     OUT/summary.json                    per-dataset numbers (shapes, spacings, labels, prevalence)
     OUT/preview.png                     one slice per task, a few dermoscopy images with outlines
 
-Later issues extend it to the model bank, transferability scoring and fine-tuning.
+Then the CC-FV study (:mod:`medxfer.study`) on the generated MSD tasks: a leave-one-task-out
+bank for the spleen-like target, every estimator's scores, every model fine-tuned, and which
+estimator predicted the fine-tuning ranking best::
+
+    OUT/study/bank/  OUT/study/scores/  OUT/study/finetune_dice.csv
+    OUT/study/te_evaluation.json|csv  OUT/study/scores_vs_dice.png  OUT/study/study.json
+
+``study="quick"`` runs it with smoke-test budgets (tests), ``study="none"`` skips it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +42,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_training: int = 6,
-             num_isic: int = 40) -> int:
+             num_isic: int = 40, study: str = "full") -> int:
     """Run the demo; returns the process exit code (0 = data generated and valid)."""
     from medxfer.data.isic import load_isic
     from medxfer.data.msd import load_task
@@ -51,7 +59,9 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
         print(f"error: {e}")
         return 1
     t0 = time.perf_counter()
-    print(f"medxfer demo -> {out}  (seed {seed}; about 10 s on 2 CPU cores)")
+    if study not in ("full", "quick", "none"):
+        raise ValueError(f"study must be 'full', 'quick' or 'none', got {study!r}")
+    print(f"medxfer demo -> {out}  (seed {seed}; data about 10 s, then the CC-FV study: {study})")
     print(f"[1/4] generating {len(MSD_PROFILES)} MSD task profiles x {num_training} training cases, ISIC 2018 + 2017 x {num_isic} images")
     task_dirs = generate_msd(out / "data" / "msd", num_training=num_training, seed=seed, overwrite=True)
     isic_dirs = {year: generate_isic(out / "data" / f"isic{year}", year=year, num_images=num_isic, seed=seed, overwrite=True)
@@ -95,4 +105,16 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
         prevalence = ", ".join(f"{k} {v:.2f}" for k, v in s["attribute_prevalence"].items())
         print(f"ISIC {s['year']}: {s['num_images']} images, sizes {s['size_min_hw']}..{s['size_max_hw']} | prevalence: {prevalence}")
     print(f"\nall {len(reports)} datasets valid; wrote {out / 'summary.json'}, {out / 'preview.png'}, {out / 'splits'}  ({summary['seconds']} s)")
+    if study == "none":
+        return 0
+    from medxfer.study import StudyConfig, run_study
+
+    print()
+    config = StudyConfig.quick() if study == "quick" else StudyConfig()
+    config.seed = seed
+    shutil.rmtree(out / "study", ignore_errors=True)  # the demo's own folder: regenerated on every run
+    t1 = time.perf_counter()
+    result = run_study(out / "data" / "msd", out / "study", config)
+    print(f"study done in {(time.perf_counter() - t1) / 60:.1f} min (estimated {result['estimate_s']['total'] / 60:.1f}); "
+          f"report: {out / 'study' / 'te_evaluation.json'}, plot: {out / 'study' / 'scores_vs_dice.png'}")
     return 0

@@ -36,7 +36,7 @@ def test_synth_isic_2017_layout(tmp_path):
 
 def test_demo_writes_valid_data_splits_summary_and_preview(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "--out", str(out), "--study", "none"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["msd"]) == 7 and len(summary["isic"]) == 2 and summary["problems"] == 0
     prevalence = summary["isic"][0]["attribute_prevalence"]
@@ -45,11 +45,11 @@ def test_demo_writes_valid_data_splits_summary_and_preview(tmp_path, capsys):
     assert len(list((out / "splits").glob("*.json"))) == 9
     assert json.loads((out / "check_report.json").read_text())
     # running again into its own folder is fine; a folder with someone else's files is refused
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "--out", str(out), "--study", "none"]) == 0
     other = tmp_path / "mine"
     other.mkdir()
     (other / "results.csv").write_text("precious")
-    assert main(["demo", "--out", str(other)]) == 1
+    assert main(["demo", "--out", str(other), "--study", "none"]) == 1
     assert "not made by `medxfer demo`" in capsys.readouterr().out
     assert (other / "results.csv").read_text() == "precious"
 

@@ -57,7 +57,8 @@ def source_tasks(data_dir, target: str) -> list[Path]:
 
 
 def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, device: str | None = None,
-                    num_workers: int = 0, seed: int = 0, progress: bool = True) -> dict:
+                    num_workers: int = 0, seed: int = 0, progress: bool = True,
+                    source_names: Sequence[str] | None = None) -> dict:
     """Pretrain the leave-one-task-out bank for ``target``; returns the build summary (also saved).
 
     Args:
@@ -66,6 +67,7 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
         out: bank folder (created; an existing bank with the same entry names is an error).
         config: the bank definition (:func:`load_bank_config`).
         device: ``"cpu"``, ``"cuda"``; ``None`` = the bundle default (cuda when available).
+        source_names: source task folder names to use (default: every other task in ``data_dir``).
     """
     from tqdm.auto import tqdm
 
@@ -77,7 +79,13 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
     out = Path(out)
     target_task = load_task(Path(data_dir) / Path(str(target)).name)
     sources, skipped = [], []
-    for path in source_tasks(data_dir, target):
+    candidates = source_tasks(data_dir, target)
+    if source_names is not None:
+        unknown = sorted(set(source_names) - {p.name for p in candidates})
+        if unknown:
+            raise DatasetError(data_dir, f"source task(s) {unknown} not found (or equal to the target)")
+        candidates = [p for p in candidates if p.name in set(source_names)]
+    for path in candidates:
         task = load_task(path)
         if config.get("same_channels_only", True) and task.num_channels != target_task.num_channels:
             skipped.append({"task": path.name, "reason": f"{task.num_channels} channel(s), target has {target_task.num_channels}"})
@@ -91,6 +99,8 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
                  "patch_size": [int(p) for p in config["patch_size"]], "max_epochs": int(config["epochs"]),
                  "val_interval": int(config["epochs"]), "bank_epochs": list(config.get("bank_epochs") or []),
                  "bank_root": str(out)}
+    if config.get("learning_rate") is not None:
+        overrides["learning_rate"] = float(config["learning_rate"])
     if device is not None:
         overrides["device"] = device
     jobs = [(arch, src) for arch in config["archs"] for src in sources]
