@@ -101,7 +101,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
     from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, table_from_files, write_report
     from medxfer.transferability.features import SamplingConfig
     from medxfer.transferability.score import score_bank, write_scores
-    from medxfer.workflows.bundle import run_bundle
+    from medxfer.workflows.bundle import quiet_logging_file, run_bundle
     from medxfer.workflows.msd_seg3d import task_plans
 
     config = config or StudyConfig()
@@ -118,6 +118,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
         f"scoring {estimate['scoring']:.0f} s, fine-tuning {estimate['fine_tuning']:.0f} s)")
     device = config.device
     timings: dict[str, float] = {}
+    quiet = quiet_logging_file(out)  # the bundles' per-iteration logs would bury the study's progress
 
     t0 = time.perf_counter()
     log("[study 1/4] pretraining the leave-one-task-out bank")
@@ -126,7 +127,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
                    "same_channels_only": True}
     task_plans(target_dir)  # plan the target once up front (the scorer and fine-tuning read it)
     build_ccfv_bank(data_dir, config.target, out / "bank", bank_config, device=device, seed=config.seed,
-                    progress=progress, source_names=[p.name for p in sources])
+                    progress=progress, source_names=[p.name for p in sources], logging_file=quiet)
     timings["bank"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -151,7 +152,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
                         output_dir=str(out / "finetune" / name), max_epochs=config.finetune_epochs,
                         val_interval=config.finetune_epochs, patch_size=list(config.patch_size),
                         n_folds=config.finetune_folds, seed=config.seed, learning_rate=config.learning_rate,
-                        resume=False, **overrides)
+                        resume=False, logging_file=quiet, **overrides)
         dice = float(wf.parser.get_parsed_content("validate#evaluator").state.metrics.get("val_mean_dice", math.nan))
         dice_rows.append({"model": name, "dice": dice})
     (out / "finetune_dice.csv").write_text("model,dice\n" + "".join(f"{r['model']},{r['dice']}\n" for r in dice_rows))

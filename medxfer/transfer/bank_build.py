@@ -58,7 +58,7 @@ def source_tasks(data_dir, target: str) -> list[Path]:
 
 def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, device: str | None = None,
                     num_workers: int = 0, seed: int = 0, progress: bool = True,
-                    source_names: Sequence[str] | None = None) -> dict:
+                    source_names: Sequence[str] | None = None, logging_file=None) -> dict:
     """Pretrain the leave-one-task-out bank for ``target``; returns the build summary (also saved).
 
     Args:
@@ -110,7 +110,8 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
         t0 = time.perf_counter()
         n_folds = max(2, min(overrides["n_folds"], len(load_task(src).training)))
         run_bundle("msd_seg3d", configs, output_dir=str(out / "runs" / f"{arch}_{src.name}"), source_roots=[str(src)],
-                   arch=arch, arch_kwargs=dict(config["archs"][arch] or {}), resume=False, **{**overrides, "n_folds": n_folds})
+                   arch=arch, arch_kwargs=dict(config["archs"][arch] or {}), resume=False, logging_file=logging_file,
+                   **{**overrides, "n_folds": n_folds})
         added = [e.name for e in bank.open(out) if e.arch == arch and e.source == [src.name]]
         summary["entries"].append({"arch": arch, "source": src.name, "entries": added, "seconds": time.perf_counter() - t0})
     bank = ModelBank.open(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["BUNDLES_DIR", "bundle_dir", "bundle_configs", "run_bundle"]
+__all__ = ["BUNDLES_DIR", "bundle_dir", "bundle_configs", "run_bundle", "quiet_logging_file"]
 
 #: The ``bundles/`` folder of this checkout (medxfer is installed editable from it).
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
@@ -41,18 +41,53 @@ def bundle_configs(name: str, configs: Sequence[str]) -> list[str]:
     return files
 
 
-def run_bundle(name: str, configs: Sequence[str], run: bool = True, **override):
+QUIET_LOGGING = """[loggers]
+keys=root
+
+[handlers]
+keys=console
+
+[formatters]
+keys=short
+
+[logger_root]
+level=WARNING
+handlers=console
+
+[handler_console]
+class=StreamHandler
+level=WARNING
+formatter=short
+args=(sys.stderr,)
+
+[formatter_short]
+format=%(levelname)s %(name)s: %(message)s
+"""
+
+
+def quiet_logging_file(folder) -> Path:
+    """Write a logging config (warnings and errors only) into ``folder``; for :func:`run_bundle`
+    callers that run many workflows and show their own progress (the CC-FV study)."""
+    path = Path(folder) / "logging_quiet.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(QUIET_LOGGING)
+    return path
+
+
+def run_bundle(name: str, configs: Sequence[str], run: bool = True, logging_file=None, **override):
     """Initialise and (``run=True``) run + finalise a bundle workflow; returns the ``ConfigWorkflow``.
 
     ``bundle_root`` defaults to the bundle folder; every other keyword overrides a config id
-    (``output_dir="runs/x"``, ``**{"train#dataloader#num_workers": 0}``).
+    (``output_dir="runs/x"``, ``**{"train#dataloader#num_workers": 0}``). ``logging_file``: a
+    logging INI file instead of the bundle's ``configs/logging.conf`` (see :func:`quiet_logging_file`).
     """
     from monai.bundle import ConfigWorkflow
 
     root = bundle_dir(name)
     override.setdefault("bundle_root", str(root))
     workflow = ConfigWorkflow(config_file=bundle_configs(name, configs), meta_file=str(root / "configs" / "metadata.json"),
-                              workflow_type=None, **override)
+                              workflow_type=None, logging_file=None if logging_file is None else str(logging_file),
+                              **override)
     try:
         workflow.initialize()
         if run:
