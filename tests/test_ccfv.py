@@ -156,11 +156,21 @@ def test_class_consistency_equals_brute_force_pairs_with_one_class_missing_in_on
     assert class_consistency(cases, 0) == pytest.approx(_brute_consistency(cases, 0), rel=1e-6)
 
 
-def test_class_consistency_is_nan_when_no_class_is_in_two_cases():
+def test_a_class_in_only_one_case_is_compared_across_two_halves_of_that_case():
     rng = np.random.default_rng(7)
     cases = [_case(rng, {0: 5, 1: 6}, 4), _case(rng, {0: 5, 2: 6}, 4), _case(rng, {0: 5, 1: 1}, 4)]
-    assert math.isnan(class_consistency(cases, 0))
-    assert math.isnan(class_consistency(cases[:1], 0))
+    x1 = cases[0].levels[0][(cases[0].labels == 1) & ~cases[0].variety]  # the class sample only
+    x2 = cases[1].levels[0][(cases[1].labels == 2) & ~cases[1].variety]
+
+    def w2_halves(x):
+        a, b = x[0::2].astype(np.float64), x[1::2].astype(np.float64)
+        return math.sqrt(max(w2_squared(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)), 0))
+
+    expected = (w2_halves(x1) + w2_halves(x2)) / 2  # class 1: case 3 has 1 voxel only; class 2: one case
+    assert class_consistency(cases, 0) == pytest.approx(expected, rel=1e-6)
+    assert class_consistency(cases[:1], 0) == pytest.approx(w2_halves(x1), rel=1e-6)
+    tiny = [_case(rng, {0: 5, 1: 3}, 4, n_variety=0)]  # fewer than 4 voxels: no halves -> undefined
+    assert math.isnan(class_consistency(tiny, 0))
 
 
 # ---------------------------------------------------------------- feature variety
@@ -213,13 +223,16 @@ def test_consistent_foreground_scores_higher_than_case_specific_shifts():
     assert a["score"] > b["score"]
 
 
-def test_single_case_gives_nan_score_with_a_reason_not_an_exception():
+def test_single_case_gives_a_defined_score_in_both_variants():
     case = _case(np.random.default_rng(11), {0: 10, 1: 10}, 4, levels=2)
     for variant in ("paper", "official"):
         result = ccfv_score([case], variant=variant)
-        assert math.isnan(result["score"]) and "consistency" in result["reason"]
+        assert np.isfinite(result["score"]) and result["reason"] is None, result
     assert np.isfinite(ccfv_score([case])["per_level"][0]["variety"])
     assert "no cases" in ccfv_score([])["reason"]
+    starved = _case(np.random.default_rng(12), {0: 10, 1: 2}, 4, n_variety=0)  # too few voxels: NaN + reason
+    result = ccfv_score([starved])
+    assert math.isnan(result["score"]) and "consistency" in result["reason"]
 
 
 def test_empty_class_and_rank_deficient_covariances_give_finite_scores():

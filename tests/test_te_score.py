@@ -137,3 +137,9 @@ def test_robustness_reads_a_spatial_map_of_the_second_to_last_encoder_level(arch
         assert list(feats.shape[2:]) == [r // 2 ** n_down for r in roi]
     value = robustness_of(net, arch, torch.randn(3, 1, *roi))
     assert -1.5 <= value <= 1.0
+
+
+def test_a_single_labelled_target_case_gets_a_defined_score_from_every_estimator(setup):
+    rows = score_bank(setup["bank"], setup["task"], PLANS, sampling=SAMPLING, device="cpu", progress=False,
+                      max_cases=1, entries=["unet_0"])
+    assert all(math.isfinite(rows[0][e]) for e in DEFAULT_ESTIMATORS), {e: rows[0][e] for e in DEFAULT_ESTIMATORS} | rows[0]["errors"]

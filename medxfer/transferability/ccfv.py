@@ -41,7 +41,7 @@ Degenerate input
 ----------------
 A Gaussian needs two samples: a case with fewer than 2 voxels of class ``k`` is skipped for
 ``k``; a class kept in fewer than 2 cases contributes nothing; if no class is left (e.g. a
-single case) :func:`class_consistency` returns NaN and :func:`ccfv_score` returns a NaN score
+class in no case with enough voxels) :func:`class_consistency` returns NaN and :func:`ccfv_score` returns a NaN score
 with a ``reason`` -- never an exception. Identical points in the energy are guarded by ``eps``
 inside the square root: ``1 / sqrt(|f_a - f_b|^2 + eps)``, ``eps = 1e-3`` as in the official
 code (a pair of identical points adds ``1/sqrt(1e-3) ~ 31.6`` instead of ``inf``; for typical
@@ -245,11 +245,23 @@ def _class_rows(case: CaseFeatures) -> np.ndarray:
     return ~np.asarray(case.variety, dtype=bool)
 
 
+def _halves(x: np.ndarray) -> list[np.ndarray]:
+    """Two interleaved halves of a sample (rows are in random draw order, so these are random halves)."""
+    return [x[0::2], x[1::2]]
+
+
 def _consistency_from_groups(groups: dict[int, list[np.ndarray]]) -> tuple[float, int]:
-    """Mean over classes of the mean W2 over ordered pairs; ``(value, classes used)``."""
+    """Mean over classes of the mean W2 over ordered pairs; ``(value, classes used)``.
+
+    Single-case fallback: a class held (with >= 4 voxels) by only one case is compared across
+    the two interleaved halves of that case's sample -- within-case consistency -- so one labelled
+    case (or a class only one case contains) still gives a defined value instead of NaN.
+    """
     per_class = []
     for k in sorted(groups):
         kept = [x for x in groups[k] if x.shape[0] >= 2]
+        if len(kept) == 1 and kept[0].shape[0] >= 4:
+            kept = _halves(kept[0])
         if len(kept) < 2:
             continue
         dist = w2_distance_matrix(kept)
@@ -273,8 +285,10 @@ def class_consistency(cases: Sequence[CaseFeatures], level: int, classes: Sequen
         classes: foreground labels to use; default every label > 0 in any case's class sample.
 
     Returns:
-        ``C_cons`` (float), or NaN when no class has >= 2 voxels in >= 2 cases (e.g. a single
-        case): the caller decides (``ccfv_score`` reports a reason).
+        ``C_cons`` (float). A class only one case holds is compared across two halves of that
+        case's sample (see ``_consistency_from_groups``), so a single case is defined; NaN only
+        when no foreground class has >= 2 voxels in two cases or >= 4 in one (the caller decides:
+        ``ccfv_score`` reports a reason).
     """
     groups: dict[int, list[np.ndarray]] = {}
     for case in cases:
@@ -357,7 +371,10 @@ def _official_level(cases: Sequence[CaseFeatures], level: int, count: int, class
             if k > 0 and (classes is None or k in classes):
                 groups.setdefault(int(k), []).append(feats[where])
         if picked:
-            means.append(feats[np.concatenate(picked)].astype(np.float64).mean(axis=0))
+            chosen = feats[np.concatenate(picked)].astype(np.float64)
+            # one case: the means of its two halves stand for two cases (as the consistency does)
+            means.extend([h.mean(axis=0) for h in _halves(chosen)] if len(cases) == 1 and len(chosen) >= 2
+                         else [chosen.mean(axis=0)])
     energy = hyperspherical_energy(np.stack(means), normalise=False, eps=eps) if len(means) >= 2 else float("nan")
     return energy, _consistency_from_groups(groups)[0]
 

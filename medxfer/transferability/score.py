@@ -15,7 +15,8 @@ every estimator then works on those samples:
 ``leep``           LEEP from the source head's softmax at the sampled voxels
 ``nce``            NCE from the source head's argmax at the sampled voxels
 ``robustness``     robustness (thesis ch. 4) of the second-to-last encoder level, on one window per
-                   case (its centre) under intensity jitter: 3 extra forward passes per case
+                   case (its centre; several windows of a single case) under intensity jitter:
+                   3 extra forward passes per window
 =================  ==============================================================================
 
 Higher is better for every score. Per entry the seconds spent in the forward passes and in the
@@ -25,6 +26,7 @@ estimator math are recorded, so a benchmark can compare them with bare forward p
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -80,11 +82,27 @@ ESTIMATORS: dict[str, Callable[[Sequence[CaseFeatures]], float]] = {
 DEFAULT_ESTIMATORS = (*ESTIMATORS, "robustness")
 
 
-def centre_windows(cases: Sequence[dict], roi: Sequence[int]) -> torch.Tensor:
-    """One ``roi``-sized window per case around its centre (zero-padded when smaller): ``(N, C, *roi)``."""
+def robustness_windows(cases: Sequence[dict], roi: Sequence[int], max_single: int = 4) -> torch.Tensor:
+    """Images for the robustness score, ``(N, C, *roi)``: one window per case around its centre
+    (zero-padded when smaller). With a single case, up to ``max_single`` of its non-overlapping
+    windows stand for distinct images (a different region is the negative), or, when it holds
+    fewer than two windows, its two halves along the longest axis (each padded to the window):
+    one labelled case still gets a score."""
     from monai.transforms import ResizeWithPadOrCrop
 
-    crop = ResizeWithPadOrCrop([int(r) for r in roi])
+    from medxfer.transferability.features import window_starts
+
+    roi = [int(r) for r in roi]
+    if len(cases) == 1:
+        image = torch.as_tensor(cases[0]["image"])
+        starts = itertools.product(*[window_starts(n, r) for n, r in zip(image.shape[1:], roi)])
+        crops = [image[(slice(None), *[slice(a, a + r) for a, r in zip(st, roi)])] for st in starts]
+        crops = [c for c in crops if list(c.shape[1:]) == roi][:max_single]
+        if len(crops) >= 2:
+            return torch.stack(crops)
+        axis = int(torch.tensor(image.shape[1:]).argmax()) + 1  # smaller than two windows: its two halves
+        cases = [{"image": half} for half in torch.tensor_split(image, 2, dim=axis)]
+    crop = ResizeWithPadOrCrop(roi)
     return torch.stack([torch.as_tensor(crop(torch.as_tensor(c["image"]))) for c in cases])
 
 
@@ -176,7 +194,7 @@ def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DE
         if "robustness" in estimators:
             t1 = time.perf_counter()
             try:
-                value, error = robustness_of(net, entry.arch, centre_windows(cases, entry.patch_size), seed=seed), None
+                value, error = robustness_of(net, entry.arch, robustness_windows(cases, entry.patch_size), seed=seed), None
             except ValueError as e:  # e.g. a single target case: no negative image
                 value, error = float("nan"), f"ValueError: {e}"
             results["robustness"] = {"score": value, "seconds": time.perf_counter() - t1, "error": error}

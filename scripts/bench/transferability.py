@@ -5,6 +5,7 @@ study is run here first if the folder is missing), all in one process:
 
 1. **scoring**: seconds to score every bank model with every estimator (``score_bank``), split
    into the forward passes (window pass + hooks + sampling) and the estimator math;
+   (robustness, which needs its own forward passes of jittered views, is counted in the math);
 2. **bare forward**: seconds of plain ``network(window)`` calls over exactly the same windows of
    the same cases, no hooks, no sampling -> ``scoring_forward_over_bare`` (target <= 1.3);
 3. **W2**: CC-FV's exact batched W2 versus the per-pair ``scipy.linalg.sqrtm`` closed form on the
@@ -60,7 +61,7 @@ def bare_forward_seconds(bank_root, cases, entries, sw_batch_size: int = 2) -> d
     return out
 
 
-def w2_benchmark(cases_pre, seed: int = 0) -> dict:
+def w2_benchmark(cases_pre, seed: int = 0, max_per_class: int = 400) -> dict:
     """Fast batched W2 vs per-pair sqrtm on class-wise samples of a d=256 decoder stage."""
     from medxfer.networks.factory import arch_layout, build_network
     from medxfer.transferability.ccfv import w2_distance_matrix, w2_squared
@@ -70,7 +71,8 @@ def w2_benchmark(cases_pre, seed: int = 0) -> dict:
     roi = [48, 48, 16]
     net = build_network("unetr", 1, 2, roi, feature_size=32, hidden_size=192, mlp_dim=384, num_heads=4).eval()
     stage = arch_layout("unetr", net).decoder_stages[0]  # decoder5: 8 * feature_size = 256 channels
-    feats = sample_dataset(net, [stage], cases_pre, roi, SamplingConfig(max_per_class=400, variety_samples=0),
+    # every foreground voxel up to 400 per case: n >= d where the organ is large enough, n < d otherwise
+    feats = sample_dataset(net, [stage], cases_pre, roi, SamplingConfig(ratio=1.0, max_per_class=max_per_class, variety_samples=0),
                            progress=False)
     samples = [c.levels[0][(c.labels == 1) & ~c.variety].astype(np.float64) for c in feats]
     samples = [s for s in samples if len(s) >= 2]
@@ -148,17 +150,20 @@ def main(argv=None) -> int:
         "bank_models": len(entries), "target": meta["target"], "target_cases_scored": len(ids),
         "estimators": config["estimators"],
         "scoring_s": t_score, "scoring_forward_s": t_forward, "estimator_math_s": t_math,
+        "estimator_math_without_robustness_s": t_math - sum(r.get("seconds_robustness", 0.0) for r in rows),
         "bare_forward_s": sum(bare.values()), "scoring_forward_over_bare": t_forward / sum(bare.values()),
         "scoring_total_over_bare": t_score / sum(bare.values()),
         "per_model": per_model,
-        "w2": w2_benchmark(cases),
+        # every labelled target case (more pairs); n >= d (400 samples, QR path) and n < d (64, Gram path)
+        "w2": w2_benchmark(target_cases(target_dir, plans)),
+        "w2_n_lt_d": w2_benchmark(target_cases(target_dir, plans), max_per_class=64),
         "finetune_measured_s": ft_wall, "finetune_epochs": config["finetune_epochs"],
         "scoring_over_finetune_measured": t_score / ft_wall,
         "finetune_paper_budget_s_extrapolated": paper_ft,
         "scoring_over_finetune_paper_budget": t_score / paper_ft if paper_ft else None,
     }
     result["targets"] = {"scoring forward / bare <= 1.3": result["scoring_forward_over_bare"] <= 1.3,
-                         "W2 speed-up >= 10x at d=256": result["w2"]["speedup"] >= 10,
+                         "W2 speed-up >= 10x at d=256": min(result["w2"]["speedup"], result["w2_n_lt_d"]["speedup"]) >= 10,
                          "scoring / fine-tuning <= 1% (paper budget)": (result["scoring_over_finetune_paper_budget"] or 1) <= 0.01,
                          "scoring / fine-tuning <= 1% (measured short CPU budget)": result["scoring_over_finetune_measured"] <= 0.01}
     out = Path(args.out)
