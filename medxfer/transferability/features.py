@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CaseFeatures", "SamplingConfig", "draw_voxels", "window_starts", "sample_case", "sample_dataset", "pooled"]
+__all__ = ["CaseFeatures", "SamplingConfig", "draw_voxels", "window_starts", "sample_case", "sample_dataset", "pooled",
+           "checked_features"]
 
 
 @dataclass
@@ -232,3 +233,17 @@ def pooled(cases: list[CaseFeatures], level: int = -1, class_sample: bool = True
         feats.append(case.levels[level][keep])
         labels.append(case.labels[keep])
     return np.concatenate(feats), np.concatenate(labels)
+
+
+def checked_features(features, labels) -> tuple[np.ndarray, np.ndarray]:
+    """``(features (N, D) float64, labels (N,))`` after the checks every estimator needs: a
+    non-empty 2-D matrix, one label per row, finite values (``ValueError`` saying which fails)."""
+    x = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"features must be a non-empty (N, D) array, got shape {x.shape}")
+    if labels.size != x.shape[0]:
+        raise ValueError(f"labels has {labels.size} entries, features have {x.shape[0]} rows")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN or inf")
+    return x, labels

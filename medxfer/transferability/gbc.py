@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medxfer.transferability.features import checked_features
+
 __all__ = ["gbc", "pca_project", "bhattacharyya_distance"]
 
 
@@ -70,14 +72,7 @@ def gbc(features: np.ndarray, labels: np.ndarray, pca_dim: int = 64, min_var: fl
     Returns:
         ``-sum_{i != j} exp(-BD_ij)`` over ordered pairs of present classes (0.0 for one class).
     """
-    x = np.asarray(features, dtype=np.float64)
-    labels = np.asarray(labels).reshape(-1)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"features must be a non-empty (N, D) array, got shape {x.shape}")
-    if labels.size != x.shape[0]:
-        raise ValueError(f"labels has {labels.size} entries, features have {x.shape[0]} rows")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("features contain NaN or inf")
+    x, labels = checked_features(features, labels)
     if pca_dim < 1:
         raise ValueError(f"pca_dim must be >= 1, got {pca_dim}")
     classes = np.unique(labels)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medxfer.transferability.features import checked_features
+
 __all__ = ["transrate", "coding_rate"]
 
 
@@ -59,14 +61,7 @@ def transrate(features: np.ndarray, labels: np.ndarray, eps2: float = 1e-4) -> f
     Returns:
         ``R(Z) - sum_c (n_c / N) R(Z_c)`` (module docstring: normalisation and edge cases).
     """
-    x = np.asarray(features, dtype=np.float64)
-    labels = np.asarray(labels).reshape(-1)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"features must be a non-empty (N, D) array, got shape {x.shape}")
-    if labels.size != x.shape[0]:
-        raise ValueError(f"labels has {labels.size} entries, features have {x.shape[0]} rows")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("features contain NaN or inf")
+    x, labels = checked_features(features, labels)
     if not eps2 > 0:
         raise ValueError(f"eps2 must be > 0, got {eps2}")
     z = x - x.mean(axis=0, keepdims=True)
