@@ -2,16 +2,18 @@
 
 The experiment of Yang et al. (MICCAI 2023, section 3.1), small enough for 2 CPU cores:
 
-1. **bank**: for the target task, pretrain every architecture on every other task with the same
-   number of channels (leave-one-task-out), plus an untrained baseline per architecture
-   (:func:`medxfer.transfer.bank_build.build_ccfv_bank`);
-2. **score**: every bank model on the target's labelled fine-tuning cases with every estimator,
-   without fine-tuning (:func:`medxfer.transferability.score.score_bank`);
-3. **fine-tune**: every bank model on the target, ``all_but_head`` (load everything but the last
+1. **bank**: pretrain every architecture once on every generated task with the targets' number
+   of channels, plus an untrained baseline per architecture; for each target the
+   leave-one-task-out bank is every model *not* pretrained on it
+   (:func:`medxfer.transfer.bank_build.pretrain_bank`, :func:`~medxfer.transfer.bank_build.ccfv_entries`);
+2. **score**: every model of a target's bank on its labelled fine-tuning cases with every
+   estimator, without fine-tuning (:func:`medxfer.transferability.score.score_bank`);
+3. **fine-tune**: every model on the target, ``all_but_head`` (load everything but the last
    block, train all), same budget and seed for all; Dice of the final model on the validation
    fold;
 4. **evaluate**: weighted Kendall tau, Pearson, Spearman and TIS of each estimator's scores
-   against the measured Dice (:mod:`medxfer.transferability.evaluate`), JSON + CSV + PNG.
+   against the measured Dice, per target and averaged (:mod:`medxfer.transferability.evaluate`),
+   JSON + CSV + PNG.
 
 Nothing is tuned to favour an estimator: the data generator, the budgets and the estimators'
 settings are fixed before the evaluation and reported with it.
@@ -40,7 +42,7 @@ _SCORE_S_PER_CASE = 0.6    # feature sampling + estimators per target case and m
 class StudyConfig:
     """Budgets and settings of the study (defaults: the README's main job, about 10 min on 2 CPU cores)."""
 
-    target: str = "Task09_Spleen"
+    targets: list = field(default_factory=lambda: ["Task09_Spleen", "Task03_Liver"])
     archs: dict = field(default_factory=lambda: {
         "unet": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2},
         "unetr": {"feature_size": 8, "hidden_size": 192, "mlp_dim": 384, "num_heads": 4}})
@@ -52,14 +54,14 @@ class StudyConfig:
     estimators: tuple = ("ccfv", "ccfv_official", "logme", "gbc", "transrate", "leep", "nce", "robustness")
     seed: int = 0
     device: str | None = None        # None: cuda when available, else cpu
-    sources: list | None = None      # source task folder names; None: every other task with the target's channels
+    sources: list | None = None      # pretraining tasks; None: every task with the targets' channel count
 
     @classmethod
     def quick(cls) -> "StudyConfig":
         """Smoke-test budgets (tests): one arch, one epoch each; the numbers mean nothing."""
         return cls(archs={"unet": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
-                   pretrain_epochs=1, finetune_epochs=1, patch_size=[32, 32, 16],
-                   sources=["Task03_Liver", "Task06_Lung"])
+                   pretrain_epochs=1, finetune_epochs=1, patch_size=[32, 32, 16], targets=["Task09_Spleen"],
+                   sources=["Task09_Spleen", "Task03_Liver", "Task06_Lung"])
 
 
 def _iterations(n_cases: int, folds: int, epochs: int, batch: int = 2) -> int:
@@ -67,19 +69,24 @@ def _iterations(n_cases: int, folds: int, epochs: int, batch: int = 2) -> int:
     return epochs * max(1, math.ceil(n_train / batch))
 
 
-def estimate_seconds(config: StudyConfig, n_sources: int, n_source_cases: int, n_target_cases: int) -> dict:
-    """Rough wall-clock seconds of each step from :data:`SECONDS_PER_ITERATION` (printed first)."""
+def estimate_seconds(config: StudyConfig, n_tasks: int, n_source_cases: int, n_target_cases: int) -> dict:
+    """Rough wall-clock seconds of each step from :data:`SECONDS_PER_ITERATION` (printed first).
+
+    ``n_tasks``: pretraining tasks (targets included: each is a source for the others).
+    """
     scale = math.prod(config.patch_size) / _REFERENCE_VOXELS
+    n_targets = len(config.targets)
+    per_target_models = n_tasks - 1 + 1  # leave-one-task-out + scratch, per arch
     pretrain = finetune = 0.0
     for arch in config.archs:
         per_it = SECONDS_PER_ITERATION.get(arch, 1.0) * scale
-        pretrain += n_sources * (_RUN_OVERHEAD_S + per_it * _iterations(n_source_cases, 5, config.pretrain_epochs))
-        finetune += (n_sources + 1) * (_RUN_OVERHEAD_S + per_it * _iterations(n_target_cases, config.finetune_folds,
-                                                                                 config.finetune_epochs))
-    n_models = (n_sources + 1) * len(config.archs)
+        pretrain += n_tasks * (_RUN_OVERHEAD_S + per_it * _iterations(n_source_cases, 5, config.pretrain_epochs))
+        finetune += n_targets * per_target_models * (
+            _RUN_OVERHEAD_S + per_it * _iterations(n_target_cases, config.finetune_folds, config.finetune_epochs))
     n_fit = n_target_cases - math.ceil(n_target_cases / config.finetune_folds)
-    est = {"planning": _PLAN_S * (n_sources + 1), "pretraining": pretrain,
-           "scoring": n_models * n_fit * _SCORE_S_PER_CASE, "fine_tuning": finetune}
+    est = {"planning": _PLAN_S * n_tasks, "pretraining": pretrain,
+           "scoring": n_targets * per_target_models * len(config.archs) * n_fit * _SCORE_S_PER_CASE,
+           "fine_tuning": finetune}
     est["total"] = sum(est.values())
     return est
 
@@ -87,9 +94,10 @@ def estimate_seconds(config: StudyConfig, n_sources: int, n_source_cases: int, n
 def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool = True, log=print) -> dict:
     """Run the four steps (module docstring) on the MSD task folders in ``data_dir``.
 
-    Writes under ``out``: ``bank/`` (manifest, checkpoints, pretraining runs), ``scores/``
-    (scores.csv/json), ``finetune/<model>/`` (runs) + ``finetune_dice.csv``, ``te_evaluation.json``
-    / ``.csv``, ``scores_vs_dice.png`` and ``study.json`` (config, estimate, timings, result).
+    Writes under ``out``: ``bank/`` (manifest, checkpoints, pretraining runs),
+    ``scores/<target>/scores.csv|json``, ``finetune/<target>/<model>/`` (runs), ``finetune_dice.csv``
+    (target, model, dice), ``table.csv`` (every score next to the Dice), ``te_evaluation.json|csv``,
+    ``scores_vs_dice.png`` and ``study.json`` (config, estimate, timings, result).
     Returns the ``study.json`` content.
     """
     from tqdm.auto import tqdm
@@ -97,8 +105,8 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
     from medxfer.data.msd import load_task
     from medxfer.data.splits import apply_split, make_kfold_splits
     from medxfer.transfer.bank import ModelBank
-    from medxfer.transfer.bank_build import build_ccfv_bank, source_tasks
-    from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, table_from_files, write_report
+    from medxfer.transfer.bank_build import ccfv_entries, pretrain_bank
+    from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, write_report
     from medxfer.transferability.features import SamplingConfig
     from medxfer.transferability.score import score_bank, write_scores
     from medxfer.workflows.bundle import quiet_logging_file, run_bundle
@@ -106,83 +114,101 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
 
     config = config or StudyConfig()
     out, data_dir = Path(out), Path(data_dir)
-    target_dir = data_dir / config.target
-    target = load_task(target_dir)
-    sources = [p for p in source_tasks(data_dir, config.target) if load_task(p).num_channels == target.num_channels
-               and (config.sources is None or p.name in config.sources)]
-    n_source_cases = min(len(load_task(p).training) for p in sources) if sources else 0
-    estimate = estimate_seconds(config, len(sources), n_source_cases, len(target.training))
-    log(f"CC-FV study: target {target.root.name}, {len(sources)} source task(s) x {list(config.archs)} + scratch "
-        f"= {(len(sources) + 1) * len(config.archs)} models; estimated {estimate['total'] / 60:.1f} min "
-        f"(planning {estimate['planning']:.0f} s, pretraining {estimate['pretraining']:.0f} s, "
+    targets = [load_task(data_dir / t) for t in config.targets]
+    channels = {t.num_channels for t in targets}
+    if len(channels) != 1:
+        raise ValueError(f"the study's targets must have the same number of channels, got {channels}")
+    n_channels = channels.pop()
+    all_tasks = sorted(p for p in data_dir.iterdir() if (p / "dataset.json").is_file())
+    tasks = [p for p in all_tasks if load_task(p).num_channels == n_channels
+             and (config.sources is None or p.name in config.sources)]
+    skipped = [p.name for p in all_tasks if p not in tasks]
+    n_source_cases = min(len(load_task(p).training) for p in tasks)
+    estimate = estimate_seconds(config, len(tasks), n_source_cases, min(len(t.training) for t in targets))
+    log(f"CC-FV study: targets {[t.root.name for t in targets]}; {len(tasks)} pretraining task(s) x {list(config.archs)}"
+        f" (+ scratch), leave-one-task-out per target (skipped: {skipped or 'none'}); estimated "
+        f"{estimate['total'] / 60:.1f} min (planning {estimate['planning']:.0f} s, pretraining {estimate['pretraining']:.0f} s, "
         f"scoring {estimate['scoring']:.0f} s, fine-tuning {estimate['fine_tuning']:.0f} s)")
     device = config.device
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"scoring": 0.0, "fine_tuning": 0.0}
     quiet = quiet_logging_file(out)  # the bundles' per-iteration logs would bury the study's progress
 
     t0 = time.perf_counter()
-    log("[study 1/4] pretraining the leave-one-task-out bank")
+    log("[study 1/4] pretraining every architecture on every task (one pool, leave-one-task-out per target)")
     bank_config = {"archs": config.archs, "patch_size": config.patch_size, "epochs": config.pretrain_epochs,
-                   "bank_epochs": [], "optimizer": "adamw", "learning_rate": config.learning_rate, "n_folds": 5,
-                   "same_channels_only": True}
-    task_plans(target_dir)  # plan the target once up front (the scorer and fine-tuning read it)
-    build_ccfv_bank(data_dir, config.target, out / "bank", bank_config, device=device, seed=config.seed,
-                    progress=progress, source_names=[p.name for p in sources], logging_file=quiet)
+                   "bank_epochs": [], "optimizer": "adamw", "learning_rate": config.learning_rate, "n_folds": 5}
+    for t in targets:
+        task_plans(t.root)  # plan the targets up front (scoring and fine-tuning read the plans)
+    pretrain_bank(data_dir, tasks, out / "bank", bank_config, (n_channels, 2), device=device, seed=config.seed,
+                  progress=progress, logging_file=quiet, description="CC-FV study pool: one model per task x arch")
     timings["bank"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log("[study 2/4] scoring every bank model with every estimator (no fine-tuning)")
-    splits = make_kfold_splits(target.training, n_folds=config.finetune_folds, seed=config.seed)
-    fit_ids = [r["id"] for r in apply_split(target.training, splits, 0)[0]]
-    plans = dict(task_plans(target_dir), patch_size=list(config.patch_size))
-    rows = score_bank(out / "bank", target_dir, plans, config.estimators, SamplingConfig(seed=config.seed),
-                      device=device, split_ids=fit_ids, progress=progress, seed=config.seed)
-    write_scores(rows, out / "scores", {"bank": str(out / "bank"), "target": target.root.name,
-                                        "estimators": list(config.estimators), "cases": fit_ids})
-    timings["scoring"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log("[study 3/4] fine-tuning every bank model on the target (all_but_head, same budget)")
     bank = ModelBank.open(out / "bank")
-    dice_rows = []
-    for name in tqdm(bank.names(), desc="fine-tuning bank models", disable=not progress):
-        overrides = {"device": device} if device else {}
-        wf = run_bundle("msd_seg3d", ["train", "adamw", "finetune"], data_root=str(target_dir),
-                        bank_root=str(out / "bank"), bank_entry=name, transfer_mode="all_but_head",
-                        output_dir=str(out / "finetune" / name), max_epochs=config.finetune_epochs,
-                        val_interval=config.finetune_epochs, patch_size=list(config.patch_size),
-                        n_folds=config.finetune_folds, seed=config.seed, learning_rate=config.learning_rate,
-                        resume=False, logging_file=quiet, **overrides)
-        dice = float(wf.parser.get_parsed_content("validate#evaluator").state.metrics.get("val_mean_dice", math.nan))
-        dice_rows.append({"model": name, "dice": dice})
-    (out / "finetune_dice.csv").write_text("model,dice\n" + "".join(f"{r['model']},{r['dice']}\n" for r in dice_rows))
-    timings["fine_tuning"] = time.perf_counter() - t0
+
+    table, dice_rows, score_rows = [], [], {}
+    for n, target in enumerate(targets, start=1):
+        name = target.root.name
+        entries = ccfv_entries(bank, name)
+        t0 = time.perf_counter()
+        log(f"[study 2/4] target {n}/{len(targets)} {name}: scoring {len(entries)} models with every estimator")
+        splits = make_kfold_splits(target.training, n_folds=config.finetune_folds, seed=config.seed)
+        fit_ids = [r["id"] for r in apply_split(target.training, splits, 0)[0]]
+        plans = dict(task_plans(target.root), patch_size=list(config.patch_size))
+        rows = score_bank(out / "bank", target.root, plans, config.estimators, SamplingConfig(seed=config.seed),
+                          entries=entries, device=device, split_ids=fit_ids, progress=progress, seed=config.seed)
+        write_scores(rows, out / "scores" / name, {"bank": str(out / "bank"), "target": name,
+                                                   "estimators": list(config.estimators), "cases": fit_ids})
+        score_rows[name] = rows
+        timings["scoring"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log(f"[study 3/4] target {n}/{len(targets)} {name}: fine-tuning {len(entries)} models (all_but_head, same budget)")
+        for row in tqdm(rows, desc=f"fine-tuning on {name}", disable=not progress):
+            overrides = {"device": device} if device else {}
+            wf = run_bundle("msd_seg3d", ["train", "adamw", "finetune"], data_root=str(target.root),
+                            bank_root=str(out / "bank"), bank_entry=row["model"], transfer_mode="all_but_head",
+                            output_dir=str(out / "finetune" / name / row["model"]), max_epochs=config.finetune_epochs,
+                            val_interval=config.finetune_epochs, patch_size=list(config.patch_size),
+                            n_folds=config.finetune_folds, seed=config.seed, learning_rate=config.learning_rate,
+                            resume=False, logging_file=quiet, **overrides)
+            state = wf.parser.get_parsed_content("validate#evaluator").state
+            dice = float(state.metrics.get("val_mean_dice", math.nan))
+            dice_rows.append({"target": name, "model": row["model"], "dice": dice})
+            table.append({"target": name, "model": row["model"], "dice": dice,
+                          **{e: row[e] for e in config.estimators}})
+        timings["fine_tuning"] += time.perf_counter() - t0
 
     log("[study 4/4] evaluating the estimators against the measured Dice")
-    table = table_from_files(out / "scores" / "scores.json", out / "finetune_dice.csv")
-    result = evaluate_estimators(table)
+    (out / "finetune_dice.csv").write_text("target,model,dice\n" + "".join(
+        f"{r['target']},{r['model']},{r['dice']}\n" for r in dice_rows))
+    (out / "table.csv").write_text(",".join(table[0]) + "\n" + "".join(
+        ",".join(str(v) for v in r.values()) + "\n" for r in table))
+    result = evaluate_estimators(table, list(config.estimators))
     write_report(result, out)
     plot_scores(table, out / "scores_vs_dice.png", result=result)
     ranking = sorted(result["estimators"], key=lambda e: (-_finite(result["mean"][e]["weighted_tau"]),
                                                           -_finite(result["mean"][e]["pearson"])))
-    summary = {"config": asdict(config), "target": target.root.name, "sources": [p.name for p in sources],
-               "estimate_s": estimate, "seconds": timings, "finetune_dice": dice_rows,
-               "scores": [{k: v for k, v in r.items() if not k.startswith("seconds_") and k != "errors"} for r in rows],
-               "evaluation": result["mean"], "best_estimator": ranking[0] if ranking else None,
-               "ranking_by_weighted_tau": ranking,
+    summary = {"config": asdict(config), "targets": [t.root.name for t in targets], "tasks": [p.name for p in tasks],
+               "skipped_tasks": skipped, "estimate_s": estimate, "seconds": timings, "finetune_dice": dice_rows,
+               "scores": {t: [{k: v for k, v in r.items() if not k.startswith("seconds_") and k != "errors"} for r in rows]
+                          for t, rows in score_rows.items()},
+               "evaluation": {"mean": result["mean"], "per_target": result["per_target"]},
+               "best_estimator": ranking[0] if ranking else None, "ranking_by_weighted_tau": ranking,
                "scoring_over_finetuning_time": timings["scoring"] / timings["fine_tuning"] if timings["fine_tuning"] else None}
     (out / "study.json").write_text(json.dumps(_json_safe(summary), indent=2, default=str) + "\n")
 
-    log(f"\nfine-tuned Dice on {target.root.name} (validation fold, final model):")
-    for r in sorted(dice_rows, key=lambda r: -_finite(r["dice"])):
-        log(f"  {r['model']:32s} {r['dice']:.3f}")
-    log(f"\n{'estimator':15s} {'w. tau':>7s} {'pearson':>8s} {'spearman':>9s} {'TIS':>6s}  picked")
-    per_target = result["per_target"][target.root.name]
+    for target in targets:
+        name = target.root.name
+        log(f"\nfine-tuned Dice on {name} (validation fold, final model):")
+        for r in sorted((r for r in dice_rows if r["target"] == name), key=lambda r: -_finite(r["dice"])):
+            log(f"  {r['model']:32s} {r['dice']:.3f}")
+    log(f"\nmean over {len(targets)} target(s):")
+    log(f"{'estimator':15s} {'w. tau':>7s} {'pearson':>8s} {'spearman':>9s} {'TIS':>6s}   per-target w. tau")
     for e in ranking:
-        m = per_target[e]
-        log(f"{e:15s} {m['weighted_tau']:7.3f} {m['pearson']:8.3f} {m['spearman']:9.3f} {m['tis']:6.3f}  {m['picked']}")
-    log(f"\nbest estimator on this generated target (weighted tau): {summary['best_estimator']} — one target and "
-        f"{len(dice_rows)} models: a small sample, read it as such")
+        m = result["mean"][e]
+        per = "  ".join(f"{result['per_target'][t.root.name][e]['weighted_tau']:+.2f}" for t in targets)
+        log(f"{e:15s} {m['weighted_tau']:7.3f} {m['pearson']:8.3f} {m['spearman']:9.3f} {m['tis']:6.3f}   {per}")
+    log(f"\nbest estimator on these generated targets (mean weighted tau): {summary['best_estimator']} — "
+        f"{len(targets)} target(s), {len(dice_rows)} fine-tuned models, one seed: a small sample, read it as such")
     return summary
 
 

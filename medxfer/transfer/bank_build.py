@@ -24,7 +24,7 @@ import yaml
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
 
-__all__ = ["DEFAULT_BANK_CONFIG", "load_bank_config", "source_tasks", "build_ccfv_bank"]
+__all__ = ["DEFAULT_BANK_CONFIG", "load_bank_config", "source_tasks", "build_ccfv_bank", "pretrain_bank", "ccfv_entries"]
 
 DEFAULT_BANK_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bank_ccfv.yaml"
 logger = logging.getLogger("medxfer.bank")
@@ -69,14 +69,7 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
         device: ``"cpu"``, ``"cuda"``; ``None`` = the bundle default (cuda when available).
         source_names: source task folder names to use (default: every other task in ``data_dir``).
     """
-    from tqdm.auto import tqdm
-
-    from medxfer.networks.factory import build_network
-    from medxfer.transfer.bank import ModelBank
-    from medxfer.workflows.bundle import run_bundle
-
     config = config or load_bank_config()
-    out = Path(out)
     target_task = load_task(Path(data_dir) / Path(str(target)).name)
     sources, skipped = [], []
     candidates = source_tasks(data_dir, target)
@@ -93,7 +86,32 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
             sources.append(path)
     if not sources:
         raise DatasetError(data_dir, f"no source task usable for target {target_task.root.name} (skipped: {skipped})")
-    bank = ModelBank.open(out, create=True, description=f"CC-FV leave-one-task-out bank for target {target_task.root.name}")
+    summary = pretrain_bank(data_dir, sources, out, config, (target_task.num_channels, len(target_task.labels)),
+                            device=device, num_workers=num_workers, seed=seed, progress=progress,
+                            logging_file=logging_file,
+                            description=f"CC-FV leave-one-task-out bank for target {target_task.root.name}")
+    summary.update(target=target_task.root.name, skipped_sources=skipped)
+    (Path(out) / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_channels: tuple[int, int],
+                  device: str | None = None, num_workers: int = 0, seed: int = 0, progress: bool = True,
+                  logging_file=None, description: str = "") -> dict:
+    """Pretrain every arch of ``config`` on every task of ``sources`` (one task each) into the bank
+    ``out``, and add one seeded, untrained ``<arch>_scratch`` entry per arch with
+    ``scratch_channels = (in, out)``. Writes ``build_summary.json``; returns it.
+
+    A bank pretrained on all tasks serves every leave-one-task-out target: see :func:`ccfv_entries`.
+    """
+    from tqdm.auto import tqdm
+
+    from medxfer.networks.factory import build_network
+    from medxfer.transfer.bank import ModelBank
+    from medxfer.workflows.bundle import run_bundle
+
+    out = Path(out)
+    bank = ModelBank.open(out, create=True, description=description)
     configs = ["train"] + (["adamw"] if config.get("optimizer", "adamw") == "adamw" else []) + ["pretrain"]
     overrides = {"num_workers": num_workers, "n_folds": int(config.get("n_folds", 5)), "seed": seed,
                  "patch_size": [int(p) for p in config["patch_size"]], "max_epochs": int(config["epochs"]),
@@ -103,9 +121,9 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
         overrides["learning_rate"] = float(config["learning_rate"])
     if device is not None:
         overrides["device"] = device
-    jobs = [(arch, src) for arch in config["archs"] for src in sources]
-    summary = {"target": target_task.root.name, "data_dir": str(Path(data_dir).resolve()), "bank": str(out.resolve()),
-               "config": config, "skipped_sources": skipped, "entries": []}
+    jobs = [(arch, Path(src)) for arch in config["archs"] for src in sources]
+    summary = {"data_dir": str(Path(data_dir).resolve()), "bank": str(out.resolve()), "config": config,
+               "sources": [Path(s).name for s in sources], "entries": []}
     for arch, src in tqdm(jobs, desc="pretraining bank entries", disable=not progress):
         t0 = time.perf_counter()
         n_folds = max(2, min(overrides["n_folds"], len(load_task(src).training)))
@@ -115,14 +133,22 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
         added = [e.name for e in bank.open(out) if e.arch == arch and e.source == [src.name]]
         summary["entries"].append({"arch": arch, "source": src.name, "entries": added, "seconds": time.perf_counter() - t0})
     bank = ModelBank.open(out)
+    in_ch, out_ch = scratch_channels
     for arch, kwargs in config["archs"].items():  # scratch baseline: the architecture's seeded initialisation
         torch.manual_seed(seed)
-        net = build_network(arch, target_task.num_channels, len(target_task.labels), config["patch_size"], **(kwargs or {}))
+        net = build_network(arch, in_ch, out_ch, config["patch_size"], **(kwargs or {}))
         name = f"{arch}_scratch"
-        bank.add(name, net, arch=arch, arch_kwargs=kwargs or {}, in_channels=target_task.num_channels,
-                 out_channels=len(target_task.labels), patch_size=config["patch_size"], source=[], epoch=0, iterations=0,
+        bank.add(name, net, arch=arch, arch_kwargs=kwargs or {}, in_channels=in_ch, out_channels=out_ch,
+                 patch_size=config["patch_size"], source=[], epoch=0, iterations=0,
                  notes=f"untrained initialisation (torch seed {seed}): the no-transfer baseline")
         summary["entries"].append({"arch": arch, "source": None, "entries": [name], "seconds": 0.0})
     (out / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    logger.info("bank %s: %d entries for target %s", out, len(bank), target_task.root.name)
+    logger.info("bank %s: %d entries", out, len(bank))
     return summary
+
+
+def ccfv_entries(bank, target: str) -> list[str]:
+    """The leave-one-task-out view of a bank for ``target``: every entry not pretrained on it
+    (scratch entries included)."""
+    name = Path(str(target)).name
+    return [e.name for e in bank if name not in e.source]
