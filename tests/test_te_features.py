@@ -119,3 +119,29 @@ def test_unknown_stage_names_are_reported(unet):
     net, _ = unet
     with pytest.raises(ValueError, match="decoder stages"):
         sample_case(net, ["decoder9"], torch.randn(1, 16, 16, 16), _label((16, 16, 16)), [16, 16, 16])
+
+
+def test_2d_networks_are_sampled_the_same_way():
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(1)
+    net = UNet(2, 3, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+    stages = ["model.1.submodule.2", "model.2"]
+    image = torch.rand(3, 40, 24)
+    label = np.zeros((40, 24), np.int64)
+    label[5:20, 4:15] = 1
+    case = sample_case(net, stages, image, label, [32, 32], SamplingConfig(min_per_class=8, max_per_class=20,
+                                                                         variety_samples=10))
+    assert case.coords.shape[1] == 2 and case.meta["windows_total"] == 2  # y: 40 -> windows at 0 and 8; x padded
+    mods = dict(net.named_modules())
+    got = {}
+    hooks = [mods[s].register_forward_hook(lambda m, i, o, s=s: got.__setitem__(s, o)) for s in stages]
+    padded = F.pad(image, [0, 8])
+    for k, c in enumerate(case.coords[:5]):
+        start = 0 if c[0] < 8 else 8  # the owner window: the largest start <= coordinate
+        with torch.no_grad():
+            net(padded[None, :, start:start + 32, :32])
+        up = F.interpolate(got[stages[0]], size=(32, 32), mode="bilinear", align_corners=False)[0]
+        np.testing.assert_allclose(case.levels[0][k], up[:, c[0] - start, c[1]].numpy(), rtol=1e-4, atol=1e-5)
+    for h in hooks:
+        h.remove()
