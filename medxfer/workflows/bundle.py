@@ -90,6 +90,10 @@ def run_bundle(name: str, configs: Sequence[str], run: bool = True, logging_file
                               **override)
     try:
         workflow.initialize()
+        if logging_file is not None:  # handlers built during initialize (MONAI StatsHandler) reset the root level
+            import logging.config
+
+            logging.config.fileConfig(str(logging_file), disable_existing_loggers=False)
         if run:
             workflow.run()
             workflow.finalize()
