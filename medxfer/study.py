@@ -109,7 +109,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
     from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, write_report
     from medxfer.transferability.features import SamplingConfig
     from medxfer.transferability.score import score_bank, write_scores
-    from medxfer.workflows.bundle import quiet_logging_file, run_bundle
+    from medxfer.workflows.bundle import run_bundle
     from medxfer.workflows.msd_seg3d import task_plans
 
     config = config or StudyConfig()
@@ -131,7 +131,6 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
         f"scoring {estimate['scoring']:.0f} s, fine-tuning {estimate['fine_tuning']:.0f} s)")
     device = config.device
     timings: dict[str, float] = {"scoring": 0.0, "fine_tuning": 0.0}
-    quiet = quiet_logging_file(out)  # the bundles' per-iteration logs would bury the study's progress
 
     t0 = time.perf_counter()
     log("[study 1/4] pretraining every architecture on every task (one pool, leave-one-task-out per target)")
@@ -140,7 +139,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
     for t in targets:
         task_plans(t.root)  # plan the targets up front (scoring and fine-tuning read the plans)
     pretrain_bank(data_dir, tasks, out / "bank", bank_config, (n_channels, 2), device=device, seed=config.seed,
-                  progress=progress, logging_file=quiet, description="CC-FV study pool: one model per task x arch")
+                  progress=progress, quiet=True, description="CC-FV study pool: one model per task x arch")
     timings["bank"] = time.perf_counter() - t0
     bank = ModelBank.open(out / "bank")
 
@@ -169,7 +168,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
                             output_dir=str(out / "finetune" / name / row["model"]), max_epochs=config.finetune_epochs,
                             val_interval=config.finetune_epochs, patch_size=list(config.patch_size),
                             n_folds=config.finetune_folds, seed=config.seed, learning_rate=config.learning_rate,
-                            resume=False, logging_file=quiet, **overrides)
+                            resume=False, quiet=True, **overrides)  # per-iteration logs would bury the progress
             state = wf.parser.get_parsed_content("validate#evaluator").state
             dice = float(state.metrics.get("val_mean_dice", math.nan))
             dice_rows.append({"target": name, "model": row["model"], "dice": dice})

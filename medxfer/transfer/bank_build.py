@@ -58,7 +58,7 @@ def source_tasks(data_dir, target: str) -> list[Path]:
 
 def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, device: str | None = None,
                     num_workers: int = 0, seed: int = 0, progress: bool = True,
-                    source_names: Sequence[str] | None = None, logging_file=None) -> dict:
+                    source_names: Sequence[str] | None = None, quiet: bool = False) -> dict:
     """Pretrain the leave-one-task-out bank for ``target``; returns the build summary (also saved).
 
     Args:
@@ -87,8 +87,7 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
     if not sources:
         raise DatasetError(data_dir, f"no source task usable for target {target_task.root.name} (skipped: {skipped})")
     summary = pretrain_bank(data_dir, sources, out, config, (target_task.num_channels, len(target_task.labels)),
-                            device=device, num_workers=num_workers, seed=seed, progress=progress,
-                            logging_file=logging_file,
+                            device=device, num_workers=num_workers, seed=seed, progress=progress, quiet=quiet,
                             description=f"CC-FV leave-one-task-out bank for target {target_task.root.name}")
     summary.update(target=target_task.root.name, skipped_sources=skipped)
     (Path(out) / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -97,7 +96,7 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
 
 def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_channels: tuple[int, int],
                   device: str | None = None, num_workers: int = 0, seed: int = 0, progress: bool = True,
-                  logging_file=None, description: str = "") -> dict:
+                  quiet: bool = False, description: str = "") -> dict:
     """Pretrain every arch of ``config`` on every task of ``sources`` (one task each) into the bank
     ``out``, and add one seeded, untrained ``<arch>_scratch`` entry per arch with
     ``scratch_channels = (in, out)``. Writes ``build_summary.json``; returns it.
@@ -128,7 +127,7 @@ def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_
         t0 = time.perf_counter()
         n_folds = max(2, min(overrides["n_folds"], len(load_task(src).training)))
         run_bundle("msd_seg3d", configs, output_dir=str(out / "runs" / f"{arch}_{src.name}"), source_roots=[str(src)],
-                   arch=arch, arch_kwargs=dict(config["archs"][arch] or {}), resume=False, logging_file=logging_file,
+                   arch=arch, arch_kwargs=dict(config["archs"][arch] or {}), resume=False, quiet=quiet,
                    **{**overrides, "n_folds": n_folds})
         added = [e.name for e in bank.open(out) if e.arch == arch and e.source == [src.name]]
         summary["entries"].append({"arch": arch, "source": src.name, "entries": added, "seconds": time.perf_counter() - t0})

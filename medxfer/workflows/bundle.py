@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["BUNDLES_DIR", "bundle_dir", "bundle_configs", "run_bundle", "quiet_logging_file"]
+__all__ = ["BUNDLES_DIR", "bundle_dir", "bundle_configs", "run_bundle"]
 
 #: The ``bundles/`` folder of this checkout (medxfer is installed editable from it).
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
@@ -65,35 +65,43 @@ format=%(levelname)s %(name)s: %(message)s
 """
 
 
-def quiet_logging_file(folder) -> Path:
-    """Write a logging config (warnings and errors only) into ``folder``; for :func:`run_bundle`
-    callers that run many workflows and show their own progress (the CC-FV study)."""
-    path = Path(folder) / "logging_quiet.conf"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(QUIET_LOGGING)
-    return path
+_QUIET_FILE: Path | None = None
 
 
-def run_bundle(name: str, configs: Sequence[str], run: bool = True, logging_file=None, **override):
+def _quiet_logging_file() -> Path:
+    """:data:`QUIET_LOGGING` written once per process to a temporary file (MONAI wants a path)."""
+    global _QUIET_FILE
+    if _QUIET_FILE is None or not _QUIET_FILE.exists():
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix="medxfer-logging-quiet-", suffix=".conf")
+        with open(fd, "w") as f:
+            f.write(QUIET_LOGGING)
+        _QUIET_FILE = Path(name)
+    return _QUIET_FILE
+
+
+def run_bundle(name: str, configs: Sequence[str], run: bool = True, quiet: bool = False, **override):
     """Initialise and (``run=True``) run + finalise a bundle workflow; returns the ``ConfigWorkflow``.
 
     ``bundle_root`` defaults to the bundle folder; every other keyword overrides a config id
-    (``output_dir="runs/x"``, ``**{"train#dataloader#num_workers": 0}``). ``logging_file``: a
-    logging INI file instead of the bundle's ``configs/logging.conf`` (see :func:`quiet_logging_file`).
+    (``output_dir="runs/x"``, ``**{"train#dataloader#num_workers": 0}``). ``quiet=True``: warnings
+    and errors only (for callers that run many workflows and show their own progress: the
+    per-iteration logs of MONAI's StatsHandler, which re-enables INFO on its own logger, are
+    held back with ``logging.disable`` while the workflow runs).
     """
+    import logging
+
     from monai.bundle import ConfigWorkflow
 
     root = bundle_dir(name)
     override.setdefault("bundle_root", str(root))
+    if quiet:
+        logging.disable(logging.INFO)
     workflow = ConfigWorkflow(config_file=bundle_configs(name, configs), meta_file=str(root / "configs" / "metadata.json"),
-                              workflow_type=None, logging_file=None if logging_file is None else str(logging_file),
-                              **override)
+                              workflow_type=None, logging_file=str(_quiet_logging_file()) if quiet else None, **override)
     try:
         workflow.initialize()
-        if logging_file is not None:  # handlers built during initialize (MONAI StatsHandler) reset the root level
-            import logging.config
-
-            logging.config.fileConfig(str(logging_file), disable_existing_loggers=False)
         if run:
             workflow.run()
             workflow.finalize()
@@ -104,4 +112,7 @@ def run_bundle(name: str, configs: Sequence[str], run: bool = True, logging_file
         if isinstance(root, (ValueError, FileExistsError, FileNotFoundError)) and root is not err:
             raise root from err
         raise
+    finally:
+        if quiet:
+            logging.disable(logging.NOTSET)
     return workflow
