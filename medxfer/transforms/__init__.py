@@ -1,5 +1,7 @@
-"""Preprocessing chains: MSD CT/MR from plans (:mod:`.msd`)."""
+"""Preprocessing chains: MSD CT/MR from plans (:mod:`.msd`), dermoscopy RGB (:mod:`.dermoscopy`)."""
 
+from .dermoscopy import dermoscopy_transforms, resize_for_scoring, scoring_transforms
 from .msd import msd_transforms, normalization_transforms
 
-__all__ = ["msd_transforms", "normalization_transforms"]
+__all__ = ["msd_transforms", "normalization_transforms", "dermoscopy_transforms", "scoring_transforms",
+           "resize_for_scoring"]
