@@ -146,6 +146,10 @@ def arch_layout(arch: str, network: torch.nn.Module | None = None, arch_kwargs: 
     ``network`` (or ``arch_kwargs``) gives the depth for UNet (``len(channels)``) and the number of
     ViT blocks for UNETR; a ``DistributedDataParallel`` / compiled wrapper is looked through.
     """
+    from medxfer.networks.effnet_unet import EFFB0_ARCHS, effb0_layout
+
+    if str(arch).lower() in EFFB0_ARCHS:  # the 2D TATL networks (U- and Link-shape EfficientNet-b0)
+        return effb0_layout(str(arch).lower())
     arch = _check_arch(arch)
     if network is not None:
         network = getattr(network, "module", network)

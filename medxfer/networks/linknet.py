@@ -1,0 +1,157 @@
+"""Link-shape EfficientNet-b0 segmenter of TATL (SPEC section 6): LinkNet decoder, skip *addition*.
+
+Reference: A. Chaurasia, E. Culurciello, "LinkNet: Exploiting encoder representations for efficient
+semantic segmentation", VCIP 2017 (decoder block, their Fig. 3); used with an EfficientNet-b0 encoder
+(Tan & Le 2019) as the "Link-shape" network of TATL (Nguyen et al. 2023, section 4.1).
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+import torch
+from torch import nn
+
+from medxfer.networks.effnet_unet import (
+    EFFB0_CHANNELS, _no_download, build_effb0_encoder, load_encoder_weights,
+)
+
+__all__ = ["LinkNetEffB0", "LinkDecoderBlock", "LinkNetDecoder", "SIZE_DIVISOR"]
+
+#: Every side of the input must be a multiple of this (5 stride-2 stages of EfficientNet-b0).
+SIZE_DIVISOR = 32
+
+
+class LinkDecoderBlock(nn.Module):
+    """LinkNet decoder block: ``(B, in, S) -> (B, out, 2S)``, plus the encoder feature ``(B, out, 2S)`` if given.
+
+    ``conv 1x1 (in -> in/4) -> x2 up (in/4 -> in/4) -> conv 1x1 (in/4 -> out)``, each conv followed by
+    norm and activation (MONAI ``Convolution``), then ``+ skip`` (Chaurasia & Culurciello 2017, Fig. 3).
+    The x2 up is ``upsample="nontrainable"``: interpolation (MONAI ``UpSample``) then a 3x3 conv, as in
+    the upsampling decoder block the TATL authors' library uses; or ``"deconv"``: a 3x3 transposed conv
+    with stride 2, the paper's "full-conv".
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout,
+                 bias: bool = False, upsample: str = "nontrainable", interp_mode: str = "nearest") -> None:
+        super().__init__()
+        from monai.networks.blocks import Convolution, UpSample
+
+        mid = max(in_channels // 4, 1)
+
+        def conv(cin, cout, kernel, **kw):
+            return Convolution(spatial_dims, cin, cout, kernel_size=kernel, act=act, norm=norm, dropout=dropout,
+                               bias=bias, **kw)
+
+        self.reduce = conv(in_channels, mid, 1)
+        if upsample == "deconv":
+            self.up = conv(mid, mid, 3, strides=2, is_transposed=True)
+        elif upsample == "nontrainable":
+            self.up = nn.Sequential(
+                UpSample(spatial_dims, scale_factor=2, mode="nontrainable", pre_conv=None, interp_mode=interp_mode,
+                         align_corners=None),
+                conv(mid, mid, 3))
+        else:
+            raise ValueError(f"upsample must be 'nontrainable' or 'deconv', got {upsample!r}")
+        self.expand = conv(mid, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.expand(self.up(self.reduce(x)))
+        if skip is not None:
+            x = x + skip
+        return x
+
+
+class LinkNetDecoder(nn.Module):
+    """Deep -> shallow LinkNet decoder over 5 encoder features (scales 1/2 .. 1/32 of the input).
+
+    ``blocks[i]`` for ``i < 4`` maps encoder channels ``c[4-i] -> c[3-i]`` and adds encoder feature
+    ``3-i``; ``blocks[4]`` maps ``c[0] -> c[0]`` up to the input resolution, without a skip.
+    """
+
+    def __init__(self, spatial_dims: int, encoder_channels=EFFB0_CHANNELS, **block_kwargs) -> None:
+        super().__init__()
+        chans = list(encoder_channels)
+        ins = chans[::-1]                   # 320, 112, 40, 24, 16
+        outs = chans[::-1][1:] + [chans[0]]  # 112, 40, 24, 16, 16
+        self.blocks = nn.ModuleList(LinkDecoderBlock(spatial_dims, i, o, **block_kwargs) for i, o in zip(ins, outs))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        n = len(features)
+        x = features[n - 1]
+        for i, block in enumerate(self.blocks):
+            skip: torch.Tensor | None = None
+            if i < n - 1:
+                skip = features[n - 2 - i]  # same scale as the block's output
+            x = block(x, skip)
+        return x
+
+
+class LinkNetEffB0(nn.Module):
+    """LinkNet-style segmenter on MONAI's EfficientNet-b0 encoder (TATL "Link shape").
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)`` logits (``(B, C, H, W, D)``
+    with ``spatial_dims=3``); ``H, W`` must be multiples of 32 (e.g. 64x64, 384x512).
+
+    Encoder features ``f1..f5`` (16, 24, 40, 112, 320 channels at H/2 .. H/32) are decoded as
+    ``d4 = B0(f5) + f4, d3 = B1(d4) + f3, d2 = B2(d3) + f2, d1 = B3(d2) + f1, d0 = B4(d1)``, with
+    :class:`LinkDecoderBlock` ``B*``; the head is a 3x3 conv ``16 -> out_channels``. Compared with the
+    U shape (skip concatenation, :func:`medxfer.networks.effnet_unet.unet_effb0`), the decoder
+    outputs exactly the encoder's channels, so it is far smaller (about 0.11 M parameters against
+    1.77 M).
+
+    Reused from MONAI, unchanged: the encoder (``EfficientNetEncoder`` built as ``FlexibleUNet`` builds
+    it, held as ``self.encoder`` so that its state-dict keys ``encoder.*`` equal ``FlexibleUNet``'s),
+    ``Convolution`` / ``UpSample`` blocks, and ``FlexibleUNet``'s ``SegmentationHead``
+    (``self.segmentation_head``). Module names follow ``FlexibleUNet`` (``decoder.blocks.<i>``), so
+    :func:`medxfer.networks.effnet_unet.effb0_layout` describes both. ``torch.export.export`` works as
+    is; ``torch.jit.script`` after ``net.encoder.set_swish(memory_efficient=False)`` (as for MONAI's
+    EfficientNet).
+
+    Args:
+        in_channels: image channels (default 3). out_channels: output maps (default 1).
+        spatial_dims: 2 (default) or 3.
+        weights_file: local encoder weights (see :func:`~medxfer.networks.effnet_unet.load_encoder_weights`);
+            ``None``: random initialisation. Never downloads.
+        pretrained: ``True`` requires ``weights_file`` (raises ``ValueError`` otherwise).
+        norm: decoder normalisation, default ``("batch", {"eps": 1e-3, "momentum": 0.1})`` (as
+            ``FlexibleUNet``); the encoder keeps its own BatchNorm (eps 1e-3, momentum 0.01).
+        act: decoder activation, default ``("relu", {"inplace": True})``. dropout: decoder dropout, 0.
+        decoder_bias: bias in decoder convs (default ``False``, a norm follows).
+        upsample: ``"nontrainable"`` (interpolate + 3x3 conv, default) or ``"deconv"`` (3x3
+            transposed conv, stride 2).
+        interp_mode: interpolation of ``"nontrainable"``, default ``"nearest"``.
+        strict_weights: raise if ``weights_file`` lacks or mismatches any encoder key.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, spatial_dims: int = 2,
+                 weights_file: str | PathLike | None = None, pretrained: bool = False,
+                 norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.1}),
+                 act: str | tuple = ("relu", {"inplace": True}), dropout: float | tuple = 0.0,
+                 decoder_bias: bool = False, upsample: str = "nontrainable", interp_mode: str = "nearest",
+                 strict_weights: bool = False) -> None:
+        super().__init__()
+        from monai.networks.nets.flexible_unet import SegmentationHead
+
+        if spatial_dims not in (2, 3):
+            raise ValueError("spatial_dims can only be 2 or 3.")
+        _no_download(pretrained, weights_file)
+        self.spatial_dims = spatial_dims
+        self.size_divisor = SIZE_DIVISOR
+        self.encoder = build_effb0_encoder(in_channels=in_channels, spatial_dims=spatial_dims)
+        self.decoder = LinkNetDecoder(spatial_dims, EFFB0_CHANNELS, act=act, norm=norm, dropout=dropout,
+                                      bias=decoder_bias, upsample=upsample, interp_mode=interp_mode)
+        self.segmentation_head = SegmentationHead(spatial_dims, EFFB0_CHANNELS[0], out_channels, kernel_size=3)
+        if weights_file is not None:
+            load_encoder_weights(self, weights_file, strict=strict_weights)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, H, W[, D])`` -> ``(B, out_channels, H, W[, D])`` logits."""
+        sides = inputs.shape[2:]
+        bad = len(sides) != self.spatial_dims
+        for side in sides:
+            bad = bad or side % self.size_divisor != 0
+        if bad:  # written for TorchScript as well as torch.export
+            raise ValueError("LinkNetEffB0: input spatial size " + str(sides) + " must have "
+                             + str(self.spatial_dims) + " sides, each a multiple of " + str(self.size_divisor))
+        return self.segmentation_head(self.decoder(self.encoder(inputs)))
