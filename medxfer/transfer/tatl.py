@@ -1,0 +1,88 @@
+"""TATL: transfer learning from an attribute-agnostic segmenter to skin-attribute segmenters.
+
+Nguyen et al., TATL (sections 3-4; SPEC section 6). Three stages, seven networks:
+
+1. **Segment-Net** (U-shape EfficientNet-b0) on ISIC Task 1 lesion masks; its prediction gives the
+   lesion box + offset (:mod:`medxfer.transfer.lesion_crop`), the crop is the input of stages 2-3;
+2. **attribute-agnostic segmenter** on the crops, target = the union (bitwise OR) of the attribute
+   masks (:func:`union_mask`);
+3. **one target segmenter per attribute**, initialised from the stage-2 network (encoder, decoder and
+   head: :func:`init_from_stage2`), ``freeze`` (encoder frozen, TATL-Freeze) or ``non_freeze``.
+
+U- and Link-shape networks share the encoder parameter names, so stage-to-stage transfer works
+between networks of the same shape (stage 2 U -> stage 3 U, stage 2 Link -> stage 3 Link).
+This module holds the stage logic; training loops come from the ``tatl_skin`` bundle.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from medxfer.transfer.finetune import TransferReport, apply_transfer
+
+__all__ = ["TATL_MODES", "union_mask", "init_from_stage2", "stage3_attributes"]
+
+#: Stage-3 initialisation modes: ``freeze`` = TATL-Freeze (encoder frozen), ``non_freeze`` = TATL-NF.
+TATL_MODES = ("freeze", "non_freeze")
+
+
+def union_mask(attribute_masks) -> np.ndarray | torch.Tensor:
+    """Stage-2 target: the union (bitwise OR) of the attribute masks.
+
+    Args:
+        attribute_masks: ``(A, H, W)`` (or ``(B, A, H, W)`` with ``A`` on axis 1 for tensors of a
+            batch) masks, anything > 0 is foreground.
+
+    Returns:
+        ``(1, H, W)`` (``(B, 1, H, W)``) of the same kind, values 0/1 in the input's dtype for
+        tensors and ``uint8`` for arrays.
+    """
+    if isinstance(attribute_masks, torch.Tensor):
+        axis = 1 if attribute_masks.dim() == 4 else 0
+        return (attribute_masks > 0).any(dim=axis, keepdim=True).to(attribute_masks.dtype)
+    masks = np.asarray(attribute_masks)
+    if masks.ndim != 3:
+        raise ValueError(f"attribute masks must be (A, H, W), got shape {masks.shape}")
+    return (masks > 0).any(axis=0, keepdims=True).astype(np.uint8)
+
+
+def init_from_stage2(network: torch.nn.Module, stage2_state: Mapping[str, torch.Tensor], arch: str,
+                     mode: str = "non_freeze") -> TransferReport:
+    """Initialise a stage-3 target segmenter from the stage-2 network's weights (SPEC section 6).
+
+    Every tensor of the stage-2 state dict whose shape matches is loaded (encoder, decoder and head:
+    transfer mode ``full``); ``mode="freeze"`` then freezes every encoder parameter
+    (``requires_grad=False``), so only decoder and head train. Build the optimizer afterwards with
+    :func:`medxfer.transfer.finetune.trainable_parameters`.
+
+    Args:
+        network: a freshly built stage-3 network of the same shape as the stage-2 one.
+        stage2_state: the stage-2 network's state dict.
+        arch: ``"unet_effb0"`` or ``"linknet_effb0"`` (its layout says which keys are encoder).
+        mode: ``"freeze"`` or ``"non_freeze"``.
+    """
+    from medxfer.networks.factory import arch_layout
+
+    if mode not in TATL_MODES:
+        raise ValueError(f"TATL stage-3 mode must be one of {TATL_MODES}, got {mode!r}")
+    layout = arch_layout(arch, network)
+    report = apply_transfer(network, stage2_state, "full", arch, layout=layout)
+    if report.shape_mismatch:
+        raise ValueError(f"stage-2 weights do not fit the stage-3 {arch}: {sorted(report.shape_mismatch)[:3]} ... "
+                         "(stage 2 and stage 3 must have the same shape and channels)")
+    if mode == "freeze":
+        for name, param in network.named_parameters():
+            if layout.encoder_level(name) is not None:
+                param.requires_grad_(False)
+                report.frozen.append(name)
+    return report
+
+
+def stage3_attributes(year: int) -> Sequence[str]:
+    """The attributes with a stage-3 segmenter: ISIC 2018 has five, ISIC 2017 four (no globules)."""
+    from medxfer.data.isic import ISIC_LAYOUTS
+
+    return tuple(ISIC_LAYOUTS[year].attributes)

@@ -1,0 +1,65 @@
+"""TATL stage logic: union target, stage 3 starts from stage 2, freeze keeps the encoder."""
+
+import numpy as np
+import pytest
+import torch
+
+from medxfer.losses import TverskyJaccardLoss
+from medxfer.networks import LinkNetEffB0, arch_layout, unet_effb0
+from medxfer.transfer.finetune import trainable_parameters
+from medxfer.transfer.tatl import init_from_stage2, stage3_attributes, union_mask
+
+
+def test_stage2_target_is_the_union_of_the_attribute_masks():
+    masks = np.zeros((3, 4, 5), np.uint8)
+    masks[0, 0, 0] = 255
+    masks[2, 3, 4] = 1
+    masks[1, 0, 0] = 255
+    u = union_mask(masks)
+    assert u.shape == (1, 4, 5) and u.sum() == 2 and u[0, 0, 0] == 1 and u[0, 3, 4] == 1
+    t = union_mask(torch.as_tensor(masks[None]).float())
+    assert t.shape == (1, 1, 4, 5) and torch.equal(t[0], torch.as_tensor(u).float())
+    assert stage3_attributes(2018) == ("globules", "milia_like_cyst", "negative_network", "pigment_network", "streaks")
+    assert len(stage3_attributes(2017)) == 4 and "globules" not in stage3_attributes(2017)
+
+
+@pytest.mark.parametrize("arch,make", [("unet_effb0", unet_effb0), ("linknet_effb0", LinkNetEffB0)])
+@pytest.mark.parametrize("mode", ["freeze", "non_freeze"])
+def test_stage3_starts_from_stage2_and_freeze_keeps_the_encoder_after_a_step(arch, make, mode):
+    torch.manual_seed(0)
+    stage2 = make(in_channels=3, out_channels=1)
+    with torch.no_grad():  # make stage 2 differ from any fresh initialisation
+        for p in stage2.parameters():
+            p.add_(0.01)
+    torch.manual_seed(1)
+    stage3 = make(in_channels=3, out_channels=1)
+    report = init_from_stage2(stage3, stage2.state_dict(), arch, mode)
+    s2, s3 = stage2.state_dict(), stage3.state_dict()
+    assert all(torch.equal(s2[k], s3[k]) for k in s2)  # parameters equal before training
+    assert not report.shape_mismatch and not report.skipped_by_mode
+
+    layout = arch_layout(arch, stage3)
+    encoder = {n: p.detach().clone() for n, p in stage3.named_parameters() if layout.encoder_level(n) is not None}
+    others = {n: p.detach().clone() for n, p in stage3.named_parameters() if layout.encoder_level(n) is None}
+    params = trainable_parameters(stage3)
+    assert len(params) == (len(others) if mode == "freeze" else len(encoder) + len(others))
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)  # TATL: SGD lr 0.01, momentum 0.9
+    stage3.train()
+    x = torch.randn(2, 3, 64, 64)
+    y = (torch.rand(2, 1, 64, 64) > 0.7).float()
+    loss = TverskyJaccardLoss()(stage3(x), y)
+    loss.backward()
+    opt.step()
+    after = dict(stage3.named_parameters())
+    enc_same = all(torch.equal(after[n], v) for n, v in encoder.items())
+    assert enc_same == (mode == "freeze")
+    assert any(not torch.equal(after[n], v) for n, v in others.items())  # the decoder trained
+
+
+def test_stage2_weights_of_another_shape_are_refused():
+    stage2 = unet_effb0(in_channels=3, out_channels=2)
+    stage3 = unet_effb0(in_channels=3, out_channels=1)
+    with pytest.raises(ValueError, match="do not fit"):
+        init_from_stage2(stage3, stage2.state_dict(), "unet_effb0")
+    with pytest.raises(ValueError, match="mode"):
+        init_from_stage2(stage3, stage3.state_dict(), "unet_effb0", "frozen")
