@@ -40,6 +40,7 @@ def test_stage3_starts_from_stage2_and_freeze_keeps_the_encoder_after_a_step(arc
 
     layout = arch_layout(arch, stage3)
     encoder = {n: p.detach().clone() for n, p in stage3.named_parameters() if layout.encoder_level(n) is not None}
+    stats = {n: b.clone() for n, b in stage3.named_buffers() if "running_mean" in n and layout.encoder_level(n) is not None}
     others = {n: p.detach().clone() for n, p in stage3.named_parameters() if layout.encoder_level(n) is None}
     params = trainable_parameters(stage3)
     assert len(params) == (len(others) if mode == "freeze" else len(encoder) + len(others))
@@ -53,6 +54,8 @@ def test_stage3_starts_from_stage2_and_freeze_keeps_the_encoder_after_a_step(arc
     after = dict(stage3.named_parameters())
     enc_same = all(torch.equal(after[n], v) for n, v in encoder.items())
     assert enc_same == (mode == "freeze")
+    buffers = dict(stage3.named_buffers())  # frozen: batch-norm statistics unchanged too
+    assert stats and all(torch.equal(buffers[n], v) for n, v in stats.items()) == (mode == "freeze")
     assert any(not torch.equal(after[n], v) for n, v in others.items())  # the decoder trained
 
 

@@ -55,7 +55,8 @@ def init_from_stage2(network: torch.nn.Module, stage2_state: Mapping[str, torch.
 
     Every tensor of the stage-2 state dict whose shape matches is loaded (encoder, decoder and head:
     transfer mode ``full``); ``mode="freeze"`` then freezes every encoder parameter
-    (``requires_grad=False``), so only decoder and head train. Build the optimizer afterwards with
+    (``requires_grad=False``) and keeps the encoder's batch-norm layers in inference mode (running
+    statistics unchanged), so only decoder and head train. Build the optimizer afterwards with
     :func:`medxfer.transfer.finetune.trainable_parameters`.
 
     Args:
@@ -78,7 +79,21 @@ def init_from_stage2(network: torch.nn.Module, stage2_state: Mapping[str, torch.
             if layout.encoder_level(name) is not None:
                 param.requires_grad_(False)
                 report.frozen.append(name)
+        _keep_batchnorm_in_inference(network, layout)
     return report
+
+
+def _keep_batchnorm_in_inference(network: torch.nn.Module, layout) -> None:
+    """A frozen encoder must stay frozen: its batch-norm layers keep their running statistics
+    (inference mode) even while the network trains, as Keras does for non-trainable layers."""
+    norms = [m for name, m in network.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and layout.encoder_level(name) is not None]
+    def inference_mode(module, args):
+        for m in norms:
+            m.eval()
+
+    if norms:
+        network.register_forward_pre_hook(inference_mode)
 
 
 def stage3_attributes(year: int) -> Sequence[str]:
