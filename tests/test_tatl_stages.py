@@ -66,3 +66,42 @@ def test_stage2_weights_of_another_shape_are_refused():
         init_from_stage2(stage3, stage2.state_dict(), "unet_effb0")
     with pytest.raises(ValueError, match="mode"):
         init_from_stage2(stage3, stage3.state_dict(), "unet_effb0", "frozen")
+
+
+class _KnownLesion(torch.nn.Module):
+    """Stand-in Segment-Net: logits +10 inside a fixed rectangle of the working frame, -10 outside."""
+
+    def __init__(self, rect):
+        super().__init__()
+        self.rect = rect
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.full((x.shape[0], 1, *x.shape[2:]), -10.0)
+        r0, c0, r1, c1 = self.rect
+        out[:, :, r0:r1, c0:c1] = 10.0
+        return out
+
+
+def test_stage1_boxes_are_mapped_to_each_image_own_height_and_width(tmp_path):
+    from medxfer.data.isic import load_isic
+    from medxfer.data.synth.isic import generate_isic
+    from medxfer.transfer.lesion_crop import lesion_box
+    from medxfer.transfer.tatl import load_boxes, save_boxes, segment_net_boxes
+
+    root = generate_isic(tmp_path / "isic", year=2018, num_images=3, size=(90, 150), seed=1)  # non-square, H=90
+    records = load_isic(root, year=2018, task=1)
+    working = (64, 96)
+    mask = torch.zeros(working)
+    mask[10:30, 20:50] = 1
+    boxes = segment_net_boxes(_KnownLesion((10, 20, 30, 50)), records, working_size=working, offset=4, progress=False)
+    from PIL import Image
+
+    for r in records:
+        w, h = Image.open(r["image"]).size
+        assert boxes[r["id"]] == lesion_box(mask, offset=4, image_size=(h, w))
+        assert boxes[r["id"]].row1 <= h and boxes[r["id"]].col1 <= w and not boxes[r["id"]].fallback
+    save_boxes(boxes, tmp_path / "boxes.json")
+    assert load_boxes(tmp_path / "boxes.json") == boxes
+    empty = segment_net_boxes(_KnownLesion((0, 0, 0, 0)), records[:1], working_size=working, progress=False)
+    assert next(iter(empty.values())).fallback

@@ -23,7 +23,8 @@ import torch
 
 from medxfer.transfer.finetune import TransferReport, apply_transfer
 
-__all__ = ["TATL_MODES", "union_mask", "init_from_stage2", "stage3_attributes"]
+__all__ = ["TATL_MODES", "union_mask", "init_from_stage2", "stage3_attributes", "segment_net_boxes", "save_boxes",
+           "load_boxes"]
 
 #: Stage-3 initialisation modes: ``freeze`` = TATL-Freeze (encoder frozen), ``non_freeze`` = TATL-NF.
 TATL_MODES = ("freeze", "non_freeze")
@@ -101,3 +102,54 @@ def stage3_attributes(year: int) -> Sequence[str]:
     from medxfer.data.isic import ISIC_LAYOUTS
 
     return tuple(ISIC_LAYOUTS[year].attributes)
+
+
+@torch.no_grad()
+def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working_size: Sequence[int] = (384, 512),
+                      offset: float = 40, threshold: float = 0.5, progress: bool = True, **box_kwargs) -> dict:
+    """Stage 1 at inference: the Segment-Net's lesion box of every image, in original pixels.
+
+    Each record's image (``record["image"]``, an ISIC JPEG) goes through the dermoscopy ``infer``
+    chain at ``working_size``, the network's sigmoid output is thresholded and
+    :func:`medxfer.transfer.lesion_crop.lesion_box` maps the box (+ ``offset``) back to the image's
+    own ``(H, W)``. Returns ``{image id: Box}`` (a box with ``fallback=True`` where nothing was found).
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from medxfer.transfer.lesion_crop import lesion_box
+    from medxfer.transforms.dermoscopy import dermoscopy_transforms
+
+    chain = dermoscopy_transforms("infer", size=working_size)
+    device = next(network.parameters()).device
+    network.eval()
+    boxes = {}
+    for record in tqdm(records, desc="Segment-Net boxes", disable=not progress, leave=False):
+        with Image.open(record["image"]) as img:
+            width, height = img.size  # PIL gives (W, H)
+        image = chain({"image": record["image"]})["image"]
+        prob = torch.sigmoid(network(torch.as_tensor(image)[None].to(device)))[0, 0].cpu()
+        boxes[record["id"]] = lesion_box(prob, threshold=threshold, offset=offset, image_size=(height, width),
+                                         mask_size=working_size, **box_kwargs)
+    return boxes
+
+
+def save_boxes(boxes: Mapping, path) -> None:
+    """Write ``{image id: Box}`` as JSON (the crops of stages 2-3 are reproducible from it)."""
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({k: b.to_dict() for k, b in boxes.items()}, indent=1) + "\n")
+
+
+def load_boxes(path) -> dict:
+    """Read :func:`save_boxes` output back into ``{image id: Box}`` (errors name the file)."""
+    from medxfer.data.problems import DatasetError, read_json
+    from medxfer.transfer.lesion_crop import Box
+
+    data = read_json(path, "box file not found; run stage 1 first")
+    try:
+        return {k: Box.from_dict(v) for k, v in data.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(path, f"not a box file: {e}") from None
