@@ -21,11 +21,12 @@ settings are fixed before the evaluation and reported with it.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from medxfer.jsonfile import write_json
 
 __all__ = ["StudyConfig", "estimate_seconds", "run_study", "SECONDS_PER_ITERATION"]
 
@@ -193,7 +194,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
                "evaluation": {"mean": result["mean"], "per_target": result["per_target"]},
                "best_estimator": ranking[0] if ranking else None, "ranking_by_weighted_tau": ranking,
                "scoring_over_finetuning_time": timings["scoring"] / timings["fine_tuning"] if timings["fine_tuning"] else None}
-    (out / "study.json").write_text(json.dumps(_json_safe(summary), indent=2, default=str) + "\n")
+    write_json(out / "study.json", summary, default=str)
 
     for target in targets:
         name = target.root.name
@@ -213,14 +214,3 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
 
 def _finite(x) -> float:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else -math.inf
-
-
-def _json_safe(obj):
-    """NaN / inf -> null, recursively (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

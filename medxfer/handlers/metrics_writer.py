@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from ignite.engine import Engine, Events
 
+from medxfer.jsonfile import write_json
 from medxfer.metrics.segmentation import case_metrics, summarize_cases
 
 __all__ = ["SegmentationMetricsWriter"]
@@ -34,16 +33,6 @@ def _spacing(tensor) -> list[float]:
     if pixdim is None:
         return [1.0, 1.0, 1.0]
     return [float(s) for s in torch.as_tensor(pixdim).flatten()[:3]]
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class SegmentationMetricsWriter:
@@ -101,7 +90,7 @@ class SegmentationMetricsWriter:
         report = {"classes": self.class_names, "summary": summary, "cases": self.rows,
                   "convention": "NaN/null = class absent from prediction and ground truth (excluded from means); "
                                 "HD95 in mm, image diagonal when exactly one mask is empty"}
-        (self.output_dir / f"{self.name}.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+        write_json(self.output_dir / f"{self.name}.json", report)
         for col, stats in summary.items():
             engine.state.metrics[col] = stats["mean"]
         logging.getLogger("medxfer.metrics").info(

@@ -86,20 +86,19 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
             sources.append(path)
     if not sources:
         raise DatasetError(data_dir, f"no source task usable for target {target_task.root.name} (skipped: {skipped})")
-    summary = pretrain_bank(data_dir, sources, out, config, (target_task.num_channels, len(target_task.labels)),
-                            device=device, num_workers=num_workers, seed=seed, progress=progress, quiet=quiet,
-                            description=f"CC-FV leave-one-task-out bank for target {target_task.root.name}")
-    summary.update(target=target_task.root.name, skipped_sources=skipped)
-    (Path(out) / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
+    return pretrain_bank(data_dir, sources, out, config, (target_task.num_channels, len(target_task.labels)),
+                         device=device, num_workers=num_workers, seed=seed, progress=progress, quiet=quiet,
+                         description=f"CC-FV leave-one-task-out bank for target {target_task.root.name}",
+                         summary_extra={"target": target_task.root.name, "skipped_sources": skipped})
 
 
 def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_channels: tuple[int, int],
                   device: str | None = None, num_workers: int = 0, seed: int = 0, progress: bool = True,
-                  quiet: bool = False, description: str = "") -> dict:
+                  quiet: bool = False, description: str = "", summary_extra: dict | None = None) -> dict:
     """Pretrain every arch of ``config`` on every task of ``sources`` (one task each) into the bank
     ``out``, and add one seeded, untrained ``<arch>_scratch`` entry per arch with
-    ``scratch_channels = (in, out)``. Writes ``build_summary.json``; returns it.
+    ``scratch_channels = (in, out)``. Writes ``build_summary.json`` (with ``summary_extra`` merged
+    in); returns it.
 
     A bank pretrained on all tasks serves every leave-one-task-out target: see :func:`ccfv_entries`.
     """
@@ -122,7 +121,7 @@ def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_
         overrides["device"] = device
     jobs = [(arch, Path(src)) for arch in config["archs"] for src in sources]
     summary = {"data_dir": str(Path(data_dir).resolve()), "bank": str(out.resolve()), "config": config,
-               "sources": [Path(s).name for s in sources], "entries": []}
+               "sources": [Path(s).name for s in sources], **(summary_extra or {}), "entries": []}
     for arch, src in tqdm(jobs, desc="pretraining bank entries", disable=not progress):
         t0 = time.perf_counter()
         n_folds = max(2, min(overrides["n_folds"], len(load_task(src).training)))

@@ -30,6 +30,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import scipy.stats
 
+from medxfer.jsonfile import write_json
+
 __all__ = [
     "METRICS",
     "weighted_tau",
@@ -243,18 +245,6 @@ def table_from_files(scores_file: str | Path, dice_file: str | Path, target: str
     return table
 
 
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def write_report(result: Mapping, out_dir: str | Path, name: str = "te_evaluation") -> dict[str, Path]:
     """Write :func:`evaluate_estimators`'s result as ``<name>.json`` (NaN -> ``null``) and
     ``<name>.csv`` (one row per target and estimator, then ``scope=mean`` rows; NaN -> ``nan``).
@@ -262,7 +252,7 @@ def write_report(result: Mapping, out_dir: str | Path, name: str = "te_evaluatio
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
-    json_path.write_text(json.dumps(_json_safe(dict(result)), indent=2) + "\n")
+    write_json(json_path, dict(result))
     fields = ["scope", "target", "estimator", *METRICS, "picked", "n_models", "n_scored"]
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import logging
 import math
 import time
@@ -37,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from medxfer.jsonfile import write_json
 from medxfer.transferability.features import CaseFeatures, SamplingConfig, pooled, sample_dataset
 
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "run_estimators", "target_cases", "score_bank",
@@ -220,9 +220,6 @@ def write_scores(rows: list[dict], out_dir, meta: dict | None = None) -> tuple[P
         for r in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
 
-    def clean(v):
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
-    payload = {"meta": meta or {}, "higher_is_better": True, "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}
-    (out / "scores.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    payload = {"meta": meta or {}, "higher_is_better": True, "rows": rows}
+    write_json(out / "scores.json", payload, default=str)
     return out / "scores.csv", out / "scores.json"
