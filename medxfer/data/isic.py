@@ -45,6 +45,7 @@ __all__ = [
     "scan_isic",
     "load_isic",
     "check_isic_record",
+    "check_mask_sizes",
     "DatasetError",
 ]
 
@@ -369,6 +370,35 @@ def check_isic_record(record: dict) -> list[Problem]:
             others = np.unique(values[bad])
             shown = ", ".join(str(int(v)) for v in others[:5]) + (", ..." if len(others) > 5 else "")
             problems.append(Problem(path, f"mask has values other than 0/255 ({shown}) in {int(bad.sum())} pixels"))
+    return problems
+
+
+def check_mask_sizes(records) -> list[Problem]:
+    """Masks whose size differs from their image's, reading file headers only (cheap: no decoding,
+    so it runs before every training; :func:`check_isic_record` checks everything but decodes)."""
+    from PIL import Image
+
+    def size(path):
+        try:
+            with Image.open(path) as img:
+                return img.size, None
+        except Exception as err:  # unreadable files: PIL raises several types
+            return None, Problem(str(path), f"cannot read: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+    problems: list[Problem] = []
+    for record in records:
+        image_size, problem = size(record["image"])
+        if problem:
+            problems.append(problem)
+            continue
+        masks = ([record["lesion"]] if "lesion" in record else []) + list(record.get("attributes", {}).values())
+        for path in masks:
+            mask_size, problem = size(path)
+            if problem:
+                problems.append(problem)
+            elif mask_size != image_size:
+                problems.append(Problem(str(path), f"mask is {mask_size[0]}x{mask_size[1]} but image is "
+                                                   f"{image_size[0]}x{image_size[1]} (width x height)"))
     return problems
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .problems import DatasetError, read_json
 
-__all__ = ["make_kfold_splits", "save_splits", "load_splits", "apply_split"]
+__all__ = ["make_kfold_splits", "save_splits", "load_splits", "apply_split", "fold_records"]
 
 
 def _ids_of(cases: Iterable) -> list[str]:
@@ -107,3 +107,24 @@ def apply_split(records: Sequence[dict], splits: list[dict], fold: int) -> tuple
     if unknown:
         raise ValueError(f"fold {fold} names case(s) not in the dataset: {unknown[:5]}")
     return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
+
+
+def fold_records(records: Sequence[dict], fold: int = 0, n_folds: int = 5, seed: int = 0,
+                 splits_file=None) -> tuple[list[dict], list[dict]]:
+    """``(train, val)`` records of one fold, with the folds kept in ``splits_file``.
+
+    The folds come from ``splits_file`` when it exists (ours or nnU-Net's ``splits_final.json``);
+    otherwise seeded k-fold splits of ``records`` are made and saved there, so every later run
+    (resume, evaluate, other folds, other stages) uses the same cases. Of several processes saving
+    at once (multi-GPU ranks) one wins and the others read its file.
+    """
+    if splits_file is not None and Path(splits_file).exists():
+        splits = load_splits(splits_file)
+    else:
+        splits = make_kfold_splits(records, n_folds=n_folds, seed=seed)
+        if splits_file is not None:
+            try:
+                save_splits(splits, splits_file)
+            except FileExistsError:
+                splits = load_splits(splits_file)
+    return apply_split(records, splits, fold)

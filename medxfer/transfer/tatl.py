@@ -106,13 +106,15 @@ def stage3_attributes(year: int) -> Sequence[str]:
 
 @torch.no_grad()
 def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working_size: Sequence[int] = (384, 512),
-                      offset: float = 40, threshold: float = 0.5, progress: bool = True, **box_kwargs) -> dict:
+                      offset: float = 40, threshold: float = 0.5, progress: bool = True, mean=None, std=None,
+                      **box_kwargs) -> dict:
     """Stage 1 at inference: the Segment-Net's lesion box of every image, in original pixels.
 
     Each record's image (``record["image"]``, an ISIC JPEG) goes through the dermoscopy ``infer``
     chain at ``working_size``, the network's sigmoid output is thresholded and
     :func:`medxfer.transfer.lesion_crop.lesion_box` maps the box (+ ``offset``) back to the image's
-    own ``(H, W)``. Returns ``{image id: Box}`` (a box with ``fallback=True`` where nothing was found).
+    own ``(H, W)``. ``mean`` / ``std``: the normalisation the network was trained with (default ImageNet).
+    Returns ``{image id: Box}`` (a box with ``fallback=True`` where nothing was found).
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -120,7 +122,8 @@ def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working
     from medxfer.transfer.lesion_crop import lesion_box
     from medxfer.transforms.dermoscopy import dermoscopy_transforms
 
-    chain = dermoscopy_transforms("infer", size=working_size)
+    norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    chain = dermoscopy_transforms("infer", size=working_size, **norm)
     device = next(network.parameters()).device
     network.eval()
     boxes = {}

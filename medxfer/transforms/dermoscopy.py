@@ -54,9 +54,11 @@ from monai.transforms import (
     AsDiscreted,
     Compose,
     ConcatItemsd,
+    Lambdad,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     RandAffined,
     RandFlipd,
@@ -64,6 +66,7 @@ from monai.transforms import (
     RandScaleIntensityFixedMeand,
     Resized,
     ScaleIntensityRanged,
+    SpatialCrop,
 )
 
 __all__ = [
@@ -77,6 +80,7 @@ __all__ = [
     "dermoscopy_channel_stats",
     "image_reader",
     "mask_reader",
+    "CropToBoxd",
 ]
 
 #: ImageNet per-channel (R, G, B) mean and standard deviation on the 0..1 scale (torchvision's values).
@@ -121,6 +125,45 @@ def _load(image_key: str | None, mask_keys: Sequence[str]) -> list:
     return chain
 
 
+class CropToBoxd(MapTransform):
+    """Crop the image and masks of a record to its lesion box (TATL stage 1 -> stages 2-3).
+
+    ``data[box_key]`` is a :class:`medxfer.transfer.lesion_crop.Box` (or its ``to_dict()``) in
+    pixels of the original image, e.g. from the Segment-Net (:func:`medxfer.transfer.tatl.segment_net_boxes`);
+    a record without a box (or ``None``) is left whole. ``(C, H, W)`` in, ``(C, box.height,
+    box.width)`` out, with MONAI's ``SpatialCrop`` (the crop is recorded in the MetaTensor). A box
+    outside the image raises ValueError naming the image file.
+    """
+
+    def __init__(self, keys, box_key: str = "box", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.box_key = box_key
+
+    def __call__(self, data):
+        from medxfer.transfer.lesion_crop import Box
+
+        d = dict(data)
+        box = d.get(self.box_key)
+        if box is None:
+            return d
+        box = box if isinstance(box, Box) else Box.from_dict(box)
+        cropper = SpatialCrop(roi_start=(box.row0, box.col0), roi_end=(box.row1, box.col1))
+        for key in self.key_iterator(d):
+            try:
+                box.check_inside(tuple(d[key].shape[1:]))
+            except ValueError as e:
+                source = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"{source}: {e}") from None
+            d[key] = cropper(d[key])
+        return d
+
+
+def _union(masks):
+    from medxfer.transfer.tatl import union_mask
+
+    return union_mask(masks)
+
+
 def _pair(size) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
@@ -138,6 +181,8 @@ def dermoscopy_transforms(
     image_key: str = "image",
     mask_keys: str | Sequence[str] = ("lesion",),
     label_key: str | None = None,
+    union: bool = False,
+    box_key: str | None = None,
     prob: float = 0.5,
     rotate_deg: float = 30.0,
     shift: float = 0.1,
@@ -159,6 +204,10 @@ def dermoscopy_transforms(
             each becomes a ``(1, H, W)`` float 0/1 tensor. Ignored in ``"infer"`` mode.
         label_key: if given, the masks are also concatenated, in ``mask_keys`` order, into one
             ``(len(mask_keys), H, W)`` tensor under this key (multi-label target for the loss).
+        union: with ``label_key``, the label is instead the union (bitwise OR) of the masks,
+            ``(1, H, W)`` (the TATL stage-2 attribute-agnostic target).
+        box_key: if given, records carrying a lesion box under this key are cropped to it right
+            after loading (:class:`CropToBoxd`; TATL stages 2-3 see the Segment-Net crop).
         prob: probability of each random augmentation (train only).
         rotate_deg, shift, zoom: affine ranges: degrees, fraction of the size, scale +- per axis.
         brightness, contrast: ranges of the intensity factors (0 switches one off).
@@ -184,6 +233,8 @@ def dermoscopy_transforms(
     keys = [image_key, *mask_keys]
 
     chain = _load(image_key, mask_keys)
+    if box_key is not None:
+        chain.append(CropToBoxd(keys, box_key=box_key))
     chain.append(ScaleIntensityRanged(image_key, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0))
     if size is not None:
         size = _pair(size)
@@ -214,6 +265,8 @@ def dermoscopy_transforms(
     chain.append(NormalizeIntensityd(image_key, subtrahend=mean, divisor=std, channel_wise=True))
     if label_key is not None and mask_keys:
         chain.append(ConcatItemsd(mask_keys, name=label_key, dim=0))
+        if union:
+            chain.append(Lambdad(label_key, func=_union))
     chain.append(EnsureTyped(keys + ([label_key] if label_key is not None and mask_keys else []),
                              dtype=torch.float32, track_meta=True))
     return Compose(chain)

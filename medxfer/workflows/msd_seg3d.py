@@ -17,7 +17,7 @@ from monai.transforms import Compose, MapLabelValued
 
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
-from medxfer.data.splits import apply_split, load_splits, make_kfold_splits, save_splits
+from medxfer.data.splits import fold_records
 from medxfer.planning.nnunet import load_plans, plan_task
 from medxfer.transforms.msd import msd_transforms
 
@@ -79,17 +79,7 @@ def fold_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, sp
     otherwise seeded k-fold splits are made and saved there, so every later run (resume, evaluate,
     other folds) uses the same cases.
     """
-    task = load_task(data_root)
-    if splits_file is not None and Path(splits_file).exists():
-        splits = load_splits(splits_file)
-    else:
-        splits = make_kfold_splits(task.training, n_folds=n_folds, seed=seed)
-        if splits_file is not None:
-            try:
-                save_splits(splits, splits_file)
-            except FileExistsError:  # another rank of a multi-GPU run saved it first: use that one
-                splits = load_splits(splits_file)
-    return apply_split(task.training, splits, fold)
+    return fold_records(load_task(data_root).training, fold, n_folds, seed, splits_file)
 
 
 def inference_datalist(input_path) -> list[dict]:

@@ -1,0 +1,543 @@
+"""Helpers the ``bundles/tatl_skin`` configs call: datalists, networks per stage, the cross-validation run.
+
+TATL (Nguyen et al., sections 4-5; SPEC section 6) trains seven kinds of networks per fold:
+
+====================  ============================  ======================  =====================
+network               target                        input                   initialisation
+====================  ============================  ======================  =====================
+Segment-Net (stage 1)  Task 1 lesion mask           whole image             ImageNet encoder
+agnostic (stage 2)    union of the attribute masks  Segment-Net crop        ImageNet encoder
+target (stage 3)      one attribute                 Segment-Net crop        stage 2 (freeze / NF)
+====================  ============================  ======================  =====================
+
+each of stages 2-3 in U-shape (``unet_effb0``) and Link-shape (``linknet_effb0``); the prediction
+averages the two shapes' probabilities. One network is trained by ``configs/train.yaml`` (MONAI
+``SupervisedTrainer`` + early stopping on a tuning split); :func:`run_cross_validation` runs that
+config for every network of every fold in stage order and scores the held-out fold.
+
+Leaving stages out gives the paper's Table 3 ablations: without stage 1 the networks see whole
+images, without stage 2 the target segmenters start from the ImageNet encoder (or random weights).
+
+Data per fold: the k-fold split of all images (``splits.json``, nnU-Net format) gives the test fold;
+a seeded ``tune_fraction`` of the remaining images is held out for early stopping and checkpoint
+choice (the test fold never influences training). The Segment-Net of a fold is trained on the
+fold's training images only, and its boxes (``boxes.json``) crop every image of the fold.
+
+Run layout (``output_dir``)::
+
+    tatl_run.json                 settings of the run (a rerun with other settings is refused)
+    splits.json                   the folds
+    fold_<k>/segment_net/model.pt, boxes.json
+    fold_<k>/agnostic_<arch>/model.pt
+    fold_<k>/target_<attribute>_<arch>/model.pt   (+ transfer_report.json, metrics, done.json)
+    fold_<k>/scores.json          per attribute TP / FP / FN, Jaccard, Dice on the test fold
+    cv_scores.json / .csv / .png  mean and std over folds (ISIC 2018 Task 2 rule)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medxfer.data.isic import ISIC_LAYOUTS, check_mask_sizes, detect_isic_year, load_isic
+from medxfer.data.problems import DatasetError, raise_if_problems
+from medxfer.data.splits import fold_records
+from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE, dermoscopy_transforms
+
+__all__ = ["ARCHES", "STAGES", "TatlSettings", "isic_year", "target_masks", "build_effb0", "stage_network",
+           "load_trained", "tatl_datalists", "stage_transforms", "tuning_score", "network_dir",
+           "run_cross_validation", "evaluate_run", "write_cv_report", "inference_images", "run_inference"]
+
+logger = logging.getLogger("medxfer.workflows")
+
+#: U-shape and Link-shape EfficientNet-b0 segmenters (stages 2-3 use both, averaged).
+ARCHES = ("unet_effb0", "linknet_effb0")
+#: 1 = Segment-Net crop, 2 = attribute-agnostic segmenter, 3 = target segmenters (always on).
+STAGES = (1, 2, 3)
+
+
+def isic_year(data_root) -> int:
+    """The ISIC release (2017 or 2018) of the dataset at ``data_root``; DatasetError if neither."""
+    year = detect_isic_year(data_root)
+    if year is None:
+        expected = " or ".join(layout.image_dir for layout in ISIC_LAYOUTS.values())
+        raise DatasetError(data_root, f"not an ISIC 2017/2018 dataset folder (expected a folder {expected})")
+    return year
+
+
+def target_masks(target: str, year: int) -> tuple[list[str], bool]:
+    """Record keys of the masks a network learns, and whether they are united.
+
+    ``target``: ``"lesion"`` (Segment-Net, Task 1 mask), ``"union"`` (stage 2: OR of all attribute
+    masks of the year) or an attribute name of the year (stage 3).
+    """
+    attributes = ISIC_LAYOUTS[year].attributes
+    if target == "lesion":
+        return ["lesion"], False
+    if target == "union":
+        return [f"attribute_{a}" for a in attributes], True
+    if target in attributes:
+        return [f"attribute_{target}"], False
+    raise ValueError(f"target must be 'lesion', 'union' or an ISIC {year} attribute ({', '.join(attributes)}), "
+                     f"got {target!r}")
+
+
+def build_effb0(arch: str, weights_file=None) -> torch.nn.Module:
+    """A 3-channel-in, 1-logit-out EfficientNet-b0 segmenter of shape ``arch`` (``ARCHES``); the
+    encoder from ``weights_file`` (ImageNet ``efficientnet-b0`` weights on disk) when given."""
+    from medxfer.networks.effnet_unet import unet_effb0
+    from medxfer.networks.linknet import LinkNetEffB0
+
+    if arch == "unet_effb0":
+        return unet_effb0(3, 1, weights_file=weights_file)
+    if arch == "linknet_effb0":
+        return LinkNetEffB0(3, 1, weights_file=weights_file)
+    raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
+
+
+def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_mode: str = "freeze",
+                  output_dir=None) -> torch.nn.Module:
+    """The network one ``train.yaml`` run trains.
+
+    ``init_checkpoint`` None: encoder from ``imagenet_weights`` (or random), decoder random
+    (stages 1 and 2, and stage 3 without stage 2). Otherwise a stage-2 ``model.pt``: stage 3
+    initialised from it with ``tatl_mode`` (:func:`medxfer.transfer.tatl.init_from_stage2`); the
+    per-key report goes to ``output_dir/transfer_report.json``.
+    """
+    from medxfer.jsonfile import write_json
+    from medxfer.networks.effnet_unet import _read_state_dict
+    from medxfer.transfer.tatl import init_from_stage2
+
+    network = build_effb0(arch, imagenet_weights if init_checkpoint is None else None)
+    if init_checkpoint is not None:
+        if not Path(init_checkpoint).is_file():
+            raise FileNotFoundError(f"{init_checkpoint}: stage-2 checkpoint not found (train the attribute-agnostic "
+                                    "segmenter first, or leave init_checkpoint null)")
+        report = init_from_stage2(network, _read_state_dict(init_checkpoint), arch, tatl_mode)
+        if output_dir is not None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
+    return network
+
+
+def load_trained(arch: str, checkpoint, device="cpu") -> torch.nn.Module:
+    """A trained network from its ``model.pt`` (``weights_only``; every key must fit), in eval mode."""
+    from medxfer.networks.effnet_unet import _read_state_dict
+
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{checkpoint}: trained network not found")
+    network = build_effb0(arch)
+    missing, unexpected = network.load_state_dict(_read_state_dict(checkpoint), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: not a {arch} checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return network.to(device).eval()
+
+
+def _tune_split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded hold-out of ``fraction`` of the training records (at least one) for early stopping."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"tune_fraction must be in (0, 1), got {fraction}")
+    if len(records) < 2:
+        raise ValueError(f"need at least 2 training images to hold some out for early stopping, got {len(records)}")
+    n_tune = min(len(records) - 1, max(1, round(fraction * len(records))))
+    order = np.random.default_rng([seed, 1]).permutation(len(records))
+    tune = set(order[:n_tune].tolist())
+    return [r for i, r in enumerate(records) if i not in tune], [r for i, r in enumerate(records) if i in tune]
+
+
+def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None,
+                   boxes_file=None, tune_fraction: float = 0.1) -> dict[str, list[dict]]:
+    """``{"train", "tune", "test"}`` records of one fold (see module docstring).
+
+    With ``boxes_file`` (stage 1 output, :func:`medxfer.transfer.tatl.save_boxes`) every record gets
+    its lesion box under ``"box"``; an image without a box raises DatasetError naming the file.
+    """
+    records = load_isic(data_root, task=2)
+    raise_if_problems(check_mask_sizes(records))
+    train, test = fold_records(records, fold, n_folds, seed, splits_file)
+    train, tune = _tune_split(train, tune_fraction, seed)
+    lists = {"train": train, "tune": tune, "test": test}
+    if boxes_file is not None:
+        from medxfer.transfer.tatl import load_boxes
+
+        boxes = load_boxes(boxes_file)
+        for name, items in lists.items():
+            missing = [r["id"] for r in items if r["id"] not in boxes]
+            if missing:
+                raise DatasetError(boxes_file, f"no lesion box for {len(missing)} image(s) of the fold, e.g. {missing[0]}")
+            lists[name] = [{**r, "box": boxes[r["id"]].to_dict()} for r in items]
+    return lists
+
+
+def stage_transforms(mode: str, target: str, year: int, working_size: Sequence[int] = TRAIN_SIZE, crop: bool = False,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, **augment):
+    """Dermoscopy chain of one network: image ``(3, H, W)`` and its target as ``label`` ``(1, H, W)``.
+
+    ``crop``: records are cropped to their ``"box"`` first (stages 2-3 after stage 1).
+    """
+    mask_keys, union = target_masks(target, year)
+    return dermoscopy_transforms(mode, size=working_size, mean=mean, std=std, mask_keys=mask_keys, label_key="label",
+                                 union=union, box_key="box" if crop else None, **augment)
+
+
+def tuning_score(loss):
+    """Per-batch ``1 - loss(logits, label)`` for MONAI's ``IgniteMetricHandler(loss_fn=...)``: the
+    soft Tversky-Jaccard overlap of the tuning images, higher = better, so the evaluator's best
+    metric, ``CheckpointSaver`` and ``EarlyStopHandler`` all read it the usual way. Always defined
+    (smoothed), also on tuning images without the attribute, unlike a pooled Jaccard (0/0)."""
+    def score(y_pred, y):
+        return 1.0 - loss(y_pred, y)
+
+    return score
+
+
+def network_dir(fold_dir, stage: str, arch: str | None = None, attribute: str | None = None) -> Path:
+    """Folder of one network of a fold: ``segment_net``, ``agnostic_<arch>``, ``target_<attr>_<arch>``."""
+    if stage == "segment_net":
+        return Path(fold_dir) / "segment_net"
+    if stage == "agnostic":
+        return Path(fold_dir) / f"agnostic_{arch}"
+    if stage == "target":
+        return Path(fold_dir) / f"target_{attribute}_{arch}"
+    raise ValueError(f"stage must be segment_net, agnostic or target, got {stage!r}")
+
+
+@dataclass
+class TatlSettings:
+    """Everything that defines a TATL cross-validation run (saved as ``tatl_run.json``).
+
+    Attributes:
+        stages: enabled stages, a subset of ``(1, 2, 3)`` containing 3 (Table 3 ablations).
+        arches: shapes of stages 2-3 (default U and Link, averaged at inference).
+        tatl_mode: stage-3 initialisation from stage 2, ``freeze`` (TATL-Freeze) or ``non_freeze``.
+        imagenet_weights: local EfficientNet-b0 ImageNet weights file, or None (random encoder init,
+            the "w/o ImageNet" ablation).
+        working_size: training / inference resolution ``(H, W)`` (paper 384x512).
+        offset: Segment-Net box margin in working pixels (paper 40).
+        n_folds, seed, tune_fraction: the folds and the early-stopping hold-out.
+        max_epochs, patience, batch_size, learning_rate, momentum: SGD training of every network.
+        mean, std: per-channel normalisation (ImageNet statistics by default).
+        threshold: probability threshold of the final masks.
+    """
+
+    stages: tuple[int, ...] = STAGES
+    arches: tuple[str, ...] = ARCHES
+    tatl_mode: str = "freeze"
+    imagenet_weights: str | None = None
+    working_size: tuple[int, int] = TRAIN_SIZE
+    offset: float = 40
+    n_folds: int = 5
+    seed: int = 0
+    tune_fraction: float = 0.1
+    max_epochs: int = 40
+    patience: int = 10
+    batch_size: int = 8
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    threshold: float = 0.5
+    year: int | None = field(default=None)
+
+    def __post_init__(self):
+        self.stages = tuple(sorted({int(s) for s in self.stages}))
+        if 3 not in self.stages or not set(self.stages) <= set(STAGES):
+            raise ValueError(f"stages must be a subset of {STAGES} that contains 3 (the target segmenters), "
+                             f"got {list(self.stages)}")
+        self.arches = tuple(self.arches)
+        unknown = [a for a in self.arches if a not in ARCHES]
+        if not self.arches or unknown:
+            raise ValueError(f"arches must be a non-empty subset of {ARCHES}, got {list(self.arches)}")
+        from medxfer.transfer.tatl import TATL_MODES
+
+        if self.tatl_mode not in TATL_MODES:
+            raise ValueError(f"tatl_mode must be one of {TATL_MODES}, got {self.tatl_mode!r}")
+        self.working_size = tuple(int(s) for s in self.working_size)
+        if len(self.working_size) != 2 or any(s % 32 for s in self.working_size):
+            raise ValueError(f"working_size must be (H, W), multiples of 32 (EfficientNet-b0), got {self.working_size}")
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if self.imagenet_weights is not None:
+            self.imagenet_weights = str(Path(self.imagenet_weights).absolute())
+            if not Path(self.imagenet_weights).is_file():
+                raise FileNotFoundError(f"{self.imagenet_weights}: ImageNet weights file not found")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, run_dir) -> "TatlSettings":
+        from medxfer.data.problems import read_json
+
+        path = Path(run_dir) / "tatl_run.json"
+        data = read_json(path, "not a TATL run folder (no tatl_run.json); run configs/tatl.yaml first")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise DatasetError(path, f"not a TATL settings file: {e}") from None
+
+
+def _claim_run_dir(output_dir: Path, settings: TatlSettings) -> None:
+    """Write ``tatl_run.json``, or check that an existing run has the same settings (resume)."""
+    path = output_dir / "tatl_run.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != settings.to_json():
+            changed = sorted(k for k in set(existing) | set(settings.to_json())
+                             if existing.get(k) != settings.to_json().get(k))
+            raise FileExistsError(f"{path}: this folder holds a TATL run with other settings ({', '.join(changed)}); "
+                                  "choose another output_dir")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings.to_json(), indent=1) + "\n")
+
+
+def _train_one(bundle_root, net_dir: Path, overrides: dict, quiet: bool) -> dict:
+    """Run ``configs/train.yaml`` for one network unless ``net_dir/done.json`` says it is done."""
+    from medxfer.workflows.bundle import run_bundle
+
+    done = net_dir / "done.json"
+    if done.exists() and (net_dir / "model.pt").exists():
+        return json.loads(done.read_text())
+    run_bundle(str(bundle_root), ["train"], quiet=quiet, output_dir=str(net_dir), **overrides)
+    summary = {"checkpoint": str(net_dir / "model.pt"), **_training_summary(net_dir)}
+    if not (net_dir / "model.pt").exists():
+        raise RuntimeError(f"{net_dir}: training finished without a model.pt checkpoint")
+    done.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _training_summary(net_dir: Path) -> dict:
+    """Epochs run and the best tuning round from :class:`medxfer.handlers.MetricHistory`'s ``history.json``."""
+    path = net_dir / "history.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {"epochs_run": data.get("epochs_run"), "best": data.get("best")}
+
+
+def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSettings | dict,
+                         folds: Sequence[int] | None = None, device=None, quiet: bool = True) -> dict:
+    """Train every network of every fold in stage order, score each test fold, summarise.
+
+    Args:
+        bundle_root: the ``tatl_skin`` bundle folder (its ``configs/train.yaml`` trains each network).
+        data_root: ISIC 2017 or 2018 training set in the published layout.
+        output_dir: run folder (layout in the module docstring); a killed run resumes: networks
+            with ``done.json`` are not retrained.
+        settings: :class:`TatlSettings` (or its fields as a dict).
+        folds: folds to run (default all ``settings.n_folds``).
+        device: torch device for training and evaluation (default cuda if available).
+
+    Returns:
+        the cross-validation summary also written to ``cv_scores.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from medxfer.transfer.tatl import save_boxes, segment_net_boxes
+
+    settings = settings if isinstance(settings, TatlSettings) else TatlSettings(**settings)
+    settings.year = isic_year(data_root)
+    attributes = ISIC_LAYOUTS[settings.year].attributes
+    output_dir = Path(output_dir).absolute()
+    _claim_run_dir(output_dir, settings)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    folds = list(range(settings.n_folds)) if folds is None else [int(f) for f in folds]
+    common = {
+        "data_root": str(Path(data_root).absolute()), "splits_file": str(output_dir / "splits.json"),
+        "n_folds": settings.n_folds, "seed": settings.seed, "tune_fraction": settings.tune_fraction,
+        "working_size": list(settings.working_size), "max_epochs": settings.max_epochs,
+        "patience": settings.patience, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
+        "momentum": settings.momentum, "mean": list(settings.mean), "std": list(settings.std),
+        "imagenet_weights": settings.imagenet_weights, "device": str(device), "cache_progress": not quiet,
+    }
+    plan = []  # (fold, stage, arch, attribute) in training order
+    for fold in folds:
+        if 1 in settings.stages:
+            plan.append((fold, "segment_net", "unet_effb0", None))
+        if 2 in settings.stages:
+            plan += [(fold, "agnostic", arch, None) for arch in settings.arches]
+        plan += [(fold, "target", arch, a) for a in attributes for arch in settings.arches]
+
+    fold_scores = {}
+    progress = tqdm(total=len(plan), desc="TATL networks", unit="net")
+    for fold in folds:
+        fold_dir = output_dir / f"fold_{fold}"
+        boxes_file = fold_dir / "boxes.json" if 1 in settings.stages else None
+        for _, stage, arch, attribute in [p for p in plan if p[0] == fold]:
+            net_dir = network_dir(fold_dir, stage, arch, attribute)
+            progress.set_postfix_str(f"fold {fold} {net_dir.name}")
+            overrides = {**common, "fold": fold, "arch": arch,
+                         "target": {"segment_net": "lesion", "agnostic": "union"}.get(stage, attribute),
+                         "boxes_file": None if stage == "segment_net" or boxes_file is None else str(boxes_file)}
+            if stage == "target" and 2 in settings.stages:
+                overrides.update(init_checkpoint=str(network_dir(fold_dir, "agnostic", arch) / "model.pt"),
+                                 tatl_mode=settings.tatl_mode)
+            _train_one(bundle_root, net_dir, overrides, quiet)
+            if stage == "segment_net" and not boxes_file.exists():
+                lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, output_dir / "splits.json",
+                                       None, settings.tune_fraction)
+                segment_net = load_trained("unet_effb0", net_dir / "model.pt", device)
+                records = lists["train"] + lists["tune"] + lists["test"]
+                boxes = segment_net_boxes(segment_net, records, settings.working_size, settings.offset,
+                                          threshold=settings.threshold, mean=settings.mean, std=settings.std)
+                save_boxes(boxes, boxes_file)
+            progress.update(1)
+        fold_scores[fold] = evaluate_fold(output_dir, fold, settings, data_root, device)
+    progress.close()
+    return write_cv_report(output_dir, fold_scores, settings)
+
+
+def evaluate_fold(run_dir, fold: int, settings: TatlSettings, data_root, device="cpu") -> dict:
+    """Score the test fold with the fold's trained networks at 256x256 (ISIC 2018 Task 2 rule);
+    writes ``fold_<k>/scores.json`` and returns ``{attribute: {jaccard, dice, tp, fp, fn, images}}``."""
+    from tqdm.auto import tqdm
+
+    from medxfer.jsonfile import write_json
+    from medxfer.metrics.isic_task2 import FoldScorer
+    from medxfer.transfer.tatl_inference import TatlPredictor
+    from medxfer.transforms.dermoscopy import resize_for_scoring, scoring_transforms
+
+    run_dir = Path(run_dir)
+    attributes = ISIC_LAYOUTS[settings.year].attributes
+    lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, run_dir / "splits.json", None,
+                           settings.tune_fraction)
+    predictor = TatlPredictor.from_run(run_dir, fold, device=device)
+    truth = scoring_transforms([f"attribute_{a}" for a in attributes], label_key="label")
+    scorer = FoldScorer(attributes)
+    for record in tqdm(lists["test"], desc=f"fold {fold} test images", leave=False):
+        prediction = predictor.predict(record["image"])
+        pred = resize_for_scoring(prediction.probabilities, threshold=settings.threshold)
+        scorer.add(pred, np.asarray(truth(record)["label"]))
+    scores = scorer.scores()
+    write_json(run_dir / f"fold_{fold}" / "scores.json", {"fold": fold, "attributes": scores})
+    return scores
+
+
+def evaluate_run(run_dir, data_root, folds: Sequence[int] | None = None, device=None) -> dict:
+    """Re-score the test folds of an existing run (``configs/evaluate.yaml``); writes ``cv_scores.*``."""
+    settings = TatlSettings.load(run_dir)
+    if settings.year is None:
+        settings.year = isic_year(data_root)
+    if isic_year(data_root) != settings.year:
+        raise DatasetError(data_root, f"the run was trained on ISIC {settings.year} data")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dir = Path(run_dir)
+    if folds is None:
+        folds = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("fold_*") if p.is_dir())
+    if not folds:
+        raise DatasetError(run_dir, "no fold_<k> folder: nothing was trained here")
+    scores = {f: evaluate_fold(run_dir, f, settings, data_root, device) for f in folds}
+    return write_cv_report(run_dir, scores, settings)
+
+
+def write_cv_report(run_dir, fold_scores: dict, settings: TatlSettings) -> dict:
+    """``cv_scores.json`` (per fold + mean/std), ``cv_scores.csv`` and a bar chart ``cv_scores.png``."""
+    import csv
+
+    from medxfer.jsonfile import write_json
+    from medxfer.metrics.isic_task2 import summarize_folds
+
+    run_dir = Path(run_dir)
+    attributes = list(ISIC_LAYOUTS[settings.year].attributes)
+    summary = summarize_folds([fold_scores[f] for f in sorted(fold_scores)])
+    report = {"stages": list(settings.stages), "arches": list(settings.arches), "tatl_mode": settings.tatl_mode,
+              "imagenet": settings.imagenet_weights is not None, "year": settings.year,
+              "folds": {str(f): s for f, s in sorted(fold_scores.items())}, "summary": summary}
+    write_json(run_dir / "cv_scores.json", report)
+    with open(run_dir / "cv_scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["attribute", "jaccard_mean", "jaccard_std", "dice_mean", "dice_std", "folds"])
+        for name in attributes + ["mean"]:
+            row = summary.get(name, {})
+            writer.writerow([name] + [_fmt(row.get(k)) for k in ("jaccard_mean", "jaccard_std", "dice_mean",
+                                                                  "dice_std")] + [row.get("n_folds", "")])
+    _plot_cv(run_dir / "cv_scores.png", summary, attributes, settings)
+    return report
+
+
+def _fmt(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _plot_cv(path: Path, summary: dict, attributes: list[str], settings: TatlSettings) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = attributes + ["mean"]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    for k, (metric, colour) in enumerate((("jaccard", "tab:blue"), ("dice", "tab:orange"))):
+        means = [summary.get(n, {}).get(f"{metric}_mean", np.nan) for n in names]
+        stds = [summary.get(n, {}).get(f"{metric}_std", np.nan) for n in names]
+        ax.bar(x + (k - 0.5) * 0.38, np.nan_to_num(means), 0.38, yerr=np.nan_to_num(stds), color=colour,
+               label=metric.capitalize(), capsize=3)
+    ax.set_xticks(x, [n.replace("_", " ") for n in names], rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (pixels pooled per fold)")
+    stages = ", ".join(str(s) for s in settings.stages)
+    ax.set_title(f"TATL stages {stages} ({settings.tatl_mode}), ISIC {settings.year}: mean ± std over folds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def inference_images(input_path) -> list[Path]:
+    """RGB image files to predict: one file, or the ``.jpg`` / ``.jpeg`` / ``.png`` files of a folder
+    (sorted; mask-like names ``*_segmentation.png`` / ``*_attribute_*.png`` / ``*_union.png`` /
+    ``*_overlay.png`` are skipped)."""
+    path = Path(input_path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such image file or folder")
+    skip = ("_segmentation", "_attribute_", "_union", "_overlay", "_superpixels")
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not any(s in p.stem for s in skip))
+    if not images:
+        raise DatasetError(path, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    return images
+
+
+def run_inference(run_dir, fold: int, input_path, output_dir, device=None, overwrite: bool = False) -> dict:
+    """The TATL inference step on new images with the networks of one fold of a run.
+
+    Writes per image ``<id>_attribute_<name>.png`` (ISIC 2018 naming, 0/255, original size),
+    ``<id>_union.png``, ``<id>_overlay.png`` and, for all images, ``predictions.json`` (box,
+    attribute pixel fractions, whether the Segment-Net found nothing). Returns that summary.
+    """
+    from tqdm.auto import tqdm
+
+    from medxfer.jsonfile import write_json
+    from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    images = inference_images(input_path)
+    output_dir = Path(output_dir)
+    summary_file = output_dir / "predictions.json"
+    if summary_file.exists() and not overwrite:
+        raise FileExistsError(f"{summary_file}: exists; pass overwrite=True (--overwrite true) to replace the predictions")
+    predictor = TatlPredictor.from_run(run_dir, fold, device=device)
+    results = {}
+    for image in tqdm(images, desc="TATL inference", unit="image"):
+        prediction = predictor.predict(image)
+        files = write_prediction(prediction, image, output_dir, image.stem, overwrite=overwrite)
+        results[image.stem] = {
+            "image": str(image.absolute()), "box": prediction.box.to_dict(),
+            "attribute_fraction": {a: float(m.mean()) for a, m in zip(prediction.attributes, prediction.masks)},
+            "union_fraction": float(prediction.union.mean()), "files": [str(f) for f in files]}
+    summary = {"run_dir": str(Path(run_dir).absolute()), "fold": fold, "networks": predictor.n_networks,
+               "images": results}
+    write_json(summary_file, summary)
+    return summary
