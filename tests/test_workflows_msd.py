@@ -45,13 +45,15 @@ def test_concurrent_split_saves_leave_exactly_one_complete_file(tmp_path):
 def test_fold_datalists_uses_the_split_another_process_saved_first(tasks, tmp_path, monkeypatch):
     path = tmp_path / "splits.json"
     other = make_kfold_splits(wf.load_task(tasks["spleen"]).training, n_folds=2, seed=99)
-    real_save = wf.save_splits
+    import medxfer.data.splits as splits_module
+
+    real_save = splits_module.save_splits
 
     def save_after_other_rank(splits, p):
         real_save(other, p)  # the other rank wins the race between exists() and save
         return real_save(splits, p)
 
-    monkeypatch.setattr(wf, "save_splits", save_after_other_rank)
+    monkeypatch.setattr(splits_module, "save_splits", save_after_other_rank)
     train, val = wf.fold_datalists(tasks["spleen"], fold=0, n_folds=2, seed=0, splits_file=path)
     assert sorted(r["id"] for r in val) == sorted(other[0]["val"])
     assert sorted(r["id"] for r in train) == sorted(other[0]["train"])
