@@ -7,7 +7,6 @@ entry point :func:`medxfer.workflows.bundle.run_bundle` (same ``ConfigWorkflow``
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from bundle_cli import bundle_cli, cache_env
 from medxfer.data.msd import load_task
 from medxfer.data.synth.msd import generate_msd_task
 from medxfer.networks.factory import arch_layout
@@ -32,20 +32,8 @@ PATCH = [32, 32, 16]
 FAST = {"num_workers": 0, "n_folds": 2, "patch_size": PATCH, "device": "cpu", "batch_size": 1, "num_samples": 1}
 
 
-def _env(tmp: Path) -> dict:
-    env = dict(os.environ)
-    for var in ("MPLCONFIGDIR", "TORCH_HOME", "XDG_CACHE_HOME"):
-        env[var] = str(tmp / ".cache" / var.lower())
-    return env
-
-
 def _bundle_cli(args: list[str], tmp: Path, extra_env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**_env(tmp), **(extra_env or {})}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"bundle run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return bundle_cli(BUNDLE, args, tmp, extra_env, check)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +215,7 @@ def test_multi_gpu_train_runs_ddp_with_two_processes_on_cpu(trained, tasks, tmp_
                                       "--data_root", str(tasks["spleen"]), "--output_dir", str(out), "--max_epochs", "1",
                                       "--val_interval", "1", "--num_workers", "0", "--n_folds", "2",
                                       "--patch_size", json.dumps(PATCH), "--batch_size", "1", "--num_samples", "1"],
-                          cwd=BUNDLE, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+                          cwd=BUNDLE, env=cache_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out / "model_final.pt", weights_only=True)["network"]
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped: loads into a plain network

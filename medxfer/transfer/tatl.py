@@ -124,7 +124,7 @@ def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working
 
     norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     chain = dermoscopy_transforms("infer", size=working_size, **norm)
-    device = next(network.parameters()).device
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
     network.eval()
     boxes = {}
     for record in tqdm(records, desc="Segment-Net boxes", disable=not progress, leave=False):

@@ -1,0 +1,189 @@
+"""TATL workflow pieces: lesion crop in the data chain, stage targets, fold datalists, settings,
+the inference pipeline (U + Link averaging, paste back, PNG output) with stand-in networks."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medxfer.data.isic import ISIC2018, load_isic
+from medxfer.data.problems import DatasetError
+from medxfer.transfer.lesion_crop import Box, lesion_box
+from medxfer.transfer.tatl import save_boxes
+from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
+from medxfer.transforms.dermoscopy import CropToBoxd, dermoscopy_transforms
+from medxfer.workflows import tatl_skin as ts
+
+
+def _pil(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def test_crop_to_box_takes_exactly_the_box_pixels_of_the_file(isic_roots):
+    record = load_isic(isic_roots[2018], year=2018)[0]
+    box = Box(3, 5, 30, 41)
+    chain = dermoscopy_transforms("eval", size=None, mask_keys=["lesion"], box_key="box",
+                                  mean=(0, 0, 0), std=(1, 1, 1))
+    out = chain({**record, "box": box.to_dict()})
+    rgb, lesion = _pil(record["image"]), _pil(record["lesion"])
+    assert tuple(out["image"].shape) == (3, 27, 36)
+    np.testing.assert_allclose(out["image"].numpy(), rgb[3:30, 5:41].transpose(2, 0, 1) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(out["lesion"][0].numpy(), (lesion[3:30, 5:41] > 0).astype(np.float32))
+    # no box -> whole image; a box outside the image names the file
+    assert tuple(chain(record)["image"].shape[1:]) == rgb.shape[:2]
+    with pytest.raises(ValueError, match=record["image"].split("/")[-1] + ".*outside"):
+        CropToBoxd(["image"])({"image": chain(record)["image"], "box": Box(0, 0, 999, 10)})
+
+
+def test_stage_targets_lesion_union_and_one_attribute(isic_roots):
+    record = load_isic(isic_roots[2018], year=2018)[1]
+    attrs = ISIC2018.attributes
+    masks = np.stack([_pil(record["attributes"][a]) > 0 for a in attrs])
+    assert masks.any(), "test data should have at least one attribute on this image"
+    union = ts.stage_transforms("eval", "union", 2018, working_size=None)(record)["label"]
+    np.testing.assert_array_equal(union.numpy(), masks.any(axis=0, keepdims=True).astype(np.float32))
+    single = ts.stage_transforms("eval", attrs[3], 2018, working_size=None)(record)["label"]
+    np.testing.assert_array_equal(single[0].numpy(), masks[3].astype(np.float32))
+    lesion = ts.stage_transforms("eval", "lesion", 2018, working_size=(32, 64))(record)["label"]
+    assert tuple(lesion.shape) == (1, 32, 64)
+    with pytest.raises(ValueError, match="globules"):
+        ts.target_masks("globules", 2017)  # ISIC 2017 has no globules
+
+
+def test_fold_datalists_hold_out_tuning_images_and_attach_boxes(isic_roots, tmp_path):
+    root = isic_roots[2018]
+    lists = ts.tatl_datalists(root, fold=1, n_folds=3, seed=0, splits_file=tmp_path / "splits.json", tune_fraction=0.2)
+    ids = {k: {r["id"] for r in v} for k, v in lists.items()}
+    assert sum(len(v) for v in ids.values()) == 12 and not (ids["train"] & ids["tune"] or ids["train"] & ids["test"])
+    assert len(ids["tune"]) == 2 and len(ids["test"]) == 4
+    assert ids["test"] == set(json.loads((tmp_path / "splits.json").read_text())[1]["val"])
+    boxes = {r["id"]: Box(1, 2, 10, 20) for r in load_isic(root)}
+    save_boxes(boxes, tmp_path / "boxes.json")
+    with_boxes = ts.tatl_datalists(root, 1, 3, 0, tmp_path / "splits.json", tmp_path / "boxes.json", 0.2)
+    assert all(r["box"] == Box(1, 2, 10, 20).to_dict() for v in with_boxes.values() for r in v)
+    boxes.pop(sorted(boxes)[0])
+    save_boxes(boxes, tmp_path / "boxes.json")
+    with pytest.raises(DatasetError, match="boxes.json.*no lesion box"):
+        ts.tatl_datalists(root, 1, 3, 0, tmp_path / "splits.json", tmp_path / "boxes.json", 0.2)
+
+
+def test_settings_are_checked_and_a_run_folder_keeps_its_settings(tmp_path):
+    with pytest.raises(ValueError, match="contains 3"):
+        ts.TatlSettings(stages=(1, 2))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        ts.TatlSettings(working_size=(100, 128))
+    with pytest.raises(ValueError, match="arches"):
+        ts.TatlSettings(arches=("unet",))
+    with pytest.raises(FileNotFoundError, match="ImageNet weights"):
+        ts.TatlSettings(imagenet_weights=str(tmp_path / "nope.pth"))
+    ts._claim_run_dir(tmp_path, ts.TatlSettings(stages=[3]))
+    ts._claim_run_dir(tmp_path, ts.TatlSettings(stages=[3]))  # same settings: resume
+    with pytest.raises(FileExistsError, match="stages"):
+        ts._claim_run_dir(tmp_path, ts.TatlSettings(stages=[1, 2, 3]))
+    assert ts.TatlSettings.load(tmp_path).stages == (3,)
+
+
+def test_stage_network_reads_the_encoder_from_a_local_imagenet_file(tmp_path):
+    from medxfer.networks.effnet_unet import unet_effb0
+
+    source = unet_effb0()
+    torch.save(source.state_dict(), tmp_path / "encoder.pth")
+    for arch in ts.ARCHES:
+        net = ts.stage_network(arch, imagenet_weights=tmp_path / "encoder.pth")
+        src = source.state_dict()
+        for key, value in net.state_dict().items():
+            if key.startswith("encoder.") and "num_batches_tracked" not in key:
+                assert torch.equal(value, src[key]), key
+
+
+class _Constant(torch.nn.Module):
+    """Stand-in target segmenter: probability ``p`` everywhere (logit), input size kept."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.logit = float(np.log(p / (1 - p)))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape))
+        return torch.full((x.shape[0], 1, *x.shape[2:]), self.logit)
+
+
+class _Rect(torch.nn.Module):
+    """Stand-in Segment-Net: lesion = a fixed rectangle of the working frame."""
+
+    def __init__(self, rect):
+        super().__init__()
+        self.rect = rect
+
+    def forward(self, x):
+        out = torch.full((x.shape[0], 1, *x.shape[2:]), -10.0)
+        r0, c0, r1, c1 = self.rect
+        out[:, :, r0:r1, c0:c1] = 10.0
+        return out
+
+
+def test_predictor_averages_shapes_inside_the_lesion_box_and_pastes_back(isic_roots, tmp_path):
+    record = load_isic(isic_roots[2018], year=2018)[2]
+    h, w = _pil(record["image"]).shape[:2]
+    working = (64, 96)
+    u, link = _Constant(0.8), _Constant(0.3)   # mean 0.55 >= 0.5 -> attribute everywhere in the box
+    low = [_Constant(0.2), _Constant(0.3)]     # mean 0.25 -> nothing
+    predictor = TatlPredictor({"pigment_network": [u, link], "streaks": low}, _Rect((16, 24, 40, 60)), working,
+                              offset=4)
+    pred = predictor.predict(record["image"])
+    rect = np.zeros(working, bool)
+    rect[16:40, 24:60] = True
+    box = lesion_box(rect, offset=4, image_size=(h, w))
+    assert pred.box == box and pred.probabilities.shape == (2, h, w)
+    inside = np.zeros((h, w), bool)
+    inside[box.as_slices()] = True
+    np.testing.assert_allclose(pred.probabilities[0][inside], 0.55, atol=1e-5)
+    np.testing.assert_allclose(pred.probabilities[1][inside], 0.25, atol=1e-5)
+    assert not pred.probabilities[:, ~inside].any()
+    np.testing.assert_array_equal(pred.union, inside)
+    assert u.seen == [(1, 3, *working)] and predictor.n_networks == 5
+
+    files = write_prediction(pred, record["image"], tmp_path, record["id"])
+    names = sorted(p.name for p in files)
+    assert names == sorted([f"{record['id']}_attribute_pigment_network.png", f"{record['id']}_attribute_streaks.png",
+                            f"{record['id']}_union.png", f"{record['id']}_overlay.png"])
+    np.testing.assert_array_equal(_pil(tmp_path / f"{record['id']}_attribute_pigment_network.png"), inside * 255)
+    assert _pil(tmp_path / f"{record['id']}_overlay.png").shape == (h, w, 3)
+    with pytest.raises(FileExistsError, match="_attribute_pigment_network.png"):
+        write_prediction(pred, record["image"], tmp_path, record["id"])
+    # without a Segment-Net the whole image is the box (Table 3 ablations without stage 1)
+    whole = TatlPredictor({"streaks": [_Constant(0.9)]}, None, working).predict(record["image"])
+    assert whole.box == Box(0, 0, h, w) and whole.masks.all()
+
+
+def test_inference_images_skip_masks_and_complain_about_empty_folders(isic_roots, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(load_isic(isic_roots[2018])[0]["image"], folder / "ISIC_0000000.jpg")
+    (folder / "ISIC_0000000_overlay.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("x")
+    assert [p.name for p in ts.inference_images(folder)] == ["ISIC_0000000.jpg"]
+    (folder / "ISIC_0000000.jpg").unlink()
+    with pytest.raises(DatasetError, match="no image files"):
+        ts.inference_images(folder)
+    with pytest.raises(FileNotFoundError, match="no such image"):
+        ts.inference_images(tmp_path / "missing")
+
+
+def test_metric_history_records_rounds_and_the_best(tmp_path):
+    from types import SimpleNamespace
+
+    from medxfer.handlers import MetricHistory
+
+    trainer = SimpleNamespace(state=SimpleNamespace(epoch=0))
+    hist = MetricHistory(tmp_path / "h.json", "val_score", "max", trainer)
+    for epoch, score in enumerate([0.2, 0.5, 0.4], start=1):
+        trainer.state.epoch = epoch
+        hist(SimpleNamespace(state=SimpleNamespace(metrics={"val_score": score})))
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert data["best"] == {"epoch": 2, "val_score": 0.5} and data["epochs_run"] == 3
