@@ -131,7 +131,8 @@ def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working
         with Image.open(record["image"]) as img:
             width, height = img.size  # PIL gives (W, H)
         image = chain({"image": record["image"]})["image"]
-        prob = torch.sigmoid(network(torch.as_tensor(image)[None].to(device)))[0, 0].cpu()
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)  # no MetaTensor dispatch
+        prob = torch.sigmoid(network(image[None].to(device)))[0, 0].cpu()
         boxes[record["id"]] = lesion_box(prob, threshold=threshold, offset=offset, image_size=(height, width),
                                          mask_size=working_size, **box_kwargs)
     return boxes
