@@ -14,13 +14,13 @@ def cache_env(tmp: Path) -> dict:
     return env
 
 
-def bundle_cli(bundle: Path, args: list[str], tmp: Path, extra_env: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run *args`` in the bundle folder; AssertionError with the log tail
-    when ``check`` and the run fails."""
+def bundle_cli(bundle: Path, args: list[str], tmp: Path, extra_env: dict | None = None, check: bool = True,
+               command: str = "run") -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle <command> *args`` in the bundle folder; AssertionError with the
+    log tail when ``check`` and the run fails."""
     env = {**cache_env(tmp), **(extra_env or {})}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=bundle, env=env,
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", command, *args], cwd=bundle, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"bundle run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"bundle {command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

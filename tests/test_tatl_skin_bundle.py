@@ -183,3 +183,15 @@ def test_non_isic_file_name_is_named(isic_roots, tmp_path):
     odd = root / ISIC2018.image_dir / "holiday_photo.jpg"
     shutil.copy(root / ISIC2018.image_dir / "ISIC_0000000.jpg", odd)
     assert f"{odd}: file name is not an ISIC id" in _train_error(root, tmp_path)
+
+
+def test_metadata_is_valid_and_the_networks_match_it(tmp_path):
+    from medxfer.workflows.metadata import check_metadata
+
+    assert check_metadata(BUNDLE / "configs" / "metadata.json") == []
+    for arch in ("unet_effb0", "linknet_effb0"):  # (3, 32n, 32n) in -> (1, 32n, 32n) logits out
+        proc = bundle_cli(BUNDLE, ["network_def", "--meta_file", "configs/metadata.json", "--config_file",
+                                   "configs/train.yaml", "--bundle_root", ".", "--device", "cpu", "--n", "2",
+                                   "--arch", arch, "--output_dir", str(tmp_path / arch)], tmp_path,
+                          command="verify_net_in_out")
+        assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
