@@ -2,6 +2,8 @@
 
     medxfer synth msd  --out D [--profiles spleen liver ...] [--num-training N] [--seed S]
     medxfer synth isic --out D [--year 2018|2017] [--num-images N] [--size H W] [--seed S]
+    medxfer synth classes --out D [--num-classes K] [--images-per-class N] [--size S] [--grey] [--seed S]
+    medxfer synth seg2d --out D [--num-images N] [--size H W] [--num-classes K] [--rgb] [--seed S]
     medxfer check-data PATH [--json report.json]
     medxfer split PATH --out splits.json [--folds 5] [--seed 0]
     medxfer plan TASK [--out plans.json]          # nnU-Net v2 planning -> spacing, patch, normalisation
@@ -59,6 +61,31 @@ def _cmd_synth_isic(args) -> int:
         out = generate_isic(args.out, year=args.year, num_images=args.num_images, size=tuple(args.size),
                             seed=args.seed, overwrite=args.overwrite)
     except FileExistsError as e:
+        return _error(e)
+    print(out)
+    return 0
+
+def _cmd_synth_classes(args) -> int:
+    from medxfer.data.synth.shapes2d import generate_classification_folder
+
+    try:
+        out = generate_classification_folder(args.out, num_classes=args.num_classes,
+                                             images_per_class=args.images_per_class, size=args.size,
+                                             seed=args.seed, grey=args.grey, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        return _error(e)
+    print(out)
+    return 0
+
+
+def _cmd_synth_seg2d(args) -> int:
+    from medxfer.data.synth.shapes2d import generate_seg2d
+
+    try:
+        out = generate_seg2d(args.out, num_images=args.num_images, size=tuple(args.size),
+                             num_classes=args.num_classes, grey=not args.rgb, seed=args.seed,
+                             size_jitter=args.size_jitter, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
         return _error(e)
     print(out)
     return 0
@@ -216,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medxfer", description="Transfer-learning workbench for medical image segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", help="generate data in the real MSD / ISIC layouts")
+    synth = sub.add_parser("synth", help="generate data in the real MSD / ISIC layouts and 2D shape sets")
     synth_sub = synth.add_subparsers(dest="dataset", required=True)
     msd = synth_sub.add_parser("msd", help="synthetic Medical Segmentation Decathlon tasks (TaskNN_Name folders)")
     msd.add_argument("--out", required=True, help="folder that receives the TaskNN_Name folders")
@@ -237,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     isic.add_argument("--seed", type=int, default=0)
     isic.add_argument("--overwrite", action="store_true")
     isic.set_defaults(func=_cmd_synth_isic)
+    classes = synth_sub.add_parser("classes", help="generated shape images, one folder per class (ImageFolder layout, pretraining)")
+    classes.add_argument("--out", required=True)
+    classes.add_argument("--num-classes", type=int, default=4,
+                         help="2..8 shape kinds, in this order: disc square triangle ring cross stripes star checker")
+    classes.add_argument("--images-per-class", type=int, default=20)
+    classes.add_argument("--size", type=int, default=64, help="image side in pixels")
+    classes.add_argument("--grey", action="store_true", help="8-bit grey PNGs instead of RGB")
+    classes.add_argument("--seed", type=int, default=0)
+    classes.add_argument("--overwrite", action="store_true")
+    classes.set_defaults(func=_cmd_synth_classes)
+    seg2d = synth_sub.add_parser("seg2d", help="generated 2D segmentation set (images/ + masks/ + labels.json)")
+    seg2d.add_argument("--out", required=True)
+    seg2d.add_argument("--num-images", type=int, default=20)
+    seg2d.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(64, 64))
+    seg2d.add_argument("--num-classes", type=int, default=1, help="foreground classes 1..9 (1: binary, 0/255 masks)")
+    seg2d.add_argument("--rgb", action="store_true", help="RGB images instead of 8-bit grey")
+    seg2d.add_argument("--size-jitter", type=float, default=0.1, help="relative per-image jitter of H and W (0 = none)")
+    seg2d.add_argument("--seed", type=int, default=0)
+    seg2d.add_argument("--overwrite", action="store_true")
+    seg2d.set_defaults(func=_cmd_synth_seg2d)
 
     check = sub.add_parser("check-data", help="validate every dataset under PATH; exit 1 if any problem")
     check.add_argument("path")
