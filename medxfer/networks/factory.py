@@ -85,6 +85,10 @@ def build_network(arch: str, in_channels: int, out_channels: int, roi_size: Sequ
     """
     from monai.networks.nets import UNETR, SwinUNETR, UNet
 
+    from medxfer.networks.seg2d import SEG2D_ARCHS, build_seg2d
+
+    if arch in SEG2D_ARCHS:  # 2D networks of the thesis (roi_size = (H, W))
+        return build_seg2d(arch, in_channels, out_channels, roi_size, **arch_kwargs)
     arch = _check_arch(arch)
     kwargs = _kwargs(arch, arch_kwargs)
     roi = [int(r) for r in roi_size]
@@ -147,9 +151,12 @@ def arch_layout(arch: str, network: torch.nn.Module | None = None, arch_kwargs: 
     ViT blocks for UNETR; a ``DistributedDataParallel`` / compiled wrapper is looked through.
     """
     from medxfer.networks.effnet_unet import EFFB0_ARCHS, effb0_layout
+    from medxfer.networks.seg2d import SEG2D_ARCHS, seg2d_layout
 
     if str(arch).lower() in EFFB0_ARCHS:  # the 2D TATL networks (U- and Link-shape EfficientNet-b0)
         return effb0_layout(str(arch).lower())
+    if str(arch).lower() in SEG2D_ARCHS:  # the thesis' 2D networks (or their encoder classifiers)
+        return seg2d_layout(str(arch).lower(), network)
     arch = _check_arch(arch)
     if network is not None:
         network = getattr(network, "module", network)
