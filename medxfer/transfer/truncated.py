@@ -1,0 +1,530 @@
+"""Truncated transfer learning (SPEC section 8): a pretrained encoder cut after level k, fine-tuned whole.
+
+Method (Peng, Liang, Luo, Li & Sun, "Rethink Transfer Learning in Medical Image Classification",
+2021): medical pathologies are mostly low- to mid-level features (textures, blobs), so instead of
+fine-tuning a whole ImageNet network, keep its bottom layers up to a level "commensurate with the
+level of features needed", drop the top, put a new head on the cut and fine-tune **every kept
+layer** from the pretrained weights (only the new head starts from random; nothing is frozen).
+Paper facts used here:
+
+* DenseNet121 truncated after its first 1 / 2 / 3 dense blocks (Dens-T1/T2/T3) against the full
+  network (Dens-F); on their COVID-19 chest X-rays Dens-T1 and Dens-T2 were the two best models and
+  Dens-T1 beat Dens-F "with 79% parameter reduction"; on CheXpert Dens-T3 was best.
+* ResNet50 was truncated at the first 25 / 37 / 43 / 46 / 49 conv layers (Res-T1..T5).
+* The classification head is global average pooling + a new fully-connected layer; training used
+  Adam (lr 1e-5), batches of 64, 224x224 inputs, 200 epochs, lr halved when the validation AUPRC
+  stops improving.
+* AUPRC is reported beside AUROC because AUROC saturates under class imbalance (their example, 10
+  positives in 1000: AUROC 0.999 vs 0.991 but AUPRC 0.990 vs 0.354); see
+  :mod:`medxfer.metrics.classification`.
+
+Levels (SPEC section 8; input ``(B, C, H, W)``, output of the truncated encoder
+``(B, C_k, H / s_k, W / s_k)``):
+
+=====  ==============================================  ==========================================
+level  ResNet50 (torchvision layout)                   DenseNet121
+=====  ==============================================  ==========================================
+1      after ``layer1``: 256 ch, stride 4              after ``features.transition1``: 128 ch, /8
+2      after ``layer2``: 512 ch, stride 8              after ``features.transition2``: 256 ch, /16
+3      after ``layer3``: 1024 ch, stride 16            after ``features.transition3``: 512 ch, /32
+4      after ``layer4`` (full encoder): 2048 ch, /32   full ``features`` (``denseblock4``,
+                                                       ``norm5``, then ReLU): 1024 ch, /32
+=====  ==============================================  ==========================================
+
+Deviation from the paper, on purpose: the ResNet50 cut points are the SPEC's stage boundaries
+(after layer1/2/3 = the first 10 / 22 / 40 conv layers of the main path, 49 in all), not the
+paper's Res-T1..T5 (25..49 conv layers, i.e. inside layer3/layer4). DenseNet levels include the
+transition that follows dense block k (1x1 conv halving the channels, 2x2 average pool), as the
+SPEC says; the paper's depth shares 12% / 32% for Dens-T1 / Dens-T2 match the 14 / 39 of the 121
+weight layers kept by levels 1 / 2 (level 3 keeps 88 of 121, 73%; the paper prints "88%").
+Parameters of the encoders (random init, ``in_channels=3``; :func:`parameter_count`):
+ResNet50 225,344 / 1,444,928 / 8,543,296 / 23,508,032 and DenseNet121 377,856 / 1,429,632 /
+4,793,728 / 6,953,856 for levels 1 / 2 / 3 / 4 (level 4 = torchvision's counts without the fc).
+The paper's "79% parameter reduction" of Dens-T1 matches our DenseNet level 2 (1.43 M of 6.95 M),
+not level 1 (95% reduction): the paper's own numbers do not pin the cut down further.
+
+Encoders are MONAI's (``monai.networks.nets.resnet50``, ``DenseNet121``) with MONAI's module names,
+so state dicts of those networks load (an ``encoder.`` / ``module.`` / ``_orig_mod.`` prefix is
+stripped; torchvision ResNet50 keys are the same as MONAI's, torchvision DenseNet keys
+``denselayerN.norm1`` / ``norm.1`` are mapped to MONAI's ``denselayerN.layers.norm1``).
+:func:`truncate_encoder` *shares* the kept modules with the source encoder (same parameter
+objects, same names), so ``truncated.load_state_dict(full_encoder_state, strict=False)`` reports
+exactly the dropped deeper layers as unexpected.
+
+No weights are ever downloaded: pass ``weights=`` a state dict or a local file.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medxfer.transfer.bank import read_state_dict, strip_prefixes
+
+__all__ = [
+    "ARCHS", "TruncationLevel", "truncation_levels", "resnet50_encoder", "densenet121_encoder",
+    "DenseNet121Encoder", "TruncatedEncoder", "truncate_encoder", "TruncatedWeightsReport",
+    "load_truncated_weights", "TruncatedClassifier", "TruncatedSegmenter", "parameter_count",
+]
+
+logger = logging.getLogger("medxfer.transfer")
+
+
+@dataclass(frozen=True)
+class TruncationLevel:
+    """One cut point: the encoder runs up to and including ``last_module``.
+
+    ``channels`` (C_k) and ``stride`` (s_k) describe the output ``(B, C_k, H / s_k, W / s_k)``;
+    ``kept`` are the top-level module names kept (relative to the encoder, ``features.`` included for
+    DenseNet121); ``conv_layers`` counts the kept main-path conv layers (ResNet50: without the 4
+    1x1 downsample shortcuts; DenseNet121: stem, dense-layer and transition convs).
+    """
+
+    level: int
+    channels: int
+    stride: int
+    last_module: str
+    kept: tuple[str, ...]
+    conv_layers: int
+
+
+@dataclass(frozen=True)
+class _ArchSpec:
+    container: str | None          # "features" for DenseNet (modules live under encoder.features)
+    order: tuple[str, ...]         # forward order of the top-level modules
+    downsampling: frozenset        # modules that halve the resolution
+    level_end: dict                # level -> last kept module
+    table: dict                    # level -> (channels, stride, conv layers), default configuration
+
+
+_SPECS = {
+    "resnet50": _ArchSpec(
+        container=None,
+        order=("conv1", "bn1", "act", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+        downsampling=frozenset({"conv1", "maxpool", "layer2", "layer3", "layer4"}),
+        level_end={1: "layer1", 2: "layer2", 3: "layer3", 4: "layer4"},
+        table={1: (256, 4, 10), 2: (512, 8, 22), 3: (1024, 16, 40), 4: (2048, 32, 49)},
+    ),
+    "densenet121": _ArchSpec(
+        container="features",
+        order=("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "transition2",
+               "denseblock3", "transition3", "denseblock4", "norm5"),
+        downsampling=frozenset({"conv0", "pool0", "transition1", "transition2", "transition3"}),
+        level_end={1: "transition1", 2: "transition2", 3: "transition3", 4: "norm5"},
+        table={1: (128, 8, 14), 2: (256, 16, 39), 3: (512, 32, 88), 4: (1024, 32, 120)},
+    ),
+}
+#: Architectures understood by :func:`truncate_encoder` and the truncated networks.
+ARCHS = tuple(_SPECS)
+
+
+def _spec(arch: str) -> _ArchSpec:
+    if arch not in _SPECS:
+        raise ValueError(f"unknown architecture {arch!r} for truncated transfer; choose one of {list(ARCHS)}")
+    return _SPECS[arch]
+
+
+def _check_level(arch: str, level) -> int:
+    spec = _spec(arch)
+    if isinstance(level, bool) or not isinstance(level, int) or level not in spec.level_end:
+        raise ValueError(f"{arch}: truncation level must be one of {sorted(spec.level_end)} "
+                         f"(4 = the full encoder), got {level!r}")
+    return level
+
+
+def _kept(spec: _ArchSpec, level: int) -> tuple[str, ...]:
+    return spec.order[: spec.order.index(spec.level_end[level]) + 1]
+
+
+def truncation_levels(arch: str) -> list[TruncationLevel]:
+    """The valid levels of ``arch`` ("resnet50" or "densenet121") with C_k, s_k and the kept modules."""
+    spec = _spec(arch)
+    prefix = f"{spec.container}." if spec.container else ""
+    out = []
+    for level, (channels, stride, convs) in sorted(spec.table.items()):
+        out.append(TruncationLevel(level=level, channels=channels, stride=stride,
+                                   last_module=prefix + spec.level_end[level],
+                                   kept=tuple(prefix + m for m in _kept(spec, level)), conv_layers=convs))
+    return out
+
+
+def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements of ``module`` (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# --- encoders ---------------------------------------------------------------------------------
+
+def resnet50_encoder(in_channels: int = 3) -> nn.Module:
+    """MONAI ``resnet50`` in torchvision's 2D ImageNet layout, without its fully-connected layer.
+
+    ``monai.networks.nets.resnet50(spatial_dims=2, n_input_channels=in_channels, conv1_t_size=7,
+    conv1_t_stride=2, no_max_pool=False, shortcut_type="B", bias_downsample=False, feed_forward=False)``:
+    7x7 stride-2 stem conv, BN, ReLU, 3x3 stride-2 max-pool, bottleneck stages [3, 4, 6, 3] (stride
+    on the 3x3 conv, as torchvision v1.5), 1x1-conv + BN shortcuts without bias. MONAI's defaults
+    (stride-1 stem, biased shortcuts, 400-class fc) are those of the 3D video ResNets and do not
+    match ImageNet checkpoints. Module names ``conv1, bn1, act, maxpool, layer1..layer4`` (same as
+    torchvision); random initialisation (MONAI's Kaiming normal), no download.
+
+    Calling the returned module maps ``(B, in_channels, H, W)`` to the pooled ``(B, 2048)``; use
+    :func:`truncate_encoder` (level 4) for the ``(B, 2048, H/32, W/32)`` feature map.
+    """
+    from monai.networks.nets import resnet50
+
+    return resnet50(pretrained=False, spatial_dims=2, n_input_channels=in_channels, conv1_t_size=7,
+                    conv1_t_stride=2, no_max_pool=False, shortcut_type="B", bias_downsample=False,
+                    feed_forward=False)
+
+
+class DenseNet121Encoder(nn.Module):
+    """The ``features`` of MONAI ``DenseNet121(spatial_dims=2)`` (its classifier dropped), then ReLU.
+
+    ``(B, in_channels, H, W)`` -> ``(B, 1024, H/32, W/32)``. State-dict keys are MONAI
+    ``DenseNet121``'s ``features.*`` (its ``class_layers.*`` are absent).
+    """
+
+    def __init__(self, in_channels: int = 3):
+        super().__init__()
+        from monai.networks.nets import DenseNet121
+
+        self.features = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1, pretrained=False).features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.features(x))
+
+
+def densenet121_encoder(in_channels: int = 3) -> DenseNet121Encoder:
+    """MONAI DenseNet121 features (2D, growth 32, blocks (6, 12, 24, 16), 64 initial features), random init.
+
+    Stem: 7x7 stride-2 conv ``conv0``, ``norm0``, ``relu0``, 3x3 stride-2 max-pool ``pool0``; dense
+    blocks ``denseblock1..4`` separated by ``transition1..3`` (BN, ReLU, 1x1 conv halving the
+    channels, 2x2 average pool); final ``norm5``. See :class:`DenseNet121Encoder`.
+    """
+    return DenseNet121Encoder(in_channels)
+
+
+# --- truncation --------------------------------------------------------------------------------
+
+class TruncatedEncoder(nn.Module):
+    """An encoder run up to and including level k; its modules are the source encoder's modules.
+
+    ``forward``: ``(B, C_in, H, W)`` -> ``(B, C_k, H / s_k, W / s_k)`` (:attr:`channels`,
+    :attr:`stride`). :meth:`forward_features` also returns the last feature map at every finer
+    scale (U-Net skips), shallow to deep, with :attr:`feature_channels` / :attr:`feature_strides`.
+    Parameter names are the source's (``conv1.weight``, ``layer2.0.conv1.weight``;
+    ``features.denseblock1...``). Build it with :func:`truncate_encoder`.
+    """
+
+    def __init__(self, arch: str, level: int, modules: list[tuple[str, nn.Module]], taps: list[tuple[str, int, int]],
+                 container: str | None, final_relu: bool):
+        super().__init__()
+        self.arch, self.level = arch, level
+        self._container = container
+        self._names = tuple(name for name, _ in modules)
+        if container:
+            self.add_module(container, nn.Sequential(OrderedDict(modules)))
+        else:
+            for name, module in modules:
+                self.add_module(name, module)
+        self._final_relu = final_relu
+        self._taps = tuple(name for name, _, _ in taps)
+        self.feature_channels = tuple(c for _, c, _ in taps)
+        self.feature_strides = tuple(s for _, _, s in taps)
+        self.channels, self.stride = self.feature_channels[-1], self.feature_strides[-1]
+
+    def _parent(self) -> nn.Module:
+        return self._modules[self._container] if self._container else self
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[(B, feature_channels[i], H / feature_strides[i], W / feature_strides[i])]``, shallow to deep."""
+        parent, feats = self._parent(), []
+        for name in self._names:
+            x = parent._modules[name](x)
+            if name == self._names[-1] and self._final_relu:
+                x = F.relu(x)
+            if name in self._taps:
+                feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parent = self._parent()
+        for name in self._names:
+            x = parent._modules[name](x)
+        return F.relu(x) if self._final_relu else x
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, level={self.level}, channels={self.channels}, stride={self.stride}"
+
+
+def _tap_channels(arch: str, root: nn.Module, name: str) -> int:
+    """Output channels of top-level module ``name``, read from the modules (not assumed)."""
+    if arch == "resnet50":
+        if name == "act":
+            return root.bn1.num_features
+        block = root._modules[name][-1]
+        last_norm = block.bn3 if hasattr(block, "bn3") else block.bn2  # bottleneck / basic block
+        return last_norm.num_features
+    if name == "relu0":
+        return root.norm0.num_features
+    if name.startswith("denseblock"):
+        nxt = f"transition{name[-1]}"
+        return root._modules[nxt].norm.num_features if nxt in root._modules else root.norm5.num_features
+    if name.startswith("transition"):
+        return root._modules[name].conv.out_channels
+    return root.norm5.num_features  # norm5
+
+
+def truncate_encoder(encoder: nn.Module, arch: str, level: int) -> TruncatedEncoder:
+    """The part of ``encoder`` up to and including level ``level``, sharing its parameters.
+
+    Args:
+        encoder: ``arch == "resnet50"``: a MONAI ``ResNet`` with the torchvision stem (e.g.
+            :func:`resnet50_encoder`; ``conv1`` stride 2 and max-pool are required).
+            ``arch == "densenet121"``: any module with MONAI DenseNet ``features`` (
+            :func:`densenet121_encoder` or a MONAI ``DenseNet121``).
+        arch: "resnet50" or "densenet121".
+        level: 1..4, see the module table (4 = the whole encoder, DenseNet121 with the final ReLU).
+
+    Returns:
+        a :class:`TruncatedEncoder` whose modules *are* the source's (no copy: changing a source
+        weight changes the truncated output) under the source names; deeper modules are not
+        referenced. ``(B, C, H, W)`` -> ``(B, C_k, H / s_k, W / s_k)``.
+    """
+    spec = _spec(arch)
+    level = _check_level(arch, level)
+    root = getattr(encoder, spec.container) if spec.container and hasattr(encoder, spec.container) else encoder
+    if spec.container and root is encoder:
+        raise ValueError(f"{arch}: the encoder has no '{spec.container}' module (expected a MONAI DenseNet121 "
+                         f"or densenet121_encoder(), got {type(encoder).__name__})")
+    absent = [m for m in spec.order if m not in root._modules or root._modules[m] is None]
+    if absent:
+        raise ValueError(f"{arch}: the encoder ({type(encoder).__name__}) lacks the modules {absent}; "
+                         f"expected {list(spec.order)}")
+    if arch == "resnet50":
+        if getattr(encoder, "no_max_pool", False):
+            raise ValueError("resnet50: the encoder was built with no_max_pool=True; the torchvision layout "
+                             "(and the strides documented here) needs the max-pool")
+        if tuple(root.conv1.stride) != (2, 2):
+            raise ValueError(f"resnet50: conv1 has stride {tuple(root.conv1.stride)}; build it with "
+                             "conv1_t_stride=2 (torchvision layout), e.g. resnet50_encoder()")
+    kept = _kept(spec, level)
+    taps, stride = [], 1
+    for i, name in enumerate(kept):
+        stride *= 2 if name in spec.downsampling else 1
+        last = i == len(kept) - 1
+        if last or (kept[i + 1] in spec.downsampling and stride > 1):
+            taps.append((name, _tap_channels(arch, root, name), stride))
+    final_relu = arch == "densenet121" and kept[-1] == "norm5"
+    return TruncatedEncoder(arch, level, [(m, root._modules[m]) for m in kept], taps, spec.container, final_relu)
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+@dataclass
+class TruncatedWeightsReport:
+    """What :func:`load_truncated_weights` did; keys are truncated-encoder keys (no ``encoder.`` prefix)."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)               # encoder keys the weights lack
+    shape_mismatch: dict[str, list] = field(default_factory=dict)   # key -> [weights shape, encoder shape]
+    dropped_deeper: list[str] = field(default_factory=list)        # keys of the levels cut off
+    not_in_encoder: list[str] = field(default_factory=list)        # other keys: heads, decoders, unknown
+
+    def summary(self) -> str:
+        return (f"{self.source}: loaded {len(self.loaded)} encoder tensors, missing {len(self.missing)}, "
+                f"shape mismatch {len(self.shape_mismatch)}, skipped {len(self.dropped_deeper)} of the dropped "
+                f"deeper levels and {len(self.not_in_encoder)} other keys")
+
+
+_TV_DENSE = re.compile(r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(.+)$")
+
+
+def _normalise_key(key: str) -> str:
+    if key.startswith("encoder."):
+        key = key[len("encoder."):]
+    if ".layers." not in key:  # torchvision DenseNet: denselayerN.norm1 / norm.1 -> denselayerN.layers.norm1
+        m = _TV_DENSE.match(key)
+        if m:
+            key = f"{m.group(1)}.layers.{m.group(2)}{m.group(3)}.{m.group(4)}"
+    return key
+
+
+def load_truncated_weights(encoder: TruncatedEncoder, weights) -> TruncatedWeightsReport:
+    """Load pretrained encoder weights into a truncated encoder (deeper levels skipped, reported).
+
+    Args:
+        encoder: a :class:`TruncatedEncoder`.
+        weights: a state dict, or a path read with ``torch.load(..., weights_only=True)`` (a bare
+            state dict or ``{"network": state}``); ``module.``, ``_orig_mod.`` and ``encoder.``
+            prefixes are stripped, so full encoders, full MONAI ResNet/DenseNet121 networks,
+            torchvision ResNet50/DenseNet121 state dicts and other truncated networks all work.
+
+    Tensors whose shape differs (e.g. ``conv1`` for ``in_channels != 3``) keep their
+    initialisation and are reported.
+
+    Raises:
+        FileNotFoundError: naming the path, when it does not exist.
+        ValueError: naming the file, when it holds pickled objects (``torch.save(model)``) or no
+            state dict; naming the source, when no key of the truncated encoder is in it.
+    """
+    if isinstance(weights, (str, PathLike)):
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        state, source = read_state_dict(path), str(path)
+    elif isinstance(weights, Mapping):
+        for wrapper in ("network", "state_dict", "model"):  # trainer checkpoints held in memory
+            if isinstance(weights.get(wrapper), Mapping):
+                weights = weights[wrapper]
+                break
+        if not weights or not all(torch.is_tensor(v) for v in weights.values()):
+            raise ValueError("weights: not a state dict (expected a mapping of parameter names to tensors)")
+        state, source = strip_prefixes(weights), "state dict"
+    else:
+        raise ValueError(f"weights must be a state dict or a file path, got {type(weights).__name__}")
+    spec = _spec(encoder.arch)
+    own = encoder.state_dict()
+    prefix = f"{spec.container}." if spec.container else ""
+    deeper = {prefix + m + "." for m in spec.order[len(encoder._names):]}
+    report, to_load = TruncatedWeightsReport(source=source), {}
+    for key, value in state.items():
+        key = _normalise_key(key)
+        if key in own:
+            if tuple(value.shape) != tuple(own[key].shape):
+                report.shape_mismatch[key] = [list(value.shape), list(own[key].shape)]
+            else:
+                to_load[key] = value
+        elif any(key.startswith(p) for p in deeper):
+            report.dropped_deeper.append(key)
+        else:
+            report.not_in_encoder.append(key)
+    if not to_load:
+        raise ValueError(f"{source}: no tensor matches the {encoder.arch} level-{encoder.level} encoder "
+                         f"(its keys look like {next(iter(own))!r}; the file's like {next(iter(state), None)!r})")
+    encoder.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    report.missing = sorted(set(own) - set(to_load) - set(report.shape_mismatch))
+    logger.info("truncated %s level %d weights: %s", encoder.arch, encoder.level, report.summary())
+    for key, (src, dst) in report.shape_mismatch.items():
+        logger.info("  shape mismatch, not loaded: %s weights %s encoder %s", key, src, dst)
+    return report
+
+
+def _build_truncated(arch: str, level: int, in_channels: int, weights) -> tuple[TruncatedEncoder, TruncatedWeightsReport | None]:
+    _check_level(arch, level)
+    if int(in_channels) < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    full = resnet50_encoder(in_channels) if arch == "resnet50" else densenet121_encoder(in_channels)
+    encoder = truncate_encoder(full, arch, level)
+    report = load_truncated_weights(encoder, weights) if weights is not None else None
+    for p in encoder.parameters():  # truncated TL fine-tunes every kept layer
+        p.requires_grad_(True)
+    return encoder, report
+
+
+# --- networks ----------------------------------------------------------------------------------
+
+class TruncatedClassifier(nn.Module):
+    """Truncated encoder + global average pool + dropout + linear head (the paper's Res-T/Dens-T models).
+
+    ``forward``: ``(B, in_channels, H, W)`` -> ``(B, num_classes)`` logits (sigmoid for multi-label,
+    softmax for multi-class, outside). Every parameter is trainable.
+
+    Args:
+        arch: "resnet50" or "densenet121". level: 1..4 (see the module table).
+        num_classes: outputs of the new head (``nn.Linear(C_k, num_classes)``, random init).
+        in_channels: image channels (3: ImageNet weights load fully; otherwise ``conv1``/``conv0`` is
+            reported as a shape mismatch and keeps its random init).
+        weights: ``None`` (random init) or pretrained encoder weights, see :func:`load_truncated_weights`;
+            what was loaded/skipped is in :attr:`weights_report`.
+        dropout: dropout probability before the head (0: none).
+
+    Attributes: ``encoder`` (:class:`TruncatedEncoder`), ``pool``, ``dropout``, ``head``.
+    """
+
+    def __init__(self, arch: str, level: int, num_classes: int, in_channels: int = 3, weights=None,
+                 dropout: float = 0.0):
+        super().__init__()
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.encoder, self.weights_report = _build_truncated(arch, level, in_channels, weights)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(self.encoder.channels, int(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(torch.flatten(self.pool(self.encoder(x)), 1)))
+
+
+class TruncatedSegmenter(nn.Module):
+    """Truncated encoder + a light U-Net decoder back to the input resolution.
+
+    Decoder (MONAI blocks): a 1x1 conv-BN-ReLU ``bottleneck`` maps the level-k feature
+    ``(B, C_k, H/s_k, W/s_k)`` to the decoder width; then one stage per factor 2 (log2 s_k stages),
+    each a bilinear 2x upsample, concatenation of the encoder skip feature of that scale when there
+    is one (:meth:`TruncatedEncoder.forward_features`: the stem at H/2, then the last feature of
+    each kept stage) and two 3x3 conv-BN-ReLU (``monai.networks.nets.basic_unet.UpCat``); the last
+    stage (H/2 -> H) has no skip. A 1x1 conv ``head`` gives the logits.
+
+    ``forward``: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)`` logits. Sides that are
+    not multiples of s_k (32 for the deep levels) are replicate-padded at the bottom/right up to
+    the next multiple and the logits cropped back to ``(H, W)``.
+
+    Args:
+        arch, level, in_channels, weights: as :class:`TruncatedClassifier`.
+        out_channels: output maps (1 for a binary mask, sigmoid outside).
+        decoder_channels: widths of the stage outputs at H/16, H/8, H/4, H/2, H; a level with
+            stride s_k uses the last log2(s_k) of them (the bottleneck has the width of the first).
+    """
+
+    def __init__(self, arch: str, level: int, out_channels: int, in_channels: int = 3, weights=None,
+                 decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)):
+        super().__init__()
+        from monai.networks.blocks import Convolution
+        from monai.networks.nets.basic_unet import UpCat
+
+        if int(out_channels) < 1:
+            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+        if len(decoder_channels) != 5 or any(int(c) < 1 for c in decoder_channels):
+            raise ValueError(f"decoder_channels must be 5 positive widths (H/16 .. H), got {decoder_channels}")
+        self.encoder, self.weights_report = _build_truncated(arch, level, in_channels, weights)
+        strides, chans = self.encoder.feature_strides, self.encoder.feature_channels
+        n_stages = int(strides[-1]).bit_length() - 1            # log2 s_k
+        widths = [int(c) for c in decoder_channels[-n_stages:]]
+        skip_ch = {s: c for s, c in zip(strides[:-1], chans[:-1])}
+        norm, act = "batch", ("relu", {"inplace": True})
+        self.bottleneck = Convolution(2, chans[-1], widths[0], kernel_size=1, act=act, norm=norm, bias=False)
+        stages, in_ch, scale = [], widths[0], strides[-1]
+        for width in widths:
+            scale //= 2
+            stages.append(UpCat(2, in_ch, skip_ch.get(scale, 0), width, act=act, norm=norm, bias=False,
+                                upsample="nontrainable", pre_conv=None, interp_mode="bilinear", align_corners=False))
+            in_ch = width
+        self.decoder = nn.ModuleList(stages)
+        self._skip_index = [strides.index(s) if s in skip_ch else None
+                            for s in [strides[-1] // 2 ** (i + 1) for i in range(n_stages)]]
+        self.head = Convolution(2, widths[-1], int(out_channels), kernel_size=1, conv_only=True, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        s = self.encoder.stride
+        pad_h, pad_w = (-h) % s, (-w) % s
+        if pad_h or pad_w:  # bottom/right replicate padding to a multiple of s_k, cropped below
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        feats = self.encoder.forward_features(x)
+        y = self.bottleneck(feats[-1])
+        for stage, idx in zip(self.decoder, self._skip_index):
+            y = stage(y, feats[idx] if idx is not None else None)
+        return self.head(y)[:, :, :h, :w]
