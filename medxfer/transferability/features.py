@@ -203,8 +203,8 @@ def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Te
 
 def sample_dataset(network: torch.nn.Module, stages: Sequence[str], cases: Iterable[dict], roi_size: Sequence[int],
                    config: SamplingConfig | None = None, progress: bool = True, desc: str = "sampling features",
-                   image_key: str = "image", label_key: str = "label", id_fn: Callable[[dict, int], str] | None = None
-                   ) -> list[CaseFeatures]:
+                   image_key: str = "image", label_key: str = "label", id_fn: Callable[[dict, int], str] | None = None,
+                   with_source_probs: bool = True) -> list[CaseFeatures]:
     """:func:`sample_case` for every preprocessed case dict (``{"image": (C, ...), "label": (1, ...)}``),
     case ``i`` seeded with ``config.seed + i``; shows a progress bar."""
     from tqdm.auto import tqdm
@@ -216,7 +216,7 @@ def sample_dataset(network: torch.nn.Module, stages: Sequence[str], cases: Itera
     for i, case in enumerate(tqdm(cases, desc=desc, disable=not progress, leave=False)):
         case_id = id_fn(case, i) if id_fn else str(case.get("id", f"case_{i}"))
         out.append(sample_case(network, stages, case[image_key], case[label_key], roi_size, config, case_id=case_id,
-                               seed=config.seed + i))
+                               seed=config.seed + i, with_source_probs=with_source_probs))
     return out
 
 

@@ -1,0 +1,379 @@
+"""Helpers the ``bundles/seg2d_transfer`` configs call (thesis chapters 2 and 4; SPEC sections 7-8).
+
+Workflow of checkpoint selection for 2D segmentation transfer:
+
+1. ``pretrain_encoder``: an encoder (of ``unet2d``, ``resnet50_attention_unet`` or ``swin_unet``)
+   with a classification head (:class:`medxfer.networks.seg2d.EncoderClassifier`) is trained on a
+   labelled class-per-folder image set; checkpoints at chosen epochs go into a model bank (same
+   manifest as the 3D bank). Optionally the online rule (:class:`medxfer.handlers.RobustnessEarlyStopping`)
+   scores robustness on the target images and stops at its first local maximum.
+2. ``select_checkpoint``: every bank checkpoint is scored on the target segmentation set without
+   fine-tuning (:func:`score_checkpoints`): robustness (thesis eq. 4.2, colour jitter of the target
+   images, second-to-last encoder level) and the feature-based estimators on the encoder's last two
+   levels; the highest robustness is the selection; TIS is reported when fine-tuned Dice is given.
+3. ``train``: the segmentation network initialised from a checkpoint (encoder) and fine-tuned,
+   ``full`` or ``decoder_only`` (frozen encoder); Dice loss over classes (sigmoid for a binary
+   target, softmax for several classes), SGD momentum 0.9, weight decay 1e-4, poly decay 0.9.
+4. ``evaluate`` / ``inference``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medxfer.data.problems import DatasetError
+
+__all__ = ["TRANSFER_MODES", "classification_datalists", "seg2d_datalists", "is_binary", "seg_out_channels",
+           "seg2d_network", "target_images", "online_selection_handlers", "score_checkpoints", "select_checkpoint",
+           "discrete_postprocessing", "save_run_info", "Seg2DRun", "evaluate_seg2d", "predict_folder"]
+
+logger = logging.getLogger("medxfer.workflows")
+
+#: Downstream training: ``full`` (every layer trains), ``decoder_only`` (encoder frozen), ``scratch``.
+TRANSFER_MODES = {"full": "all_but_head", "decoder_only": "frozen_encoder", "scratch": "scratch"}
+
+
+def _holdout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    n_val = min(len(records) - 1, max(1, round(fraction * len(records))))
+    order = np.random.default_rng([seed, 2]).permutation(len(records))
+    val = set(order[:n_val].tolist())
+    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
+
+
+def classification_datalists(data_root, val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """``{"train", "val", "classes"}`` of a class-per-folder pretraining set (seeded hold-out)."""
+    from medxfer.data.image_folder import load_image_folder
+
+    records, classes = load_image_folder(data_root)
+    train, val = _holdout(records, val_fraction, seed)
+    return {"train": train, "val": val, "classes": classes}
+
+
+def seg2d_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None) -> dict:
+    """``{"train", "val", "labels"}`` of fold ``fold`` of a 2D segmentation folder (splits kept in
+    ``splits_file``)."""
+    from medxfer.data.seg2d import load_seg2d
+    from medxfer.data.splits import fold_records
+
+    records, labels = load_seg2d(data_root)
+    train, val = fold_records(records, fold, n_folds, seed, splits_file)
+    return {"train": train, "val": val, "labels": labels}
+
+
+def is_binary(labels) -> bool:
+    """Two classes (background + one): sigmoid output with one channel."""
+    return len(labels) == 2
+
+
+def seg_out_channels(labels) -> int:
+    """1 for a binary target (sigmoid), else the number of classes incl. background (softmax)."""
+    return 1 if is_binary(labels) else len(labels)
+
+
+def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, bank_root=None,
+                  init_checkpoint=None, transfer_mode: str = "full", output_dir=None) -> torch.nn.Module:
+    """The downstream segmentation network, initialised from a pretrained encoder.
+
+    The encoder comes from bank entry ``init_entry`` of ``bank_root`` or from a checkpoint file
+    (e.g. ``robust_selected.pt`` of the online rule); ``transfer_mode``: ``full`` (all layers
+    fine-tuned), ``decoder_only`` (encoder frozen) or ``scratch`` (nothing loaded). The per-key
+    report goes to ``output_dir/transfer_report.json``.
+    """
+    from medxfer.jsonfile import write_json
+    from medxfer.networks.factory import arch_layout
+    from medxfer.networks.seg2d import build_seg2d
+    from medxfer.transfer.finetune import apply_transfer
+
+    if transfer_mode not in TRANSFER_MODES:
+        raise ValueError(f"transfer_mode must be one of {list(TRANSFER_MODES)}, got {transfer_mode!r}")
+    network = build_seg2d(arch, 3, seg_out_channels(labels), image_size)
+    if transfer_mode == "scratch":
+        return network
+    if init_entry is not None:
+        from medxfer.transfer.bank import ModelBank
+
+        bank = ModelBank.open(bank_root)
+        entry = bank.get(init_entry)
+        if entry.arch != arch:
+            raise ValueError(f"bank entry {init_entry!r} is a {entry.arch} encoder, the network is {arch}")
+        state = bank.load_state_dict(init_entry)
+    elif init_checkpoint is not None:
+        from medxfer.transfer.bank import read_state_dict
+
+        state = read_state_dict(init_checkpoint)
+    else:
+        raise ValueError(f"transfer_mode {transfer_mode!r} needs init_entry (with bank_root) or init_checkpoint; "
+                         "use transfer_mode 'scratch' to train from random weights")
+    encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder_state:
+        raise ValueError(f"{init_entry or init_checkpoint}: no encoder.* weights to transfer")
+    report = apply_transfer(network, encoder_state, TRANSFER_MODES[transfer_mode], arch,
+                            layout=arch_layout(arch, network))
+    if report.shape_mismatch:
+        raise ValueError(f"{init_entry or init_checkpoint}: encoder weights do not fit the {arch}: "
+                         f"{sorted(report.shape_mismatch)[:3]}")
+    if output_dir is not None:
+        write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
+    return network
+
+
+def target_images(data_root, image_size, max_images: int = 16) -> torch.Tensor:
+    """``(N, 3, H, W)`` target images in ``[0, 1]`` for the robustness score (first ``max_images``
+    of a 2D segmentation folder, or of a class-per-folder set)."""
+    from medxfer.data.seg2d import load_seg2d
+    from medxfer.transforms.seg2d import unnormalized_images
+
+    records, _ = load_seg2d(data_root)
+    return unnormalized_images(records, image_size, max_images)
+
+
+def online_selection_handlers(enabled: bool, network, arch: str, target_root, image_size, output_dir,
+                              epochs=None, max_images: int = 16, seed: int = 0, mean=None, std=None) -> list:
+    """``[RobustnessEarlyStopping]`` for the pretraining trainer when ``enabled`` (else ``[]``)."""
+    if not enabled:
+        return []
+    from medxfer.handlers import RobustnessEarlyStopping
+    from medxfer.networks.factory import arch_layout
+    from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
+
+    if target_root is None:
+        raise ValueError("online selection needs target_root (the target segmentation images)")
+    images = target_images(target_root, image_size, max_images)
+    return [RobustnessEarlyStopping(network, arch_layout(arch, network).penultimate_encoder, images,
+                                    normalize=(mean or IMAGENET_MEAN, std or IMAGENET_STD), epochs=epochs,
+                                    output_dir=output_dir, seed=seed, mode="color")]
+
+
+def _target_cases(data_root, image_size, max_cases: int | None) -> tuple[list[dict], dict]:
+    from medxfer.data.seg2d import load_seg2d
+    from medxfer.transforms.seg2d import seg2d_transforms
+
+    records, labels = load_seg2d(data_root)
+    records = records[:max_cases] if max_cases else records
+    chain = seg2d_transforms("eval", image_size, labels)
+    cases = []
+    for r in records:
+        item = chain(r)
+        cases.append({"id": r["id"], "image": torch.as_tensor(np.asarray(item["image"])),
+                      "label": np.asarray(item["label"]).astype(np.int64)})
+    return cases, labels
+
+
+def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators: Sequence[str] = (
+        "robustness", "ccfv", "logme", "gbc", "transrate"), entries: Sequence[str] | None = None, device=None,
+        max_cases: int | None = 16, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Scores of every encoder checkpoint of the bank on the target (offline selection).
+
+    Robustness: colour-jittered target images in ``[0, 1]``, normalised like the pretraining, the
+    second-to-last encoder level, pooled (thesis chapter 4). The feature-based estimators
+    (CC-FV, LogME, GBC, TransRate) read the encoder's last two levels at sampled pixels (an encoder
+    checkpoint has no decoder; LEEP / NCE need a segmentation head and are not offered).
+    Rows as :func:`medxfer.transferability.score.score_bank`.
+    """
+    from tqdm.auto import tqdm
+
+    from medxfer.networks.factory import arch_layout, build_network
+    from medxfer.transfer.bank import ModelBank
+    from medxfer.transferability.features import SamplingConfig, sample_dataset
+    from medxfer.transferability.robustness import hooked_output, robustness_score
+    from medxfer.transferability.score import run_estimators
+    from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
+
+    unknown = [e for e in estimators if e not in ("robustness", "ccfv", "ccfv_official", "logme", "gbc", "transrate")]
+    if unknown:
+        raise ValueError(f"estimators {unknown} cannot score encoder checkpoints (no segmentation head)")
+    bank = ModelBank.open(bank_root)
+    names = list(entries) if entries else bank.names()
+    if not names:
+        raise DatasetError(bank_root, "the bank has no entries")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
+    cases, _ = _target_cases(target_root, size, max_cases)
+    raw = target_images(target_root, size, max_cases or 16)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rows = []
+    for name in tqdm(names, desc="scoring checkpoints", disable=not progress):
+        entry = bank.get(name)
+        net = build_network(entry.arch, entry.in_channels, entry.out_channels, size, **entry.arch_kwargs)
+        net.load_state_dict(bank.load_state_dict(name))
+        net.to(dev).eval()
+        layout = arch_layout(entry.arch, net)
+        row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
+        t0 = time.perf_counter()
+        if "robustness" in estimators:
+            hooked = hooked_output(net, layout.penultimate_encoder)
+            row["robustness"] = robustness_score(raw, lambda x: hooked(((x - mean) / std).to(dev)), seed=seed,
+                                                 mode="color", batch_size=4)
+        row["seconds_robustness"] = time.perf_counter() - t0
+        others = [e for e in estimators if e != "robustness"]
+        if others:
+            t1 = time.perf_counter()
+            stages = [layout.encoder_levels[-1][0], layout.penultimate_encoder]
+            feats = sample_dataset(net, stages, cases, size, SamplingConfig(seed=seed), progress=False,
+                                   with_source_probs=False)
+            results = run_estimators(feats, others)
+            row.update({k: v["score"] for k, v in results.items()})
+            row["errors"] = {k: v["error"] for k, v in results.items() if v["error"]}
+            row["seconds_features_and_estimators"] = time.perf_counter() - t1
+        rows.append(row)
+    return rows
+
+
+def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
+                      estimators: Sequence[str] = ("robustness", "ccfv", "logme", "gbc", "transrate"),
+                      select_by: str = "robustness", start_epoch: int = 1, dice_csv=None, device=None,
+                      max_cases: int | None = 16, seed: int = 0) -> dict:
+    """Score the bank (:func:`score_checkpoints`), pick the checkpoint with the highest ``select_by``
+    score among epochs ``>= start_epoch`` (random init excluded, thesis section 4.2), write
+    ``scores.csv`` / ``scores.json`` / ``selection.json``; with ``dice_csv`` (``model,dice`` of
+    fine-tuned checkpoints) also the estimators' weighted tau and TIS (``te_evaluation.*``)."""
+    from medxfer.transferability.score import write_scores
+
+    if select_by not in estimators:
+        raise ValueError(f"select_by {select_by!r} must be one of the estimators {list(estimators)}")
+    rows = score_checkpoints(bank_root, target_root, image_size, estimators, device=device, max_cases=max_cases,
+                             seed=seed)
+    output_dir = Path(output_dir)
+    write_scores(rows, output_dir, meta={"bank_root": str(bank_root), "target": str(target_root),
+                                         "estimators": list(estimators)})
+    eligible = [r for r in rows if (r["epoch"] or 0) >= start_epoch and np.isfinite(r.get(select_by, np.nan))]
+    if not eligible:
+        raise ValueError(f"no checkpoint from epoch {start_epoch} on has a finite {select_by} score")
+    best = max(eligible, key=lambda r: r[select_by])
+    selection = {"select_by": select_by, "model": best["model"], "epoch": best["epoch"], "score": best[select_by],
+                 "start_epoch": start_epoch,
+                 "per_estimator": {e: max((r for r in eligible if np.isfinite(r.get(e, np.nan))),
+                                          key=lambda r: r[e], default={"model": None})["model"] for e in estimators}}
+    if dice_csv is not None:
+        from medxfer.transferability.evaluate import evaluate_estimators, table_from_files, write_report
+
+        result = evaluate_estimators(table_from_files(output_dir / "scores.json", dice_csv), list(estimators))
+        write_report(result, output_dir)
+        selection["tis"] = {e: result["mean"][e]["tis"] for e in estimators if e in result.get("mean", {})}
+    (output_dir / "selection.json").write_text(json.dumps(selection, indent=1, default=float) + "\n")
+    return selection
+
+
+def discrete_postprocessing(labels):
+    """Evaluator postprocessing: binary -> sigmoid > 0.5 (one channel, the foreground); several
+    classes -> argmax one-hot (background channel first, left out of the mean Dice)."""
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    if is_binary(labels):
+        return Compose([Activationsd("pred", sigmoid=True), AsDiscreted("pred", threshold=0.5)])
+    n = len(labels)
+    return Compose([AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=[n, n])])
+
+
+def save_run_info(output_dir, arch: str, labels, image_size) -> Path:
+    """``run.json`` of a training run (arch, classes, input size): evaluate / inference read it."""
+    from medxfer.jsonfile import write_json
+
+    path = Path(output_dir) / "run.json"
+    write_json(path, {"arch": arch, "labels": {str(k): v for k, v in dict(labels).items()},
+                      "image_size": image_size})
+    return path
+
+
+class Seg2DRun:
+    """A trained ``train.yaml`` run folder: its network (``model.pt``, weights only) and classes."""
+
+    def __init__(self, run_dir, device=None, checkpoint: str = "model.pt"):
+        from medxfer.data.problems import read_json
+        from medxfer.networks.seg2d import build_seg2d
+        from medxfer.transfer.bank import read_state_dict
+
+        self.run_dir = Path(run_dir)
+        info = read_json(self.run_dir / "run.json", "not a seg2d_transfer training folder (no run.json)")
+        self.arch, self.image_size = info["arch"], info["image_size"]
+        self.labels = {int(k): v for k, v in info["labels"].items()}
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.network = build_seg2d(self.arch, 3, seg_out_channels(self.labels), self.image_size)
+        self.network.load_state_dict(read_state_dict(self.run_dir / checkpoint))
+        self.network.to(self.device).eval()
+
+    @torch.no_grad()
+    def predict(self, image_path) -> np.ndarray:
+        """``(H, W)`` uint8 label indices at the image's own size: logits at ``image_size`` resized
+        bilinearly back to ``(H, W)``, then sigmoid > 0.5 (binary) or argmax."""
+        from PIL import Image
+
+        from medxfer.transforms.seg2d import seg2d_transforms
+
+        with Image.open(image_path) as img:
+            width, height = img.size
+        x = seg2d_transforms("infer", self.image_size)({"image": str(image_path)})["image"]
+        x = (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x))[None].to(self.device)
+        logits = torch.nn.functional.interpolate(self.network(x).float(), size=(height, width), mode="bilinear",
+                                                 align_corners=False)[0]
+        if is_binary(self.labels):
+            return (torch.sigmoid(logits[0]) > 0.5).to(torch.uint8).cpu().numpy()
+        return logits.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def evaluate_seg2d(run_dir, data_root, output_dir=None, fold: int = 0, device=None) -> dict:
+    """Per-image Dice and HD95 (pixels) of every foreground class on the run's validation fold, at
+    the original image size (:mod:`medxfer.metrics.segmentation` conventions: empty vs empty is
+    NaN and left out of the means). Writes ``metrics.csv`` / ``metrics.json`` into ``output_dir``
+    (default ``<run_dir>/evaluation``)."""
+    import csv
+
+    from medxfer.data.seg2d import read_mask
+    from medxfer.jsonfile import write_json
+    from medxfer.metrics.segmentation import case_metrics, summarize_cases
+
+    run = Seg2DRun(run_dir, device)
+    lists = seg2d_datalists(data_root, fold, splits_file=run.run_dir / "splits.json")
+    if lists["labels"] != run.labels:
+        raise DatasetError(data_root, f"classes {lists['labels']} differ from the run's {run.labels}")
+    rows = []
+    for record in lists["val"]:
+        pred = run.predict(record["image"])
+        gt = read_mask(record["label"], run.labels)
+        rows.append({"case": record["id"], **case_metrics(torch.as_tensor(pred), torch.as_tensor(gt), [1.0, 1.0],
+                                                          run.labels)})
+    out = Path(output_dir) if output_dir else run.run_dir / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize_cases(rows)
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_json(out / "metrics.json", {"cases": rows, "summary": summary, "fold": fold,
+                                      "hd95_unit": "pixels of the original image"})
+    return summary
+
+
+def predict_folder(run_dir, input_path, output_dir, device=None, overwrite: bool = False) -> list[Path]:
+    """Masks of every image of ``input_path`` (a file or a folder) as ``<output_dir>/<stem>.png``:
+    label indices, 0/255 for a binary run. Existing files are refused unless ``overwrite``."""
+    from PIL import Image
+
+    from medxfer.data.image_folder import is_image_file
+
+    path = Path(input_path)
+    images = [path] if path.is_file() else sorted(p for p in path.iterdir() if is_image_file(p.name)) \
+        if path.is_dir() else None
+    if images is None:
+        raise FileNotFoundError(f"{path}: no such image file or folder")
+    if not images:
+        raise DatasetError(path, "no image files in the folder")
+    output_dir = Path(output_dir)
+    targets = [output_dir / f"{p.stem}.png" for p in images]
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]}: exists; pass overwrite=True (--overwrite true) to replace predictions")
+    run = Seg2DRun(run_dir, device)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scale = 255 if is_binary(run.labels) else 1
+    for image, target in zip(images, targets):
+        Image.fromarray(run.predict(image) * scale, mode="L").save(target)
+    return targets
