@@ -49,7 +49,7 @@ def build_seg2d(arch: str, in_channels: int = 3, out_channels: int = 1, image_si
     """
     arch = _check(arch)
     if kwargs.pop("encoder_classifier", False):
-        return EncoderClassifier(arch, out_channels, in_channels, image_size)
+        return EncoderClassifier(arch, out_channels, in_channels, image_size, **kwargs)
     if arch == "unet2d":
         from medxfer.networks.unet2d import UNet2D
 
@@ -103,16 +103,21 @@ class EncoderClassifier(nn.Module):
     """Encoder of a 2D segmentation arch + global average pooling + linear head (pretraining).
 
     Maps ``(B, in_channels, H, W)`` to ``(B, num_classes)`` logits. ``encoder.*`` parameters are
-    named as in the segmentation network (see the module docstring).
+    named as in the segmentation network (see the module docstring); ``arch_kwargs`` go to the
+    network (e.g. ``channels`` of ``unet2d``).
     """
 
-    def __init__(self, arch: str, num_classes: int, in_channels: int = 3, image_size: int | Sequence[int] = 224):
+    def __init__(self, arch: str, num_classes: int, in_channels: int = 3, image_size: int | Sequence[int] = 224,
+                 **arch_kwargs):
         super().__init__()
         self.arch = _check(arch)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.encoder = build_seg2d(arch, in_channels, 1, image_size).encoder
-        self.classifier = nn.Linear(DEEPEST_CHANNELS[arch], num_classes)
+        self.encoder = build_seg2d(arch, in_channels, 1, image_size, **arch_kwargs).encoder
+        deepest = DEEPEST_CHANNELS[arch]
+        if arch == "unet2d" and "channels" in arch_kwargs:  # a narrower U-Net (tests, small data)
+            deepest = int(arch_kwargs["channels"][-1])
+        self.classifier = nn.Linear(deepest, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = encoder_features(self.arch, self.encoder, x)

@@ -78,7 +78,8 @@ def seg_out_channels(labels) -> int:
 
 
 def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, bank_root=None,
-                  init_checkpoint=None, transfer_mode: str = "full", output_dir=None) -> torch.nn.Module:
+                  init_checkpoint=None, transfer_mode: str = "full", output_dir=None,
+                  arch_kwargs: dict | None = None) -> torch.nn.Module:
     """The downstream segmentation network, initialised from a pretrained encoder.
 
     The encoder comes from bank entry ``init_entry`` of ``bank_root`` or from a checkpoint file
@@ -93,7 +94,7 @@ def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, 
 
     if transfer_mode not in TRANSFER_MODES:
         raise ValueError(f"transfer_mode must be one of {list(TRANSFER_MODES)}, got {transfer_mode!r}")
-    network = build_seg2d(arch, 3, seg_out_channels(labels), image_size)
+    network = build_seg2d(arch, 3, seg_out_channels(labels), image_size, **dict(arch_kwargs or {}))
     if transfer_mode == "scratch":
         return network
     if init_entry is not None:
@@ -273,13 +274,13 @@ def discrete_postprocessing(labels):
     return Compose([AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=[n, n])])
 
 
-def save_run_info(output_dir, arch: str, labels, image_size) -> Path:
+def save_run_info(output_dir, arch: str, labels, image_size, arch_kwargs: dict | None = None) -> Path:
     """``run.json`` of a training run (arch, classes, input size): evaluate / inference read it."""
     from medxfer.jsonfile import write_json
 
     path = Path(output_dir) / "run.json"
     write_json(path, {"arch": arch, "labels": {str(k): v for k, v in dict(labels).items()},
-                      "image_size": image_size})
+                      "image_size": image_size, "arch_kwargs": dict(arch_kwargs or {})})
     return path
 
 
@@ -296,7 +297,8 @@ class Seg2DRun:
         self.arch, self.image_size = info["arch"], info["image_size"]
         self.labels = {int(k): v for k, v in info["labels"].items()}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.network = build_seg2d(self.arch, 3, seg_out_channels(self.labels), self.image_size)
+        self.network = build_seg2d(self.arch, 3, seg_out_channels(self.labels), self.image_size,
+                                   **info.get("arch_kwargs", {}))
         self.network.load_state_dict(read_state_dict(self.run_dir / checkpoint))
         self.network.to(self.device).eval()
 

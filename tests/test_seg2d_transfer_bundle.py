@@ -1,0 +1,155 @@
+"""``bundles/seg2d_transfer`` end to end with ``python -m monai.bundle run`` on tiny generated data:
+encoder pretraining into a bank with online robustness selection, offline selection, downstream
+training (full / decoder-only / scratch), evaluation and inference."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bundle_cli import bundle_cli
+from medxfer.data.synth.shapes2d import generate_classification_folder, generate_seg2d
+from medxfer.transfer.bank import ModelBank, read_state_dict
+from medxfer.transferability.robustness import first_local_maximum
+from medxfer.workflows.bundle import bundle_dir
+
+BUNDLE = bundle_dir("seg2d_transfer")
+NARROW = "{'channels': [8, 16, 32, 64, 128]}"   # a narrow unet2d keeps checkpoints small
+COMMON = ["--bundle_root", ".", "--arch", "unet2d", "--arch_kwargs", NARROW, "--image_size", "32", "--device", "cpu"]
+
+
+def _cli(configs, tmp, *args, check=True):
+    configs = configs if isinstance(configs, str) else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    return bundle_cli(BUNDLE, ["--config_file", configs, *args], tmp, check=check)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg2d_data")
+    return {"classes": generate_classification_folder(root / "classes", num_classes=4, images_per_class=8, size=32,
+                                                      seed=0),
+            "binary": generate_seg2d(root / "binary", num_images=12, size=(40, 48), num_classes=1, seed=1),
+            "multi": generate_seg2d(root / "multi", num_images=12, size=(40, 48), num_classes=2, seed=2),
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def pretrained(data):
+    """pretrain_encoder.yaml + online_selection.yaml: checkpoint every epoch, stop at the first maximum."""
+    out = data["root"] / "pretrain"
+    _cli(["configs/pretrain_encoder.yaml", "configs/online_selection.yaml"], out.parent, *COMMON,
+         "--data_root", str(data["classes"]), "--bank_root", str(out / "bank"), "--output_dir", str(out),
+         "--target_root", str(data["binary"]), "--max_epochs", "10", "--bank_epochs", str(list(range(1, 11))),
+         "--batch_size", "8")
+    return out
+
+
+def test_online_selection_stopped_a_real_pretraining_at_the_first_robustness_maximum(pretrained):
+    summary = json.loads((pretrained / "robustness.json").read_text())
+    epochs, scores = summary["epochs"], summary["robustness"]
+    assert epochs[0] == 0 and summary["selected_epoch"] is not None, "this tiny run is known to peak early"
+    assert summary["selected_epoch"] == first_local_maximum(scores, epochs, start_epoch=1) >= 1
+    assert summary["stopped_at_epoch"] == summary["selected_epoch"] + 1 == epochs[-1] < 10  # one round later
+    bank = ModelBank.open(pretrained / "bank")
+    assert sorted(bank.get(n).epoch for n in bank.names()) == list(range(1, epochs[-1] + 1))  # nothing after the stop
+    chosen = read_state_dict(pretrained / "robust_selected.pt")
+    entry = next(n for n in bank.names() if bank.get(n).epoch == summary["selected_epoch"])
+    saved = bank.load_state_dict(entry)
+    assert chosen.keys() == saved.keys() and all(torch.equal(chosen[k], saved[k]) for k in saved)
+
+
+def test_offline_selection_scores_every_checkpoint_and_reports_tis(pretrained, data, tmp_path):
+    bank = ModelBank.open(pretrained / "bank")
+    online = json.loads((pretrained / "robustness.json").read_text())
+    names = sorted(bank.names(), key=lambda n: bank.get(n).epoch)
+    robust_online = dict(zip(online["epochs"], online["robustness"]))
+    dice = tmp_path / "dice.csv"   # a made-up Dice ordered like the online robustness -> TIS 1
+    with dice.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "dice"])
+        for n in names:
+            w.writerow([n, robust_online[bank.get(n).epoch]])
+    out = tmp_path / "selection"
+    _cli("configs/select_checkpoint.yaml", tmp_path, "--bundle_root", ".", "--bank_root", str(pretrained / "bank"),
+         "--target_root", str(data["binary"]), "--output_dir", str(out), "--image_size", "32", "--max_cases", "16",
+         "--dice_csv", str(dice), "--device", "cpu")
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == bank.names()
+    for r in rows:  # offline robustness of epoch k == what the online rule measured after epoch k
+        assert r["robustness"] == pytest.approx(robust_online[r["epoch"]], abs=1e-6)
+        assert all(np.isfinite(r[e]) for e in ("ccfv", "logme", "gbc", "transrate"))
+    selection = json.loads((out / "selection.json").read_text())
+    best = max(rows, key=lambda r: r["robustness"])
+    assert selection["model"] == best["model"] and selection["select_by"] == "robustness"
+    assert selection["tis"]["robustness"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode", ["full", "decoder_only"])
+def test_train_from_a_bank_checkpoint_full_or_decoder_only(pretrained, data, tmp_path, mode):
+    bank = ModelBank.open(pretrained / "bank")
+    entry = bank.names()[0]
+    out = tmp_path / mode
+    _cli("configs/train.yaml", tmp_path, *COMMON, "--data_root", str(data["binary"]), "--bank_root",
+         str(pretrained / "bank"), "--init_entry", entry, "--transfer_mode", mode, "--output_dir", str(out),
+         "--max_epochs", "2", "--batch_size", "4", "--n_folds", "3")
+    source, trained = bank.load_state_dict(entry), read_state_dict(out / "model.pt")
+    weights = [k for k in source if k.startswith("encoder.") and k.endswith("weight")]
+    unchanged = [torch.equal(source[k], trained[k]) for k in weights]
+    assert all(unchanged) if mode == "decoder_only" else not any(unchanged)
+    assert json.loads((out / "transfer_report.json").read_text())["counts"]["loaded"] == sum(
+        1 for k in source if k.startswith("encoder."))
+    assert json.loads((out / "history.json").read_text())["epochs_run"] == 2
+
+
+def test_multiclass_grey_scratch_training_evaluation_and_inference(data, tmp_path):
+    run = tmp_path / "run"
+    _cli("configs/train.yaml", tmp_path, *COMMON, "--data_root", str(data["multi"]), "--transfer_mode", "scratch",
+         "--output_dir", str(run), "--max_epochs", "1", "--batch_size", "4", "--n_folds", "3")
+    _cli("configs/evaluate.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(run), "--data_root",
+         str(data["multi"]), "--device", "cpu")
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    val_ids = json.loads((run / "splits.json").read_text())[0]["val"]
+    assert [c["case"] for c in metrics["cases"]] == val_ids
+    assert {"dice_blob", "dice_stripes", "hd95_blob", "hd95_stripes"} <= set(metrics["summary"])
+    out = tmp_path / "pred"
+    _cli("configs/inference.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(run), "--input_dir",
+         str(data["multi"] / "images"), "--output_dir", str(out), "--device", "cpu")
+    for image in sorted((data["multi"] / "images").iterdir()):
+        pred = np.asarray(Image.open(out / f"{image.stem}.png"))
+        assert pred.shape == np.asarray(Image.open(image)).shape[:2] and set(np.unique(pred)) <= {0, 1, 2}
+    again = _cli("configs/inference.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(run), "--input_dir",
+                 str(data["multi"] / "images"), "--output_dir", str(out), "--device", "cpu", check=False)
+    assert again.returncode != 0 and "exists; pass overwrite=True" in again.stderr
+
+
+def test_grey_images_become_three_equal_channels(data):
+    from medxfer.data.seg2d import load_seg2d
+    from medxfer.transforms.seg2d import unnormalized_images
+
+    records, labels = load_seg2d(data["multi"])
+    assert records[0]["grey"]
+    images = unnormalized_images(records, 32, 2)
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+
+
+def test_transfer_needs_a_source_of_the_same_arch(pretrained, data):
+    from medxfer.workflows.seg2d_transfer import seg2d_network
+
+    bank = ModelBank.open(pretrained / "bank")
+    labels = {0: "background", 1: "blob"}
+    with pytest.raises(ValueError, match="unet2d encoder, the network is resnet50_attention_unet"):
+        seg2d_network("resnet50_attention_unet", labels, 32, bank.names()[0], pretrained / "bank")
+    with pytest.raises(ValueError, match="needs init_entry"):
+        seg2d_network("unet2d", labels, 32, transfer_mode="full")
+    with pytest.raises(ValueError, match="transfer_mode"):
+        seg2d_network("unet2d", labels, 32, transfer_mode="frozen")
+
+
+def test_metadata_is_valid():
+    from medxfer.workflows.metadata import check_metadata
+
+    assert check_metadata(BUNDLE / "configs" / "metadata.json") == []
