@@ -383,3 +383,15 @@ def test_seg2d_image_mode_and_truncated_image(seg_copy):
     assert [p.path for p in check_seg2d_files(records)] == [str(image)]
     with pytest.raises(DatasetError, match="case_0001.png: cannot read image"):
         load_seg2d(seg_copy, check_files=True)
+
+
+def test_check_data_finds_and_checks_2d_segmentation_folders(tmp_path):
+    from medxfer.data.validate import check_dataset
+
+    root = generate_seg2d(tmp_path / "target", num_images=4, size=(32, 32), seed=3)
+    (report,) = check_dataset(tmp_path)
+    assert report.kind == "seg2d" and report.ok and report.num_cases == 4
+    gone = sorted((root / "masks").iterdir())[1]
+    gone.unlink()
+    (report,) = check_dataset(tmp_path)
+    assert not report.ok and str(gone) in str(report.problems[0])

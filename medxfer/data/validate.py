@@ -35,7 +35,7 @@ class DatasetReport:
     """What :func:`check_dataset` found in one dataset."""
 
     path: str
-    kind: str  # "msd", "nnunetv2", "isic2017", "isic2018", "unknown"
+    kind: str  # "msd", "nnunetv2", "isic2017", "isic2018", "seg2d", "unknown"
     num_cases: int = 0
     problems: list[Problem] = field(default_factory=list)
 
@@ -173,13 +173,24 @@ def check_isic_dataset(path, year: int | None = None, progress: bool = True) -> 
     return report
 
 
+def check_seg2d_dataset(path, progress: bool = True) -> DatasetReport:
+    """Check a 2D segmentation folder (``images/`` + ``masks/``): pairs, sizes, mask values, then
+    every image decoded."""
+    from .seg2d import check_seg2d_files, scan_seg2d
+
+    records, _, problems = scan_seg2d(path)
+    report = DatasetReport(str(path), "seg2d", len(records), list(problems))
+    report.problems += check_seg2d_files(records)
+    return report
+
+
 def _has_task2(root: Path, year: int) -> bool:
     layout = isic.ISIC_LAYOUTS[year]
     return (root / layout.task2_dir).is_dir()
 
 
 def find_datasets(path) -> list[tuple[str, Path]]:
-    """Datasets at or below ``path`` (depth <= 3) as ``(kind, folder)``: ``"task"`` or ``"isic"``."""
+    """Datasets at or below ``path`` (depth <= 3) as ``(kind, folder)``: ``"task"``, ``"isic"`` or ``"seg2d"``."""
     path = Path(path)
     found: list[tuple[str, Path]] = []
 
@@ -189,6 +200,9 @@ def find_datasets(path) -> list[tuple[str, Path]]:
             return
         if isic.detect_isic_year(folder) is not None:
             found.append(("isic", folder))
+            return
+        if (folder / "images").is_dir() and (folder / "masks").is_dir():
+            found.append(("seg2d", folder))
             return
         if depth == 0:
             return
@@ -210,6 +224,9 @@ def check_dataset(path, progress: bool = True) -> list[DatasetReport]:
     datasets = find_datasets(path)
     if not datasets:
         reason = ("no dataset found: expected a folder with dataset.json (MSD TaskNN_Name / nnU-Net DatasetNNN_Name) "
-                  "or ISIC 2017/2018 folders (e.g. ISIC2018_Task1-2_Training_Input)")
+                  "or ISIC 2017/2018 folders (e.g. ISIC2018_Task1-2_Training_Input) or a 2D segmentation folder "
+                  "(images/ + masks/)")
         return [DatasetReport(str(path), "unknown", problems=[Problem(str(path), reason)])]
-    return [check_task(p, progress) if kind == "task" else check_isic_dataset(p, progress=progress) for kind, p in datasets]
+    checks = {"task": check_task, "isic": lambda p, progress: check_isic_dataset(p, progress=progress),
+              "seg2d": check_seg2d_dataset}
+    return [checks[kind](p, progress) for kind, p in datasets]
