@@ -153,3 +153,26 @@ def test_metadata_is_valid():
     from medxfer.workflows.metadata import check_metadata
 
     assert check_metadata(BUNDLE / "configs" / "metadata.json") == []
+
+
+def test_truncated_classifier_reports_auroc_and_auprc(data, tmp_path):
+    from scipy.stats import mannwhitneyu
+
+    from medxfer.transfer.truncated import resnet50_encoder
+
+    weights = tmp_path / "resnet50.pt"
+    torch.save(resnet50_encoder().state_dict(), weights)  # a local "pretrained" ResNet50 (never downloaded)
+    out = tmp_path / "trunc"
+    _cli("configs/truncated_classifier.yaml", tmp_path, "--bundle_root", ".", "--data_root", str(data["classes"]),
+         "--output_dir", str(out), "--arch", "resnet50", "--level", "2", "--weights_file", str(weights),
+         "--image_size", "32", "--max_epochs", "1", "--batch_size", "8", "--val_fraction", "0.5", "--device", "cpu")
+    report = json.loads((out / "classification_metrics.json").read_text())
+    labels = np.array([i["label"] for i in report["images"]])
+    scores = np.array([i["scores"] for i in report["images"]])
+    for k, name in enumerate(sorted(p.name for p in data["classes"].iterdir() if p.is_dir())):
+        pos, neg = scores[labels == k, k], scores[labels != k, k]
+        u = mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg))  # AUROC = P(score_pos > score_neg)
+        assert report["per_class"][name]["auroc"] == pytest.approx(u, abs=1e-6)
+        assert 0 < report["per_class"][name]["auprc"] <= 1
+    assert report["auroc"] == pytest.approx(np.mean([c["auroc"] for c in report["per_class"].values()]))
+    assert report["accuracy"] == pytest.approx(float((scores.argmax(1) == labels).mean()))

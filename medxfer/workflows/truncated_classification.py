@@ -1,0 +1,59 @@
+"""Helpers of ``bundles/seg2d_transfer/configs/truncated_classifier.yaml``: image classification with a
+truncated pretrained encoder (SPEC section 8; :mod:`medxfer.transfer.truncated`), scored with AUROC
+and AUPRC (:mod:`medxfer.metrics.classification`; AUPRC beside AUROC because medical labels are
+imbalanced)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["truncated_weights", "evaluate_classifier"]
+
+
+def truncated_weights(bank_root=None, init_entry: str | None = None, weights_file=None):
+    """Pretrained encoder weights for :class:`~medxfer.transfer.truncated.TruncatedClassifier`: a bank
+    entry's state dict (e.g. a ``resnet50_attention_unet`` encoder pretrained by ``pretrain_encoder``:
+    its ``encoder.*`` keys are MONAI ResNet50 keys), a file, or None (random initialisation)."""
+    if init_entry is not None and weights_file is not None:
+        raise ValueError("give init_entry (with bank_root) or weights_file, not both")
+    if init_entry is not None:
+        from medxfer.transfer.bank import ModelBank
+
+        if bank_root is None:
+            raise ValueError("init_entry needs bank_root")
+        return ModelBank.open(bank_root).load_state_dict(init_entry)
+    return weights_file
+
+
+@torch.no_grad()
+def evaluate_classifier(network: torch.nn.Module, records: Sequence[dict], class_names: Sequence[str], image_size,
+                        output_dir, device="cpu") -> dict:
+    """Softmax scores of every record's image -> accuracy, one-vs-rest AUROC and AUPRC per class and
+    macro mean (:func:`medxfer.metrics.classification.classification_report`); written to
+    ``output_dir/classification_metrics.json`` with the per-image scores."""
+    from medxfer.jsonfile import write_json
+    from medxfer.metrics.classification import classification_report
+    from medxfer.transforms.seg2d import classification_transforms
+
+    if not records:
+        raise ValueError("no records to evaluate")
+    chain = classification_transforms("eval", image_size)
+    network = network.to(device).eval()
+    scores, labels = [], []
+    for record in records:
+        item = chain(record)
+        x = item["image"]
+        x = (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x))[None].to(device)
+        scores.append(torch.softmax(network(x).float(), dim=1)[0].cpu().numpy())
+        labels.append(int(record["label"]))
+    scores, labels = np.stack(scores), np.asarray(labels)
+    onehot = np.eye(len(class_names), dtype=np.int64)[labels]
+    report = classification_report(onehot, scores, class_names)
+    report["accuracy"] = float((scores.argmax(1) == labels).mean())
+    report["images"] = [{"id": r["id"], "label": int(r["label"]), "scores": s.tolist()} for r, s in zip(records, scores)]
+    write_json(Path(output_dir) / "classification_metrics.json", report)
+    return report
