@@ -8,7 +8,8 @@ target), CPU, one process, through the ``seg2d_transfer`` bundle configs:
 2. **select** offline: score every checkpoint (``select_checkpoint.yaml``: robustness and the
    feature-based estimators), timed;
 3. **fine-tune all**: every checkpoint and "no pretraining" (scratch) fine-tuned on the target
-   (``train.yaml``, full transfer, same seed and budget), timed; best validation Dice of each;
+   (``train.yaml``, full transfer, same split and budget, ``--finetune-seeds`` repeats with
+   different initialisation / augmentation seeds), timed; mean best validation Dice of each;
 4. **TIS** (thesis eq. 3.1: Dice of the picked model / best Dice of all fine-tuned models) of:
    robustness offline (highest robustness from epoch 1 on), robustness online (first local maximum
    from epoch 1 on: what :class:`medxfer.handlers.RobustnessEarlyStopping` stops at -- the online
@@ -40,6 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=8, help="pretraining epochs (a checkpoint after each)")
     p.add_argument("--finetune-epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune-seeds", type=int, default=3, help="fine-tuning repeats per model (Dice averaged)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -82,14 +84,20 @@ def main(argv=None) -> dict:
     names = sorted(bank.names(), key=lambda n: bank.get(n).epoch)
     dice = {}
     t0 = time.perf_counter()
+    dice_runs = {}
     for name in names + ["scratch"]:
-        run_dir = out / "finetune" / name
-        if not (run_dir / "history.json").exists():
-            init = {"transfer_mode": "scratch"} if name == "scratch" else {
-                "transfer_mode": "full", "bank_root": str(bank_root), "init_entry": name}
-            run_bundle("seg2d_transfer", ["train"], quiet=True, data_root=str(target), output_dir=str(run_dir),
-                       max_epochs=args.finetune_epochs, batch_size=8, n_folds=4, **init, **common)
-        dice[name] = json.loads((run_dir / "history.json").read_text())["best"]["val_mean_dice"]
+        dice_runs[name] = []
+        for repeat in range(args.finetune_seeds):
+            run_dir = out / "finetune" / name / f"seed{repeat}"
+            if not (run_dir / "history.json").exists():
+                init = {"transfer_mode": "scratch"} if name == "scratch" else {
+                    "transfer_mode": "full", "bank_root": str(bank_root), "init_entry": name}
+                run_bundle("seg2d_transfer", ["train"], quiet=True, data_root=str(target), output_dir=str(run_dir),
+                           max_epochs=args.finetune_epochs, batch_size=8, n_folds=4, split_seed=args.seed,
+                           splits_file=str(out / "finetune" / "splits.json"), **init,
+                           **{**common, "seed": args.seed + repeat})
+            dice_runs[name].append(json.loads((run_dir / "history.json").read_text())["best"]["val_mean_dice"])
+        dice[name] = float(np.mean(dice_runs[name]))
     wall["finetune_all"] = time.perf_counter() - t0
     with open(out / "dice.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -114,10 +122,11 @@ def main(argv=None) -> dict:
         "data": {"generated": True, "pretraining_classes": args.classes, "images_per_class": args.images_per_class,
                  "target_images": args.target_images, "image_size": args.image_size},
         "budget": {"arch": args.arch, "arch_kwargs": arch_kwargs, "pretraining_epochs": args.epochs,
-                   "finetune_epochs": args.finetune_epochs, "seed": args.seed},
-        "checkpoints": [{"model": n, "epoch": bank.get(n).epoch, "dice": dice[n],
+                   "finetune_epochs": args.finetune_epochs, "finetune_seeds": args.finetune_seeds, "seed": args.seed},
+        "checkpoints": [{"model": n, "epoch": bank.get(n).epoch, "dice": dice[n], "dice_runs": dice_runs[n],
                          **{e: by_name[n][e] for e in estimators}} for n in names],
         "scratch_dice": dice["scratch"],
+        "scratch_dice_runs": dice_runs["scratch"],
         "tis": {
             "robustness_offline": {"picked": offline, "tis": tis_of(offline)},
             "robustness_online": {"picked": online, "stopped_after_epoch": None if online_epoch is None else
