@@ -176,3 +176,25 @@ def test_truncated_classifier_reports_auroc_and_auprc(data, tmp_path):
         assert 0 < report["per_class"][name]["auprc"] <= 1
     assert report["auroc"] == pytest.approx(np.mean([c["auroc"] for c in report["per_class"].values()]))
     assert report["accuracy"] == pytest.approx(float((scores.argmax(1) == labels).mean()))
+
+
+def test_truncated_resnet50_segmenter_decoder_only_from_a_weights_file(data, tmp_path):
+    from medxfer.transfer.truncated import resnet50_encoder
+
+    source = resnet50_encoder().state_dict()
+    weights = tmp_path / "resnet50.pt"
+    torch.save(source, weights)
+    out = tmp_path / "trunc_seg"
+    _cli("configs/train.yaml", tmp_path, "--bundle_root", ".", "--arch", "truncated_resnet50", "--arch_kwargs",
+         "{'level': 2}", "--image_size", "32", "--device", "cpu", "--data_root", str(data["binary"]),
+         "--init_checkpoint", str(weights), "--transfer_mode", "decoder_only", "--output_dir", str(out),
+         "--max_epochs", "1", "--batch_size", "4", "--n_folds", "3")
+    trained = read_state_dict(out / "model.pt")
+    kept = [k for k in trained if k.startswith("encoder.") and k.endswith("weight")]
+    assert kept and all(torch.equal(trained[k], source[k[len("encoder."):]]) for k in kept)  # frozen, loaded
+    assert not any(k.startswith("encoder.layer3") for k in trained)  # cut after layer2
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["mode"] == "decoder_only" and report["dropped_deeper"]
+    _cli("configs/evaluate.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(out), "--data_root",
+         str(data["binary"]), "--device", "cpu")
+    assert "dice_blob" in json.loads((out / "evaluation" / "metrics.json").read_text())["summary"]

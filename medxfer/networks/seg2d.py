@@ -27,7 +27,10 @@ from torch import nn
 
 __all__ = ["SEG2D_ARCHS", "build_seg2d", "seg2d_layout", "EncoderClassifier", "encoder_features"]
 
-SEG2D_ARCHS = ("unet2d", "resnet50_attention_unet", "swin_unet")
+#: Truncated encoders (SPEC section 8) with a U-Net-style decoder: :class:`~medxfer.transfer.truncated.TruncatedSegmenter`
+#: (``level`` keyword: 1..3 truncated, 4 full encoder).
+TRUNCATED_ARCHS = {"truncated_resnet50": "resnet50", "truncated_densenet121": "densenet121"}
+SEG2D_ARCHS = ("unet2d", "resnet50_attention_unet", "swin_unet", *TRUNCATED_ARCHS)
 #: Channels of the deepest encoder feature map.
 DEEPEST_CHANNELS = {"unet2d": 1024, "resnet50_attention_unet": 2048, "swin_unet": 768}
 
@@ -50,6 +53,10 @@ def build_seg2d(arch: str, in_channels: int = 3, out_channels: int = 1, image_si
     arch = _check(arch)
     if kwargs.pop("encoder_classifier", False):
         return EncoderClassifier(arch, out_channels, in_channels, image_size, **kwargs)
+    if arch in TRUNCATED_ARCHS:
+        from medxfer.transfer.truncated import TruncatedSegmenter
+
+        return TruncatedSegmenter(TRUNCATED_ARCHS[arch], kwargs.pop("level", 3), out_channels, in_channels, **kwargs)
     if arch == "unet2d":
         from medxfer.networks.unet2d import UNet2D
 
@@ -68,6 +75,14 @@ def seg2d_layout(arch: str, network: nn.Module | None = None):
     """:class:`~medxfer.networks.factory.ArchLayout` of a 2D network (or of its :class:`EncoderClassifier`:
     same encoder names, head ``classifier``)."""
     arch = _check(arch)
+    if arch in TRUNCATED_ARCHS:
+        from medxfer.networks.factory import ArchLayout
+
+        kept = [n for n, m in network.encoder.named_children() if any(True for _ in m.parameters())] \
+            if network is not None else []
+        return ArchLayout(arch, [["encoder"]], [f"decoder.{i}" for i in range(len(network.decoder))]
+                          if network is not None else [], ["head"],
+                          f"encoder.{kept[-2]}" if len(kept) >= 2 else "encoder")
     if isinstance(network, EncoderClassifier):
         from medxfer.networks.factory import ArchLayout
 
@@ -111,6 +126,8 @@ class EncoderClassifier(nn.Module):
                  **arch_kwargs):
         super().__init__()
         self.arch = _check(arch)
+        if arch in TRUNCATED_ARCHS:
+            raise ValueError(f"{arch}: pretrain the full encoder (resnet50_attention_unet) and truncate it downstream")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.encoder = build_seg2d(arch, in_channels, 1, image_size, **arch_kwargs).encoder

@@ -94,6 +94,11 @@ def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, 
 
     if transfer_mode not in TRANSFER_MODES:
         raise ValueError(f"transfer_mode must be one of {list(TRANSFER_MODES)}, got {transfer_mode!r}")
+    from medxfer.networks.seg2d import TRUNCATED_ARCHS
+
+    if arch in TRUNCATED_ARCHS and transfer_mode != "scratch":
+        return _truncated_network(arch, labels, image_size, init_entry, bank_root, init_checkpoint, transfer_mode,
+                                  output_dir, arch_kwargs)
     network = build_seg2d(arch, 3, seg_out_channels(labels), image_size, **dict(arch_kwargs or {}))
     if transfer_mode == "scratch":
         return network
@@ -122,6 +127,37 @@ def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, 
                          f"{sorted(report.shape_mismatch)[:3]}")
     if output_dir is not None:
         write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
+    return network
+
+
+def _truncated_network(arch, labels, image_size, init_entry, bank_root, init_checkpoint, transfer_mode, output_dir,
+                       arch_kwargs) -> torch.nn.Module:
+    """A truncated ResNet50 / DenseNet121 segmenter (SPEC section 8) with pretrained encoder weights:
+    a bank entry (a ``resnet50_attention_unet`` encoder for ``truncated_resnet50``) or a file with
+    MONAI / torchvision keys (:func:`medxfer.transfer.truncated.load_truncated_weights`)."""
+    from medxfer.jsonfile import write_json
+    from medxfer.networks.seg2d import build_seg2d
+    from medxfer.workflows.truncated_classification import truncated_weights
+
+    if init_entry is not None and arch == "truncated_resnet50":
+        from medxfer.transfer.bank import ModelBank
+
+        source = ModelBank.open(bank_root).get(init_entry).arch
+        if source != "resnet50_attention_unet":
+            raise ValueError(f"bank entry {init_entry!r} is a {source} encoder; truncated_resnet50 needs a ResNet50 "
+                             "(resnet50_attention_unet) encoder")
+    weights = truncated_weights(bank_root, init_entry, init_checkpoint)
+    if weights is None:
+        raise ValueError(f"transfer_mode {transfer_mode!r} needs init_entry (with bank_root) or init_checkpoint")
+    network = build_seg2d(arch, 3, seg_out_channels(labels), image_size, weights=weights, **dict(arch_kwargs or {}))
+    report = network.weights_report
+    if transfer_mode == "decoder_only":
+        for param in network.encoder.parameters():
+            param.requires_grad_(False)
+    if output_dir is not None:
+        from dataclasses import asdict
+
+        write_json(Path(output_dir) / "transfer_report.json", {"mode": transfer_mode, **asdict(report)})
     return network
 
 
