@@ -315,6 +315,7 @@ def save_run_info(output_dir, arch: str, labels, image_size, arch_kwargs: dict |
     from medxfer.jsonfile import write_json
 
     path = Path(output_dir) / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"arch": arch, "labels": {str(k): v for k, v in dict(labels).items()},
                       "image_size": image_size, "arch_kwargs": dict(arch_kwargs or {})})
     return path
