@@ -198,3 +198,35 @@ def test_truncated_resnet50_segmenter_decoder_only_from_a_weights_file(data, tmp
     _cli("configs/evaluate.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(out), "--data_root",
          str(data["binary"]), "--device", "cpu")
     assert "dice_blob" in json.loads((out / "evaluation" / "metrics.json").read_text())["summary"]
+
+
+def test_resnet50_attention_unet_pretrains_and_transfers_into_full_and_truncated_networks(data, tmp_path):
+    """The ResNet50 encoder pretrained by pretrain_encoder.yaml initialises the Attention U-Net and a
+    truncated ResNet50 segmenter (same MONAI ResNet50 names)."""
+    bank_root = tmp_path / "bank"
+    _cli("configs/pretrain_encoder.yaml", tmp_path, "--bundle_root", ".", "--arch", "resnet50_attention_unet",
+         "--image_size", "32", "--device", "cpu", "--data_root", str(data["classes"]), "--bank_root", str(bank_root),
+         "--output_dir", str(tmp_path / "pre"), "--max_epochs", "1", "--bank_epochs", "[1]", "--batch_size", "8")
+    (entry,) = ModelBank.open(bank_root).names()
+    source = ModelBank.open(bank_root).load_state_dict(entry)
+    for arch, extra in (("resnet50_attention_unet", []), ("truncated_resnet50", ["--arch_kwargs", "{'level': 1}"])):
+        out = tmp_path / arch
+        _cli("configs/train.yaml", tmp_path, "--bundle_root", ".", "--arch", arch, *extra, "--image_size", "32",
+             "--device", "cpu", "--data_root", str(data["multi"]), "--bank_root", str(bank_root), "--init_entry",
+             entry, "--transfer_mode", "decoder_only", "--output_dir", str(out), "--max_epochs", "1",
+             "--batch_size", "4", "--n_folds", "3")
+        trained = read_state_dict(out / "model.pt")
+        kept = [k for k in trained if k.startswith("encoder.") and k.endswith("weight")]
+        assert kept and all(torch.equal(trained[k], source[k]) for k in kept)
+
+
+def test_swin_unet_trains_and_predicts_through_the_bundle(data, tmp_path):
+    out = tmp_path / "swin"
+    _cli("configs/train.yaml", tmp_path, "--bundle_root", ".", "--arch", "swin_unet", "--image_size", "32",
+         "--device", "cpu", "--data_root", str(data["binary"]), "--transfer_mode", "scratch", "--output_dir", str(out),
+         "--max_epochs", "1", "--batch_size", "4", "--n_folds", "3")
+    _cli("configs/inference.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(out), "--input_dir",
+         str(data["binary"] / "images"), "--output_dir", str(tmp_path / "pred"), "--device", "cpu")
+    image = sorted((data["binary"] / "images").iterdir())[0]
+    pred = np.asarray(Image.open(tmp_path / "pred" / f"{image.stem}.png"))
+    assert pred.shape == np.asarray(Image.open(image)).shape[:2] and set(np.unique(pred)) <= {0, 255}
