@@ -243,3 +243,46 @@ def test_non_state_dict_checkpoint_is_refused(tmp_path):
     with pytest.raises(BankError) as err:
         read_state_dict(garbage)
     assert str(garbage) in str(err.value)
+
+
+def test_resumed_run_writes_the_bank_entry_the_kill_skipped(tmp_path):
+    """Killed after the epoch-2 checkpoint but before its bank entry: the resumed run (state of epoch 2)
+    writes the missing entry at start, with the weights it resumed from."""
+    from ignite.engine import Engine, Events
+
+    from medxfer.handlers import BankCheckpointer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        opt.zero_grad()
+        net(batch).pow(2).mean().backward()
+        opt.step()
+
+    saver = dict(bank_root=tmp_path / "bank", name="lin", network=net, arch="unet", in_channels=3, out_channels=2,
+                 patch_size=[4, 4], epochs=[1, 2])
+    first = Engine(step)
+    BankCheckpointer(**{**saver, "epochs": [1]}, save_final=False).attach(first)  # the epoch-2 entry never came
+    first.run([torch.randn(4, 3)], max_epochs=2)
+    resumed_weights = {k: v.clone() for k, v in net.state_dict().items()}
+
+    resumed = Engine(step)
+
+    @resumed.on(Events.STARTED)
+    def resume(engine):  # what ResumeFromLatest does: the trainer continues after epoch 2
+        engine.state.epoch, engine.state.iteration = 2, 2
+
+    handler = BankCheckpointer(**saver)
+    handler.attach(resumed)
+    resumed.run([torch.randn(4, 3)], max_epochs=3)
+    bank = ModelBank.open(tmp_path / "bank")
+    assert bank.names() == ["lin_e1", "lin_e2", "lin_e3"] and handler.saved == ["lin_e2", "lin_e3"]
+    saved = bank.load_state_dict("lin_e2")
+    assert all(torch.equal(saved[k], resumed_weights[k]) for k in saved) and bank.get("lin_e2").epoch == 2
+    again = Engine(step)  # resuming when the entry exists writes nothing new (no overwrite error)
+    again.on(Events.STARTED)(resume)
+    BankCheckpointer(**saver, save_final=False).attach(again)
+    again.run([torch.randn(4, 3)], max_epochs=2)
+    assert ModelBank.open(tmp_path / "bank").names() == ["lin_e1", "lin_e2", "lin_e3"]

@@ -42,11 +42,28 @@ class BankCheckpointer:
         self.saved: list[str] = []
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._catch_up)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _wanted(self, engine: Engine) -> bool:
+        epoch = engine.state.epoch
+        return epoch in self.epochs or (self.save_final and epoch == engine.state.max_epochs)
+
+    def _catch_up(self, engine: Engine) -> None:
+        """A run resumed from the checkpoint of epoch ``k`` (``ResumeFromLatest``, attached before
+        this handler) holds exactly the weights of epoch ``k``. If ``k`` is a bank epoch whose entry
+        is missing -- the run was killed between writing the epoch checkpoint and the bank entry --
+        the entry is written now, so a resumed pretraining never silently lacks a checkpoint."""
+        if engine.state.epoch == 0 or not self._wanted(engine):
+            return
+        from medxfer.transfer.bank import ModelBank
+
+        if f"{self.name}_e{engine.state.epoch}" not in ModelBank.open(self.bank_root, create=True).names():
+            self(engine)
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        if epoch not in self.epochs and not (self.save_final and epoch == engine.state.max_epochs):
+        if not self._wanted(engine):
             return
         from medxfer.transfer.bank import ModelBank
 
