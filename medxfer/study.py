@@ -169,7 +169,8 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
                             output_dir=str(out / "finetune" / name / row["model"]), max_epochs=config.finetune_epochs,
                             val_interval=config.finetune_epochs, patch_size=list(config.patch_size),
                             n_folds=config.finetune_folds, seed=config.seed, learning_rate=config.learning_rate,
-                            resume=False, quiet=True, **overrides)  # per-iteration logs would bury the progress
+                            resume=False, quiet=True, cache_progress=False,  # per-iteration logs and caching
+                            **overrides)  # bars would bury the study's own progress
             state = wf.parser.get_parsed_content("validate#evaluator").state
             dice = float(state.metrics.get("val_mean_dice", math.nan))
             dice_rows.append({"target": name, "model": row["model"], "dice": dice})
