@@ -195,3 +195,19 @@ def test_metadata_is_valid_and_the_networks_match_it(tmp_path):
                                    "--arch", arch, "--output_dir", str(tmp_path / arch)], tmp_path,
                           command="verify_net_in_out")
         assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+
+
+def test_a_given_segment_net_is_used_for_every_fold(run2018, isic_roots, tmp_path):
+    given = run2018 / "fold_0" / "segment_net" / "model.pt"
+    out = tmp_path / "run"
+    _cli(["configs/tatl.yaml", "configs/ablation_stages13.yaml"], tmp_path, "--data_root", str(isic_roots[2018]),
+         "--output_dir", str(out), "--segment_net", str(given), "--arches", "['unet_effb0']",
+         *[a if a != "[0]" else "[1]" for a in TINY])
+    seg = out / "fold_1" / "segment_net"
+    assert (seg / "model.pt").read_bytes() == given.read_bytes() and not (seg / "history.json").exists()
+    # same network, same images, same settings -> the boxes of run2018's fold 0 (all 12 images)
+    assert json.loads((out / "fold_1" / "boxes.json").read_text()) == json.loads(
+        (run2018 / "fold_0" / "boxes.json").read_text())
+    bad = _cli(["configs/tatl.yaml"], tmp_path, "--data_root", str(isic_roots[2018]), "--output_dir",
+               str(tmp_path / "bad"), "--segment_net", str(tmp_path / "missing.pt"), *TINY, check=False)
+    assert bad.returncode != 0 and "missing.pt: Segment-Net checkpoint not found" in bad.stderr

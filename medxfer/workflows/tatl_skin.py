@@ -225,6 +225,10 @@ class TatlSettings:
         max_epochs, patience, batch_size, learning_rate, momentum: SGD training of every network.
         mean, std: per-channel normalisation (ImageNet statistics by default).
         threshold: probability threshold of the final masks.
+        segment_net: an already trained Segment-Net ``model.pt`` (U-shape effb0, e.g. trained once
+            on all of ISIC Task 1 as in the paper) used for every fold instead of training one per
+            fold on the fold's training images. Its lesion masks may include the test folds' images
+            (the paper's setting); the per-fold default does not.
     """
 
     stages: tuple[int, ...] = STAGES
@@ -244,6 +248,7 @@ class TatlSettings:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     threshold: float = 0.5
+    segment_net: str | None = None
     year: int | None = field(default=None)
 
     def __post_init__(self):
@@ -263,6 +268,10 @@ class TatlSettings:
         if len(self.working_size) != 2 or any(s % 32 for s in self.working_size):
             raise ValueError(f"working_size must be (H, W), multiples of 32 (EfficientNet-b0), got {self.working_size}")
         self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if self.segment_net is not None:
+            self.segment_net = str(Path(self.segment_net).absolute())
+            if not Path(self.segment_net).is_file():
+                raise FileNotFoundError(f"{self.segment_net}: Segment-Net checkpoint not found")
         if self.imagenet_weights is not None:
             self.imagenet_weights = str(Path(self.imagenet_weights).absolute())
             if not Path(self.imagenet_weights).is_file():
@@ -322,6 +331,20 @@ def _training_summary(net_dir: Path) -> dict:
     return {"epochs_run": data.get("epochs_run"), "best": data.get("best")}
 
 
+def _adopt_segment_net(checkpoint, net_dir: Path, device) -> None:
+    """Copy a given trained Segment-Net into the fold (the run folder stays self-contained); it must
+    load as a U-shape effb0 (checked before copying)."""
+    import shutil
+
+    if (net_dir / "done.json").exists() and (net_dir / "model.pt").exists():
+        return
+    load_trained("unet_effb0", checkpoint, device)  # a wrong file fails here, naming it
+    net_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, net_dir / "model.pt")
+    (net_dir / "done.json").write_text(json.dumps({"checkpoint": str(net_dir / "model.pt"), "copied_from": str(checkpoint)},
+                                                  indent=1) + "\n")
+
+
 def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSettings | dict,
                          folds: Sequence[int] | None = None, device=None, quiet: bool = True) -> dict:
     """Train every network of every fold in stage order, score each test fold, summarise.
@@ -379,7 +402,10 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
             if stage == "target" and 2 in settings.stages:
                 overrides.update(init_checkpoint=str(network_dir(fold_dir, "agnostic", arch) / "model.pt"),
                                  tatl_mode=settings.tatl_mode)
-            _train_one(bundle_root, net_dir, overrides, quiet)
+            if stage == "segment_net" and settings.segment_net is not None:
+                _adopt_segment_net(settings.segment_net, net_dir, device)
+            else:
+                _train_one(bundle_root, net_dir, overrides, quiet)
             if stage == "segment_net" and not boxes_file.exists():
                 lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, output_dir / "splits.json",
                                        None, settings.tune_fraction)
