@@ -207,3 +207,44 @@ def test_unetr_all_but_head_skips_only_the_out_block():
     assert report.shape_mismatch == {} and report.not_in_network == []
     assert report.loaded == sorted(set(init) - set(out_keys))
     _assert_loaded_exactly(net, init, state, set(report.loaded))
+
+
+def test_unetr_position_embeddings_are_resampled_to_the_new_patch_grid():
+    import math
+
+    from medxfer.transfer.finetune import resize_position_embeddings
+
+    # a smooth (linear) embedding field stays linear under trilinear resampling: check it exactly
+    src, dst, hidden = [2, 2, 1], [4, 2, 2], 3
+    coords = torch.stack(torch.meshgrid(*[torch.arange(g, dtype=torch.float32) for g in src], indexing="ij"), -1)
+    pos = torch.cat([coords.reshape(1, -1, 3)[..., :2], torch.ones(1, math.prod(src), 1)], -1)[..., :hidden]
+    out, changed = resize_position_embeddings({"vit.patch_embedding.position_embeddings": pos}, src, dst)
+    new = out["vit.patch_embedding.position_embeddings"]
+    assert changed and new.shape == (1, math.prod(dst), hidden)
+    grid = new.reshape(*dst, hidden)
+    # axis 0: 2 -> 4 with align_corners=False samples source coordinates -0.25, 0.25, 0.75, 1.25 (clamped)
+    torch.testing.assert_close(grid[:, 0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    torch.testing.assert_close(grid[..., 2], torch.ones(dst))
+    same, changed = resize_position_embeddings({"vit.patch_embedding.position_embeddings": pos}, src, src)
+    assert not changed and torch.equal(same["vit.patch_embedding.position_embeddings"], pos)
+    with pytest.raises(ValueError, match="patch grid"):
+        resize_position_embeddings({"vit.patch_embedding.position_embeddings": pos}, [3, 3, 3], dst)
+
+
+def test_bank_unetr_fine_tuned_at_another_patch_loads_resampled_position_embeddings(tmp_path):
+    import json
+
+    from medxfer.transfer.bank import ModelBank
+    from medxfer.transfer.finetune import resize_position_embeddings
+    from medxfer.workflows.msd_seg3d import load_bank_network
+
+    kw = {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}
+    source = build_network("unetr", 1, 2, [32, 32, 16], **kw)
+    bank = ModelBank.open(tmp_path / "bank", create=True)
+    bank.add("unetr_src", source, arch="unetr", in_channels=1, out_channels=2, patch_size=[32, 32, 16], arch_kwargs=kw)
+    net = load_bank_network(tmp_path / "bank", "unetr_src", 1, 3, [64, 32, 32], report_file=tmp_path / "r.json")
+    key = "vit.patch_embedding.position_embeddings"
+    expected, _ = resize_position_embeddings(source.state_dict(), [2, 2, 1], [4, 2, 2])
+    assert torch.equal(net.state_dict()[key], expected[key])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["position_embeddings_resized"] and key in report["loaded"] and key not in report["shape_mismatch"]

@@ -23,8 +23,9 @@ its initialisation.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -127,6 +128,35 @@ def apply_transfer(network: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     for key, (src, dst) in report.shape_mismatch.items():
         logger.info("  shape mismatch, not loaded: %s checkpoint %s network %s", key, src, dst)
     return report
+
+
+def resize_position_embeddings(state: Mapping[str, torch.Tensor], source_grid: Sequence[int],
+                               target_grid: Sequence[int], key: str = "vit.patch_embedding.position_embeddings"
+                               ) -> tuple[dict, bool]:
+    """A ViT's learned position embeddings resampled to another patch grid (trilinear / bilinear),
+    as ViT / DeiT do when fine-tuning at another resolution; written by hand (MONAI's UNETR has no
+    such helper). ``state[key]`` is ``(1, prod(source_grid), hidden)``; the result is
+    ``(1, prod(target_grid), hidden)``. Returns ``(new state, changed)``; unchanged when the grids
+    are equal or the key is absent.
+
+    Args:
+        source_grid / target_grid: patches per axis, e.g. the pretraining and the fine-tuning patch
+            size divided by the ViT patch (16 for UNETR), in the same axis order as the patch.
+    """
+    source_grid, target_grid = [int(g) for g in source_grid], [int(g) for g in target_grid]
+    if key not in state or source_grid == target_grid:
+        return dict(state), False
+    pos = state[key]
+    if pos.ndim != 3 or pos.shape[1] != math.prod(source_grid):
+        raise ValueError(f"{key} has shape {tuple(pos.shape)}, not (1, {math.prod(source_grid)}, hidden) for "
+                         f"a {source_grid} patch grid")
+    hidden = pos.shape[2]
+    grid = pos.reshape(1, *source_grid, hidden).movedim(-1, 1).float()  # (1, hidden, *grid), row-major like the ViT
+    mode = "trilinear" if len(source_grid) == 3 else "bilinear"
+    resized = torch.nn.functional.interpolate(grid, size=target_grid, mode=mode, align_corners=False)
+    out = dict(state)
+    out[key] = resized.movedim(1, -1).reshape(1, math.prod(target_grid), hidden).to(pos.dtype)
+    return out, True
 
 
 def trainable_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:

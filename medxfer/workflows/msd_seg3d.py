@@ -185,17 +185,23 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
 
     from medxfer.networks.factory import build_network
     from medxfer.transfer.bank import ModelBank
-    from medxfer.transfer.finetune import apply_transfer, parse_mode
+    from medxfer.transfer.finetune import apply_transfer, parse_mode, resize_position_embeddings
 
     parse_mode(mode)
     bank = ModelBank.open(bank_root)
     bank_entry = bank.get(entry)
     network = build_network(bank_entry.arch, in_channels, out_channels, patch_size, **bank_entry.arch_kwargs)
     state = {} if mode == "scratch" else bank.load_state_dict(entry)
+    resized = False
+    if bank_entry.arch == "unetr" and state:  # another patch = another ViT token grid: resample the embeddings
+        vit_patch = int(network.patch_size[0]) if hasattr(network, "patch_size") else 16
+        state, resized = resize_position_embeddings(state, [p // vit_patch for p in bank_entry.patch_size],
+                                                    [p // vit_patch for p in patch_size])
     report = apply_transfer(network, state, mode, bank_entry.arch)
     if report_file:
         Path(report_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_file).write_text(json.dumps({"entry": entry, "mode": mode, **report.to_dict()}, indent=2) + "\n")
+        Path(report_file).write_text(json.dumps({"entry": entry, "mode": mode, "position_embeddings_resized": resized,
+                                                 **report.to_dict()}, indent=2) + "\n")
     return network
 
 
