@@ -11,7 +11,7 @@ from PIL import Image
 
 from bundle_cli import bundle_cli
 from medxfer.data.isic import ISIC2017, ISIC2018, load_isic
-from medxfer.networks.effnet_unet import _read_state_dict
+from medxfer.transfer.bank import read_state_dict
 from medxfer.workflows.bundle import bundle_dir, run_bundle
 
 BUNDLE = bundle_dir("tatl_skin")
@@ -64,8 +64,8 @@ def test_tatl_trains_every_network_in_stage_order_and_scores_the_test_fold(run20
 @pytest.mark.parametrize("arch", ["unet_effb0", "linknet_effb0"])
 def test_stage3_started_from_stage2_and_freeze_kept_the_encoder(run2018, arch):
     fold = run2018 / "fold_0"
-    stage2 = _read_state_dict(fold / f"agnostic_{arch}" / "model.pt")
-    stage3 = _read_state_dict(fold / f"target_pigment_network_{arch}" / "model.pt")
+    stage2 = read_state_dict(fold / f"agnostic_{arch}" / "model.pt")
+    stage3 = read_state_dict(fold / f"target_pigment_network_{arch}" / "model.pt")
     encoder = [k for k in stage2 if k.startswith("encoder.")]
     decoder = [k for k in stage2 if not k.startswith("encoder.") and stage2[k].is_floating_point()]
     assert encoder and decoder
@@ -119,7 +119,7 @@ def test_train_config_alone_non_freeze_updates_the_encoder(run2018, isic_roots, 
          "non_freeze", "--boxes_file", str(run2018 / "fold_0" / "boxes.json"), "--splits_file",
          str(run2018 / "splits.json"), "--working_size", "[64,64]", "--max_epochs", "2", "--batch_size", "4",
          "--tune_fraction", "0.2", "--n_folds", "3", "--device", "cpu")
-    before, after = _read_state_dict(stage2), _read_state_dict(out / "model.pt")
+    before, after = read_state_dict(stage2), read_state_dict(out / "model.pt")
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder._blocks"))
     assert json.loads((out / "history.json").read_text())["epochs_run"] == 2
 

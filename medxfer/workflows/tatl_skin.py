@@ -112,7 +112,7 @@ def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_m
     per-key report goes to ``output_dir/transfer_report.json``.
     """
     from medxfer.jsonfile import write_json
-    from medxfer.networks.effnet_unet import _read_state_dict
+    from medxfer.transfer.bank import read_state_dict
     from medxfer.transfer.tatl import init_from_stage2
 
     network = build_effb0(arch, imagenet_weights if init_checkpoint is None else None)
@@ -120,7 +120,7 @@ def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_m
         if not Path(init_checkpoint).is_file():
             raise FileNotFoundError(f"{init_checkpoint}: stage-2 checkpoint not found (train the attribute-agnostic "
                                     "segmenter first, or leave init_checkpoint null)")
-        report = init_from_stage2(network, _read_state_dict(init_checkpoint), arch, tatl_mode)
+        report = init_from_stage2(network, read_state_dict(init_checkpoint), arch, tatl_mode)
         if output_dir is not None:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
@@ -129,12 +129,12 @@ def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_m
 
 def load_trained(arch: str, checkpoint, device="cpu") -> torch.nn.Module:
     """A trained network from its ``model.pt`` (``weights_only``; every key must fit), in eval mode."""
-    from medxfer.networks.effnet_unet import _read_state_dict
+    from medxfer.transfer.bank import read_state_dict
 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: trained network not found")
     network = build_effb0(arch)
-    missing, unexpected = network.load_state_dict(_read_state_dict(checkpoint), strict=False)
+    missing, unexpected = network.load_state_dict(read_state_dict(checkpoint), strict=False)
     if missing or unexpected:
         raise ValueError(f"{checkpoint}: not a {arch} checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return network.to(device).eval()
