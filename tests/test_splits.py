@@ -50,3 +50,18 @@ def test_bad_split_files_name_the_file(tmp_path):
 def test_too_few_cases_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot make 5 folds from 3 cases"):
         make_kfold_splits(["a", "b", "c"])
+
+
+def test_holdout_split_is_seeded_disjoint_and_keeps_at_least_one_on_each_side():
+    from medxfer.data.splits import holdout_split
+
+    records = [{"id": f"c{i}"} for i in range(10)]
+    kept, out = holdout_split(records, 0.2, seed=3, stream=1)
+    assert len(out) == 2 and len(kept) == 8 and {r["id"] for r in kept}.isdisjoint(r["id"] for r in out)
+    assert holdout_split(records, 0.2, seed=3, stream=1) == (kept, out)
+    assert holdout_split(records, 0.2, seed=3, stream=2)[1] != out  # another stream, another draw
+    assert len(holdout_split(records[:2], 0.01)[1]) == 1 and len(holdout_split(records[:2], 0.99)[0]) == 1
+    with pytest.raises(ValueError, match="fraction must be in"):
+        holdout_split(records, 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        holdout_split(records[:1], 0.5)

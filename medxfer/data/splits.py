@@ -18,7 +18,7 @@ import numpy as np
 
 from .problems import DatasetError, read_json
 
-__all__ = ["make_kfold_splits", "save_splits", "load_splits", "apply_split", "fold_records"]
+__all__ = ["make_kfold_splits", "save_splits", "load_splits", "apply_split", "fold_records", "holdout_split"]
 
 
 def _ids_of(cases: Iterable) -> list[str]:
@@ -128,3 +128,18 @@ def fold_records(records: Sequence[dict], fold: int = 0, n_folds: int = 5, seed:
             except FileExistsError:
                 splits = load_splits(splits_file)
     return apply_split(records, splits, fold)
+
+
+def holdout_split(records: Sequence[dict], fraction: float, seed: int = 0, stream: int = 0,
+                  what: str = "hold-out") -> tuple[list[dict], list[dict]]:
+    """Seeded ``(kept, held_out)`` split of ``records`` (order kept inside each part): ``round(fraction
+    * n)`` records held out, at least one and at most ``n - 1``. ``stream`` separates the random
+    streams of different uses of one seed (``default_rng([seed, stream])``)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"{what} fraction must be in (0, 1), got {fraction}")
+    if len(records) < 2:
+        raise ValueError(f"need at least 2 images to hold some out ({what}), got {len(records)}")
+    n_out = min(len(records) - 1, max(1, round(fraction * len(records))))
+    order = np.random.default_rng([seed, stream]).permutation(len(records))
+    out = set(order[:n_out].tolist())
+    return [r for i, r in enumerate(records) if i not in out], [r for i, r in enumerate(records) if i in out]

@@ -40,19 +40,13 @@ logger = logging.getLogger("medxfer.workflows")
 TRANSFER_MODES = {"full": "all_but_head", "decoder_only": "frozen_encoder", "scratch": "scratch"}
 
 
-def _holdout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    n_val = min(len(records) - 1, max(1, round(fraction * len(records))))
-    order = np.random.default_rng([seed, 2]).permutation(len(records))
-    val = set(order[:n_val].tolist())
-    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
-
-
 def classification_datalists(data_root, val_fraction: float = 0.1, seed: int = 0) -> dict:
     """``{"train", "val", "classes"}`` of a class-per-folder pretraining set (seeded hold-out)."""
     from medxfer.data.image_folder import load_image_folder
+    from medxfer.data.splits import holdout_split
 
     records, classes = load_image_folder(data_root)
-    train, val = _holdout(records, val_fraction, seed)
+    train, val = holdout_split(records, val_fraction, seed, stream=2, what="validation (val_fraction)")
     return {"train": train, "val": val, "classes": classes}
 
 

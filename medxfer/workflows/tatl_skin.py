@@ -48,7 +48,7 @@ import torch
 
 from medxfer.data.isic import ISIC_LAYOUTS, check_mask_sizes, detect_isic_year, load_isic
 from medxfer.data.problems import DatasetError, raise_if_problems
-from medxfer.data.splits import fold_records
+from medxfer.data.splits import fold_records, holdout_split
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE, dermoscopy_transforms
 
 __all__ = ["ARCHES", "STAGES", "TatlSettings", "isic_year", "target_masks", "build_effb0", "stage_network",
@@ -140,18 +140,6 @@ def load_trained(arch: str, checkpoint, device="cpu") -> torch.nn.Module:
     return network.to(device).eval()
 
 
-def _tune_split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded hold-out of ``fraction`` of the training records (at least one) for early stopping."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"tune_fraction must be in (0, 1), got {fraction}")
-    if len(records) < 2:
-        raise ValueError(f"need at least 2 training images to hold some out for early stopping, got {len(records)}")
-    n_tune = min(len(records) - 1, max(1, round(fraction * len(records))))
-    order = np.random.default_rng([seed, 1]).permutation(len(records))
-    tune = set(order[:n_tune].tolist())
-    return [r for i, r in enumerate(records) if i not in tune], [r for i, r in enumerate(records) if i in tune]
-
-
 def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None,
                    boxes_file=None, tune_fraction: float = 0.1) -> dict[str, list[dict]]:
     """``{"train", "tune", "test"}`` records of one fold (see module docstring).
@@ -162,7 +150,7 @@ def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, sp
     records = load_isic(data_root, task=2)
     raise_if_problems(check_mask_sizes(records))
     train, test = fold_records(records, fold, n_folds, seed, splits_file)
-    train, tune = _tune_split(train, tune_fraction, seed)
+    train, tune = holdout_split(train, tune_fraction, seed, stream=1, what="early-stopping (tune_fraction)")
     lists = {"train": train, "tune": tune, "test": test}
     if boxes_file is not None:
         from medxfer.transfer.tatl import load_boxes
