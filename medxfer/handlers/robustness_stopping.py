@@ -17,7 +17,6 @@ weights and writes the chosen ones to ``output_dir/robust_selected.pt`` (plus
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,10 +58,7 @@ class RobustnessEarlyStopping:
         self.images = None if images is None else torch.as_tensor(images, dtype=torch.float32)
         if self.images is not None and (self.images.ndim != 4 or self.images.shape[0] < 2):
             raise ValueError(f"images must be (N >= 2, C, H, W), got {tuple(self.images.shape)}")
-        self.normalize = None
-        if normalize is not None:
-            mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)
-            self.normalize = (mean, std)
+        self.normalize = normalize
         self.epochs = None if epochs is None else {int(e) for e in epochs}
         self.start_epoch, self.score_initial, self.stop = int(start_epoch), score_initial, stop
         self.output_dir = None if output_dir is None else Path(output_dir)
@@ -86,23 +82,9 @@ class RobustnessEarlyStopping:
         """Robustness of the current weights (network in eval mode for the measurement)."""
         if self.score_fn is not None:
             return float(self.score_fn(self.network))
-        from medxfer.transferability.robustness import hooked_output, robustness_score
+        from medxfer.transferability.robustness import module_robustness
 
-        was_training = self.network.training
-        self.network.eval()
-        device = next((p.device for p in self.network.parameters()), torch.device("cpu"))
-        hooked = hooked_output(self.network, self.feature_module)
-
-        def features(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(device)
-            if self.normalize is not None:
-                x = (x - self.normalize[0].to(device)) / self.normalize[1].to(device)
-            return hooked(x)
-
-        try:
-            return robustness_score(self.images, features, **self.kwargs)
-        finally:
-            self.network.train(was_training)
+        return module_robustness(self.network, self.feature_module, self.images, self.normalize, **self.kwargs)
 
     def _record(self, epoch: int) -> None:
         from medxfer.transferability.robustness import first_local_maximum
@@ -148,4 +130,4 @@ class RobustnessEarlyStopping:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.output_dir / "robustness.json", self.summary())
         if self.selected_state is not None:
-            torch.save(copy.copy(self.selected_state), self.output_dir / "robust_selected.pt")
+            torch.save(self.selected_state, self.output_dir / "robust_selected.pt")

@@ -52,6 +52,7 @@ __all__ = [
     "robustness_from_features",
     "robustness_score",
     "hooked_output",
+    "module_robustness",
     "first_local_maximum",
     "should_stop",
 ]
@@ -362,6 +363,37 @@ def hooked_output(model: torch.nn.Module, module: str | torch.nn.Module, index: 
         return out[index] if index is not None else out
 
     return fn
+
+
+def module_robustness(network: torch.nn.Module, module: str, images, normalize=None, **kwargs) -> float:
+    """:func:`robustness_score` of the output of ``network``'s submodule ``module`` (dotted name).
+
+    The network is put in ``eval()`` mode for the measurement and its previous mode restored; the
+    views go to the network's device; ``normalize`` = ``(mean, std)`` per channel is applied to the
+    jittered views before the network (jitter works on ``[0, 1]`` images, the network expects its
+    training normalisation). ``kwargs`` go to :func:`robustness_score` (``seed``, ``mode``, ...).
+    Offline scoring of bank checkpoints and the online stopping rule both use this, so their scores
+    of the same weights are the same numbers.
+    """
+    images = _as_batch(images)
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    hooked = hooked_output(network, module)
+    shift = scale = None
+    if normalize is not None:
+        shift, scale = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, *[1] * (images.ndim - 2))
+                        for v in normalize)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        if shift is not None:
+            x = (x - shift) / scale
+        return hooked(x.to(device))
+
+    was_training = network.training
+    network.eval()
+    try:
+        return robustness_score(images, features, **kwargs)
+    finally:
+        network.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,11 +110,10 @@ def robustness_of(network: torch.nn.Module, arch: str, windows: torch.Tensor, se
     """:func:`medxfer.transferability.robustness.robustness_score` of the network's second-to-last
     encoder level (pooled), on target windows ``(N, C, *roi)`` with intensity jitter."""
     from medxfer.networks.factory import arch_layout
-    from medxfer.transferability.robustness import hooked_output, robustness_score
+    from medxfer.transferability.robustness import module_robustness
 
-    device = next(network.parameters()).device
-    feature_fn = hooked_output(network, arch_layout(arch, network).penultimate_encoder)
-    return robustness_score(windows.to(device), feature_fn, pooled=True, seed=seed, mode="intensity", batch_size=2)
+    return module_robustness(network, arch_layout(arch, network).penultimate_encoder, windows, pooled=True, seed=seed,
+                             mode="intensity", batch_size=2)
 
 
 def run_estimators(cases: Sequence[CaseFeatures], estimators: Sequence[str] = DEFAULT_ESTIMATORS) -> dict[str, dict]:

@@ -213,7 +213,7 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
     from medxfer.networks.factory import arch_layout, build_network
     from medxfer.transfer.bank import ModelBank
     from medxfer.transferability.features import SamplingConfig, sample_dataset
-    from medxfer.transferability.robustness import hooked_output, robustness_score
+    from medxfer.transferability.robustness import module_robustness
     from medxfer.transferability.score import run_estimators
     from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 
@@ -228,8 +228,6 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
     size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
     cases, _ = _target_cases(target_root, size, max_cases)
     raw = target_images(target_root, size, max_cases or 16)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     rows = []
     for name in tqdm(names, desc="scoring checkpoints", disable=not progress):
         entry = bank.get(name)
@@ -240,9 +238,8 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
         row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
         t0 = time.perf_counter()
         if "robustness" in estimators:
-            hooked = hooked_output(net, layout.penultimate_encoder)
-            row["robustness"] = robustness_score(raw, lambda x: hooked(((x - mean) / std).to(dev)), seed=seed,
-                                                 mode="color", batch_size=4)
+            row["robustness"] = module_robustness(net, layout.penultimate_encoder, raw, (IMAGENET_MEAN, IMAGENET_STD),
+                                                  seed=seed, mode="color", batch_size=4)
         row["seconds_robustness"] = time.perf_counter() - t0
         others = [e for e in estimators if e != "robustness"]
         if others:
