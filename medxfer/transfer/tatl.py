@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from medxfer.transfer.finetune import TransferReport, apply_transfer
 
@@ -131,7 +132,7 @@ def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working
         with Image.open(record["image"]) as img:
             width, height = img.size  # PIL gives (W, H)
         image = chain({"image": record["image"]})["image"]
-        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)  # no MetaTensor dispatch
+        image = convert_to_tensor(image, track_meta=False)  # plain tensor: no MetaTensor dispatch in every layer
         prob = torch.sigmoid(network(image[None].to(device)))[0, 0].cpu()
         boxes[record["id"]] = lesion_box(prob, threshold=threshold, offset=offset, image_size=(height, width),
                                          mask_size=working_size, **box_kwargs)

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from medxfer.jsonfile import write_json
 from medxfer.transferability.features import CaseFeatures, SamplingConfig, pooled, sample_dataset
@@ -154,7 +155,7 @@ def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids
     out = []
     for r in records:
         item = chain(r)
-        out.append({"id": r["id"], "image": item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"],
+        out.append({"id": r["id"], "image": convert_to_tensor(item["image"], track_meta=False),
                     "label": item["label"]})
     return out
 

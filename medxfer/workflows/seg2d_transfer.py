@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from medxfer.data.problems import DatasetError
 
@@ -341,7 +342,7 @@ class Seg2DRun:
         with Image.open(image_path) as img:
             width, height = img.size
         x = seg2d_transforms("infer", self.image_size)({"image": str(image_path)})["image"]
-        x = (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x))[None].to(self.device)
+        x = convert_to_tensor(x, track_meta=False)[None].to(self.device)
         logits = torch.nn.functional.interpolate(self.network(x).float(), size=(height, width), mode="bilinear",
                                                  align_corners=False)[0]
         if is_binary(self.labels):

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 __all__ = ["truncated_weights", "evaluate_classifier"]
 
@@ -47,7 +48,7 @@ def evaluate_classifier(network: torch.nn.Module, records: Sequence[dict], class
     for record in records:
         item = chain(record)
         x = item["image"]
-        x = (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x))[None].to(device)
+        x = convert_to_tensor(x, track_meta=False)[None].to(device)
         scores.append(torch.softmax(network(x).float(), dim=1)[0].cpu().numpy())
         labels.append(int(record["label"]))
     scores, labels = np.stack(scores), np.asarray(labels)
