@@ -24,7 +24,7 @@ from monai.utils import convert_to_tensor
 
 from medxfer.transfer.finetune import TransferReport, apply_transfer
 
-__all__ = ["TATL_MODES", "union_mask", "init_from_stage2", "stage3_attributes", "segment_net_boxes", "save_boxes",
+__all__ = ["TATL_MODES", "union_mask", "init_from_stage2", "stage3_attributes", "segment_net_box", "segment_net_boxes", "save_boxes",
            "load_boxes"]
 
 #: Stage-3 initialisation modes: ``freeze`` = TATL-Freeze (encoder frozen), ``non_freeze`` = TATL-NF.
@@ -106,36 +106,49 @@ def stage3_attributes(year: int) -> Sequence[str]:
 
 
 @torch.no_grad()
+def segment_net_box(network: torch.nn.Module, image, image_size: Sequence[int], working_size: Sequence[int],
+                    offset: float = 40, threshold: float = 0.5, **box_kwargs):
+    """Stage 1 for one image: the Segment-Net's lesion box in original pixels.
+
+    Args:
+        network: the Segment-Net (one sigmoid output), on its device.
+        image: ``(3, Hw, Ww)`` the image through the dermoscopy ``infer`` chain at ``working_size``.
+        image_size: the original ``(H, W)`` the box is mapped to.
+        offset, threshold, box_kwargs: as :func:`medxfer.transfer.lesion_crop.lesion_box`.
+
+    Returns:
+        a :class:`~medxfer.transfer.lesion_crop.Box` (``fallback=True`` when nothing was found).
+    """
+    from medxfer.transfer.lesion_crop import lesion_box
+
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    network.eval()
+    x = convert_to_tensor(image, track_meta=False)[None].to(device)  # plain tensor: no MetaTensor dispatch per layer
+    prob = torch.sigmoid(network(x))[0, 0].cpu()
+    return lesion_box(prob, threshold=threshold, offset=offset, image_size=tuple(image_size), mask_size=working_size,
+                      **box_kwargs)
+
+
 def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working_size: Sequence[int] = (384, 512),
                       offset: float = 40, threshold: float = 0.5, progress: bool = True, mean=None, std=None,
                       **box_kwargs) -> dict:
-    """Stage 1 at inference: the Segment-Net's lesion box of every image, in original pixels.
-
-    Each record's image (``record["image"]``, an ISIC JPEG) goes through the dermoscopy ``infer``
-    chain at ``working_size``, the network's sigmoid output is thresholded and
-    :func:`medxfer.transfer.lesion_crop.lesion_box` maps the box (+ ``offset``) back to the image's
-    own ``(H, W)``. ``mean`` / ``std``: the normalisation the network was trained with (default ImageNet).
-    Returns ``{image id: Box}`` (a box with ``fallback=True`` where nothing was found).
+    """Stage 1 at inference: :func:`segment_net_box` of every record's image (``record["image"]``,
+    an ISIC JPEG), mapped to the image's own ``(H, W)``. ``mean`` / ``std``: the normalisation the
+    network was trained with (default ImageNet). Returns ``{image id: Box}``.
     """
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from medxfer.transfer.lesion_crop import lesion_box
     from medxfer.transforms.dermoscopy import dermoscopy_transforms
 
     norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     chain = dermoscopy_transforms("infer", size=working_size, **norm)
-    device = next((p.device for p in network.parameters()), torch.device("cpu"))
-    network.eval()
     boxes = {}
     for record in tqdm(records, desc="Segment-Net boxes", disable=not progress, leave=False):
         with Image.open(record["image"]) as img:
             width, height = img.size  # PIL gives (W, H)
-        image = chain({"image": record["image"]})["image"]
-        image = convert_to_tensor(image, track_meta=False)  # plain tensor: no MetaTensor dispatch in every layer
-        prob = torch.sigmoid(network(image[None].to(device)))[0, 0].cpu()
-        boxes[record["id"]] = lesion_box(prob, threshold=threshold, offset=offset, image_size=(height, width),
-                                         mask_size=working_size, **box_kwargs)
+        boxes[record["id"]] = segment_net_box(network, chain({"image": record["image"]})["image"], (height, width),
+                                              working_size, offset, threshold, **box_kwargs)
     return boxes
 
 

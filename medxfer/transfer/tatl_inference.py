@@ -119,13 +119,14 @@ class TatlPredictor:
                    settings.threshold, device)
 
     def lesion_box(self, image_path, image_size: Sequence[int]) -> Box:
-        """Stage 1: the Segment-Net box (whole image without a Segment-Net)."""
-        from medxfer.transfer.tatl import segment_net_boxes
+        """Stage 1: the Segment-Net box (whole image without a Segment-Net). The Segment-Net sees the
+        whole image through the same chain as the crops (no box: nothing cropped)."""
+        from medxfer.transfer.tatl import segment_net_box
 
         if self.segment_net is None:
             return Box(0, 0, int(image_size[0]), int(image_size[1]))
-        return segment_net_boxes(self.segment_net, [{"id": "image", "image": str(image_path)}], self.working_size,
-                                 self.offset, self.threshold, progress=False, mean=self.mean, std=self.std)["image"]
+        return segment_net_box(self.segment_net, self._chain({"image": str(image_path)})["image"], image_size,
+                               self.working_size, self.offset, self.threshold)
 
     @torch.no_grad()
     def predict(self, image_path, box: Box | None = None) -> TatlPrediction:

@@ -423,10 +423,15 @@ def evaluate_fold(run_dir, fold: int, settings: TatlSettings, data_root, device=
     lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, run_dir / "splits.json", None,
                            settings.tune_fraction)
     predictor = TatlPredictor.from_run(run_dir, fold, device=device)
+    boxes = {}  # stage 1 already boxed every image of the fold: not run again
+    if 1 in settings.stages and (run_dir / f"fold_{fold}" / "boxes.json").exists():
+        from medxfer.transfer.tatl import load_boxes
+
+        boxes = load_boxes(run_dir / f"fold_{fold}" / "boxes.json")
     truth = scoring_transforms([f"attribute_{a}" for a in attributes], label_key="label")
     scorer = FoldScorer(attributes)
     for record in tqdm(lists["test"], desc=f"fold {fold} test images", leave=False):
-        prediction = predictor.predict(record["image"])
+        prediction = predictor.predict(record["image"], box=boxes.get(record["id"]))
         pred = resize_for_scoring(prediction.probabilities, threshold=settings.threshold)
         scorer.add(pred, np.asarray(truth(record)["label"]))
     scores = scorer.scores()
