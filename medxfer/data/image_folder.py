@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from os import PathLike
 from pathlib import Path
+from typing import Sequence
 
 from .problems import DatasetError, Problem, raise_if_problems
 
@@ -45,6 +46,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "is_ignored",
     "is_image_file",
+    "image_files",
     "scan_image_folder",
     "load_image_folder",
     "check_image_folder_files",
@@ -65,6 +67,26 @@ def is_ignored(name: str) -> bool:
 def is_image_file(name: str) -> bool:
     """True if ``name`` ends with one of :data:`IMAGE_SUFFIXES` (any case)."""
     return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def image_files(input_path, suffixes: Sequence[str] = IMAGE_SUFFIXES, skip_stems: Sequence[str] = ()) -> list[Path]:
+    """Images to predict: ``input_path`` itself if it is a file, else the files of the folder ending in
+    one of ``suffixes`` (any case), sorted, hidden / OS files and stems containing any of
+    ``skip_stems`` (e.g. ``"_overlay"``: outputs written next to the inputs) left out.
+
+    Raises FileNotFoundError for a path that does not exist, DatasetError for a folder without images.
+    """
+    path = Path(input_path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such image file or folder")
+    suffixes = tuple(s.lower() for s in suffixes)
+    images = sorted(p for p in path.iterdir() if p.is_file() and not is_ignored(p.name)
+                    and p.name.lower().endswith(suffixes) and not any(s in p.stem for s in skip_stems))
+    if not images:
+        raise DatasetError(path, f"no image files ({', '.join(suffixes)}) in the folder")
+    return images
 
 
 def _suffixes() -> str:

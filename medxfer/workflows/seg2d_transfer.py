@@ -388,15 +388,9 @@ def predict_folder(run_dir, input_path, output_dir, device=None, overwrite: bool
     label indices, 0/255 for a binary run. Existing files are refused unless ``overwrite``."""
     from PIL import Image
 
-    from medxfer.data.image_folder import is_image_file
+    from medxfer.data.image_folder import image_files
 
-    path = Path(input_path)
-    images = [path] if path.is_file() else sorted(p for p in path.iterdir() if is_image_file(p.name)) \
-        if path.is_dir() else None
-    if images is None:
-        raise FileNotFoundError(f"{path}: no such image file or folder")
-    if not images:
-        raise DatasetError(path, "no image files in the folder")
+    images = image_files(input_path)
     output_dir = Path(output_dir)
     targets = [output_dir / f"{p.stem}.png" for p in images]
     existing = [t for t in targets if t.exists()]

@@ -511,22 +511,17 @@ def _plot_cv(path: Path, summary: dict, attributes: list[str], settings: TatlSet
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: Names the ISIC layout and our own inference outputs use for masks: never taken as input images.
+MASK_STEMS = ("_segmentation", "_attribute_", "_union", "_overlay", "_superpixels")
 
 
 def inference_images(input_path) -> list[Path]:
     """RGB image files to predict: one file, or the ``.jpg`` / ``.jpeg`` / ``.png`` files of a folder
     (sorted; mask-like names ``*_segmentation.png`` / ``*_attribute_*.png`` / ``*_union.png`` /
     ``*_overlay.png`` are skipped)."""
-    path = Path(input_path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such image file or folder")
-    skip = ("_segmentation", "_attribute_", "_union", "_overlay", "_superpixels")
-    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not any(s in p.stem for s in skip))
-    if not images:
-        raise DatasetError(path, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
-    return images
+    from medxfer.data.image_folder import image_files
+
+    return image_files(input_path, IMAGE_SUFFIXES, MASK_STEMS)
 
 
 def run_inference(run_dir, fold: int, input_path, output_dir, device=None, overwrite: bool = False) -> dict:
