@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
+from medxfer.device import resolve_device
 from medxfer.jsonfile import write_json
 from medxfer.transferability.features import CaseFeatures, SamplingConfig, pooled, sample_dataset
 
@@ -176,7 +177,7 @@ def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DE
 
     bank = ModelBank.open(bank_root)
     names = list(entries) if entries else bank.names()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
     if not cases:
         raise ValueError(f"{data_root}: no labelled target cases to score on")

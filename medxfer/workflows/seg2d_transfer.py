@@ -30,6 +30,7 @@ import torch
 from monai.utils import convert_to_tensor
 
 from medxfer.data.problems import DatasetError
+from medxfer.device import resolve_device
 
 __all__ = ["TRANSFER_MODES", "classification_datalists", "seg2d_datalists", "is_binary", "seg_out_channels",
            "seg2d_network", "target_images", "online_selection_handlers", "score_checkpoints", "select_checkpoint",
@@ -225,7 +226,7 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
     names = list(entries) if entries else bank.names()
     if not names:
         raise DatasetError(bank_root, "the bank has no entries")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
     cases, _ = _target_cases(target_root, size, max_cases)
     raw = target_images(target_root, size, max_cases or 16)
@@ -325,7 +326,7 @@ class Seg2DRun:
         info = read_json(self.run_dir / "run.json", "not a seg2d_transfer training folder (no run.json)")
         self.arch, self.image_size = info["arch"], info["image_size"]
         self.labels = {int(k): v for k, v in info["labels"].items()}
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.network = build_seg2d(self.arch, 3, seg_out_channels(self.labels), self.image_size,
                                    **info.get("arch_kwargs", {}))
         self.network.load_state_dict(read_state_dict(self.run_dir / checkpoint))

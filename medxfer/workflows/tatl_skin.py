@@ -49,6 +49,7 @@ import torch
 from medxfer.data.isic import ISIC_LAYOUTS, check_mask_sizes, detect_isic_year, load_isic
 from medxfer.data.problems import DatasetError, raise_if_problems
 from medxfer.data.splits import fold_records, holdout_split
+from medxfer.device import resolve_device
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE, dermoscopy_transforms
 
 __all__ = ["ARCHES", "STAGES", "TatlSettings", "isic_year", "target_masks", "build_effb0", "stage_network",
@@ -283,16 +284,16 @@ class TatlSettings:
 def _claim_run_dir(output_dir: Path, settings: TatlSettings) -> None:
     """Write ``tatl_run.json``, or check that an existing run has the same settings (resume)."""
     path = output_dir / "tatl_run.json"
+    wanted = settings.to_json()
     if path.exists():
         existing = json.loads(path.read_text())
-        if existing != settings.to_json():
-            changed = sorted(k for k in set(existing) | set(settings.to_json())
-                             if existing.get(k) != settings.to_json().get(k))
+        if existing != wanted:
+            changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
             raise FileExistsError(f"{path}: this folder holds a TATL run with other settings ({', '.join(changed)}); "
                                   "choose another output_dir")
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings.to_json(), indent=1) + "\n")
+    path.write_text(json.dumps(wanted, indent=1) + "\n")
 
 
 def _train_one(bundle_root, net_dir: Path, overrides: dict, quiet: bool) -> dict:
@@ -358,7 +359,7 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
     attributes = ISIC_LAYOUTS[settings.year].attributes
     output_dir = Path(output_dir).absolute()
     _claim_run_dir(output_dir, settings)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     folds = list(range(settings.n_folds)) if folds is None else [int(f) for f in folds]
     common = {
         "data_root": str(Path(data_root).absolute()), "splits_file": str(output_dir / "splits.json"),
@@ -442,11 +443,11 @@ def evaluate_fold(run_dir, fold: int, settings: TatlSettings, data_root, device=
 def evaluate_run(run_dir, data_root, folds: Sequence[int] | None = None, device=None) -> dict:
     """Re-score the test folds of an existing run (``configs/evaluate.yaml``); writes ``cv_scores.*``."""
     settings = TatlSettings.load(run_dir)
-    if settings.year is None:
-        settings.year = isic_year(data_root)
-    if isic_year(data_root) != settings.year:
+    year = isic_year(data_root)
+    settings.year = settings.year or year
+    if year != settings.year:
         raise DatasetError(data_root, f"the run was trained on ISIC {settings.year} data")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     run_dir = Path(run_dir)
     if folds is None:
         folds = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("fold_*") if p.is_dir())
@@ -536,7 +537,7 @@ def run_inference(run_dir, fold: int, input_path, output_dir, device=None, overw
     from medxfer.jsonfile import write_json
     from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     images = inference_images(input_path)
     output_dir = Path(output_dir)
     summary_file = output_dir / "predictions.json"
