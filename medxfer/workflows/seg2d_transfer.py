@@ -184,19 +184,17 @@ def online_selection_handlers(enabled: bool, network, arch: str, target_root, im
                                     output_dir=output_dir, seed=seed, mode="color")]
 
 
-def _target_cases(data_root, image_size, max_cases: int | None) -> tuple[list[dict], dict]:
-    from medxfer.data.seg2d import load_seg2d
+def _target_cases(records: list[dict], labels, image_size) -> list[dict]:
+    """Labelled target images through the evaluation chain: ``{"id", "image", "label"}``."""
     from medxfer.transforms.seg2d import seg2d_transforms
 
-    records, labels = load_seg2d(data_root)
-    records = records[:max_cases] if max_cases else records
     chain = seg2d_transforms("eval", image_size, labels)
     cases = []
     for r in records:
         item = chain(r)
         cases.append({"id": r["id"], "image": torch.as_tensor(np.asarray(item["image"])),
                       "label": np.asarray(item["label"]).astype(np.int64)})
-    return cases, labels
+    return cases
 
 
 def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators: Sequence[str] = (
@@ -212,12 +210,14 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
     """
     from tqdm.auto import tqdm
 
+    from medxfer.data.seg2d import load_seg2d
     from medxfer.networks.factory import arch_layout, build_network
     from medxfer.transfer.bank import ModelBank
     from medxfer.transferability.features import SamplingConfig, sample_dataset
     from medxfer.transferability.robustness import module_robustness
     from medxfer.transferability.score import run_estimators
     from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
+    from medxfer.transforms.seg2d import unnormalized_images
 
     unknown = [e for e in estimators if e not in ("robustness", "ccfv", "ccfv_official", "logme", "gbc", "transrate")]
     if unknown:
@@ -228,8 +228,9 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
         raise DatasetError(bank_root, "the bank has no entries")
     dev = resolve_device(device)
     size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
-    cases, _ = _target_cases(target_root, size, max_cases)
-    raw = target_images(target_root, size, max_cases or 16)
+    records, labels = load_seg2d(target_root)  # read once: labelled cases and raw images for robustness
+    cases = _target_cases(records[:max_cases] if max_cases else records, labels, size)
+    raw = unnormalized_images(records, size, max_cases or 16)
     rows = []
     for name in tqdm(names, desc="scoring checkpoints", disable=not progress):
         entry = bank.get(name)
