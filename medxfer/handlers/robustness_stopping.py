@@ -109,12 +109,11 @@ class RobustnessEarlyStopping:
         if self.epochs is not None and epoch not in self.epochs:
             return
         self._record(epoch)
-        if self.selected_epoch is not None and self.stopped_at == epoch:
-            self._write(engine)
-            if self.stop:
-                logger.info("robustness: first local maximum at epoch %d, stopping after epoch %d",
-                            self.selected_epoch, epoch)
-                engine.terminate()
+        if self.stop and self.selected_epoch is not None and self.stopped_at == epoch:
+            # ignite still fires COMPLETED after terminate(): _write saves the selection there, once
+            logger.info("robustness: first local maximum at epoch %d, stopping after epoch %d",
+                        self.selected_epoch, epoch)
+            engine.terminate()
 
     # -- output --------------------------------------------------------------------------------
     def summary(self) -> dict:
