@@ -26,7 +26,8 @@ from medxfer.data.problems import DatasetError
 
 __all__ = ["DEFAULT_BANK_CONFIG", "load_bank_config", "source_tasks", "build_ccfv_bank", "pretrain_bank", "ccfv_entries"]
 
-DEFAULT_BANK_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bank_ccfv.yaml"
+from medxfer.resources import config_path  # noqa: E402  (configs/ of the checkout, or shipped in the wheel)
+DEFAULT_BANK_CONFIG = config_path("bank_ccfv.yaml")
 logger = logging.getLogger("medxfer.bank")
 
 

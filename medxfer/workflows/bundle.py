@@ -11,10 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["BUNDLES_DIR", "bundle_dir", "bundle_configs", "run_bundle"]
+from medxfer.resources import bundle_path, bundles_root, is_installed_copy
 
-#: The ``bundles/`` folder of this checkout (medxfer is installed editable from it).
-BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
+__all__ = ["BUNDLES_DIR", "OUTPUT_IDS", "bundle_dir", "bundle_configs", "run_bundle"]
+
+#: The folder of the bundles: the checkout's ``bundles/`` (editable install, source tree) or the
+#: copy shipped in the installed package (``site-packages/medxfer/bundles``); see :mod:`medxfer.resources`.
+BUNDLES_DIR = bundles_root()
+
+#: Config ids naming folders a workflow writes (their defaults lie under ``bundle_root``): refused
+#: when they resolve into the installed, read-only copy of a bundle.
+OUTPUT_IDS = ("output_dir", "bank_root")
 
 
 def bundle_dir(name: str) -> Path:
@@ -22,11 +29,7 @@ def bundle_dir(name: str) -> Path:
     path = Path(name)
     if (path / "configs").is_dir():
         return path.resolve()
-    path = BUNDLES_DIR / name
-    if not (path / "configs").is_dir():
-        known = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs").is_dir()) if BUNDLES_DIR.is_dir() else []
-        raise FileNotFoundError(f"{path}: no such bundle; bundles here: {known}")
-    return path
+    return bundle_path(name)
 
 
 def bundle_configs(name: str, configs: Sequence[str]) -> list[str]:
@@ -81,6 +84,20 @@ def _quiet_logging_file() -> Path:
     return _QUIET_FILE
 
 
+def _refuse_installed_outputs(parser, root: Path) -> None:
+    """ValueError when an :data:`OUTPUT_IDS` folder of the workflow lies in the installed package
+    (its default ``$@bundle_root + '/runs/...'`` with ``bundle_root`` in site-packages): outputs
+    must go to a folder of the caller's, never into the installed bundle."""
+    if not is_installed_copy(root):
+        return  # a checkout's bundle: its runs/ and bank/ are git-ignored working folders
+    for key in OUTPUT_IDS:
+        if key in parser:
+            value = parser.get_parsed_content(key)
+            if isinstance(value, (str, Path)) and is_installed_copy(value):
+                raise ValueError(f"{key}={value}: inside the installed bundle {root}, which is read-only; "
+                                 f"pass {key} (or bundle_root) naming a folder of yours")
+
+
 def run_bundle(name: str, configs: Sequence[str], run: bool = True, quiet: bool = False, **override):
     """Initialise and (``run=True``) run + finalise a bundle workflow; returns the ``ConfigWorkflow``.
 
@@ -89,6 +106,9 @@ def run_bundle(name: str, configs: Sequence[str], run: bool = True, quiet: bool 
     and errors only (for callers that run many workflows and show their own progress: the
     per-iteration logs of MONAI's StatsHandler, which re-enables INFO on its own logger, are
     held back with ``logging.disable`` while the workflow runs).
+
+    With the installed copy of a bundle (non-editable install) pass ``output_dir`` / ``bank_root``
+    (or another ``bundle_root``): defaults inside the installed bundle are refused (ValueError).
     """
     import logging
 
@@ -101,6 +121,7 @@ def run_bundle(name: str, configs: Sequence[str], run: bool = True, quiet: bool 
     workflow = ConfigWorkflow(config_file=bundle_configs(name, configs), meta_file=str(root / "configs" / "metadata.json"),
                               workflow_type=None, logging_file=str(_quiet_logging_file()) if quiet else None, **override)
     try:
+        _refuse_installed_outputs(workflow.parser, root)
         workflow.initialize()
         if run:
             workflow.run()
