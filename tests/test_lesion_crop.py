@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medxfer.transfer.lesion_crop import Box, crop, lesion_box, paste_back
+from medxfer.transforms.lesion_crop import Box, crop, lesion_box, paste_back
 
 WORK = (384, 512)        # Segment-Net resolution (SPEC section 6)
 ORIG = (767, 1022)       # non-integer scale factors 767/384, 1022/512

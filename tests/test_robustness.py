@@ -6,15 +6,13 @@ import pytest
 import torch
 
 from medxfer.transferability.robustness import (
-    JitterConfig,
-    color_jitter,
     first_local_maximum,
     hooked_output,
-    intensity_jitter,
     robustness_score,
     should_stop,
     triplet_views,
 )
+from medxfer.transforms.jitter import JitterConfig, color_jitter, intensity_jitter
 
 NO_JITTER = JitterConfig(brightness=0, contrast=0, saturation=0, hue=0, scale=0, shift=0, gamma_range=(1, 1))
 

@@ -7,7 +7,8 @@ import torch
 from medxfer.losses import TverskyJaccardLoss
 from medxfer.networks import LinkNetEffB0, arch_layout, unet_effb0
 from medxfer.transfer.finetune import trainable_parameters
-from medxfer.transfer.tatl import init_from_stage2, stage3_attributes, union_mask
+from medxfer.transfer.tatl import init_from_stage2, stage3_attributes
+from medxfer.transforms.dermoscopy import union_mask
 
 
 def test_stage2_target_is_the_union_of_the_attribute_masks():
@@ -86,8 +87,8 @@ class _KnownLesion(torch.nn.Module):
 def test_stage1_boxes_are_mapped_to_each_image_own_height_and_width(tmp_path):
     from medxfer.data.isic import load_isic
     from medxfer.data.synth.isic import generate_isic
-    from medxfer.transfer.lesion_crop import lesion_box
-    from medxfer.transfer.tatl import load_boxes, save_boxes, segment_net_boxes
+    from medxfer.transfer.tatl import segment_net_boxes
+    from medxfer.transforms.lesion_crop import lesion_box, load_boxes, save_boxes
 
     root = generate_isic(tmp_path / "isic", year=2018, num_images=3, size=(90, 150), seed=1)  # non-square, H=90
     records = load_isic(root, year=2018, task=1)

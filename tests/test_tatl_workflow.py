@@ -11,10 +11,9 @@ from PIL import Image
 
 from medxfer.data.isic import ISIC2018, load_isic
 from medxfer.data.problems import DatasetError
-from medxfer.transfer.lesion_crop import Box, lesion_box
-from medxfer.transfer.tatl import save_boxes
 from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
 from medxfer.transforms.dermoscopy import CropToBoxd, dermoscopy_transforms
+from medxfer.transforms.lesion_crop import Box, lesion_box, save_boxes
 from medxfer.workflows import tatl_skin as ts
 
 

@@ -4,6 +4,7 @@
 * :mod:`.isic` — ISIC 2017 / 2018 Task 1 (lesion) and Task 2 (attribute) folders.
 * :mod:`.splits` — seeded k-fold splits in nnU-Net's ``splits_final.json`` format.
 * :mod:`.validate` — ``medxfer check-data``: every problem as ``<file>: <reason>``.
+* :mod:`.volumes` — one NIfTI / ITK volume file as an array and its affine (nibabel / SimpleITK).
 * :mod:`.image_folder` — class-per-folder 2D images (ImageNet train layout) for encoder pretraining.
 * :mod:`.seg2d` — 2D segmentation folders (``images/`` + ``masks/`` + optional ``labels.json``).
 * :mod:`.synth` — generators writing the same layouts (``medxfer synth msd|isic|classes|seg2d``).

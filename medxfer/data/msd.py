@@ -15,6 +15,7 @@ tasks with several channels ``image`` is the list of channel files (``LoadImaged
 macOS ``._*`` junk and other hidden files are ignored. Structural problems (bad JSON, missing keys,
 files listed but absent, ...) come back as :class:`~medxfer.data.problems.Problem` from
 :func:`scan_task`; :func:`load_task` raises :class:`~medxfer.data.problems.DatasetError` instead.
+:func:`check_case` opens the files of one case and checks their content (``medxfer check-data``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .problems import DatasetError, Problem, raise_if_problems, read_json
+from .volumes import read_volume
 
 __all__ = [
     "SegTask",
     "scan_task",
     "load_task",
+    "check_case",
     "load_msd_datalist",
     "is_hidden",
     "image_files",
@@ -39,6 +44,7 @@ __all__ = [
 MSD_REQUIRED_KEYS = ("name", "tensorImageSize", "modality", "labels", "numTraining", "training")
 NNUNET_REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3
 
 
 def is_hidden(name: str) -> bool:
@@ -305,6 +311,76 @@ def scan_task(path) -> tuple[SegTask | None, list[Problem]]:
     return None, [Problem(str(json_path), "neither an MSD dataset.json (needs 'training', 'modality') nor an nnU-Net v2 one (needs 'channel_names', 'file_ending')")]
 
 
+def _label_problems(label_path: str, label: np.ndarray, labels: dict[int, str]) -> list[Problem]:
+    if label.ndim != 3:
+        return [Problem(label_path, f"label must be 3D, got shape {label.shape}")]
+    if not np.issubdtype(label.dtype, np.integer):
+        if not np.all(np.isfinite(label)):
+            return [Problem(label_path, "label contains NaN or infinite values")]
+        if not np.array_equal(label, np.round(label)):
+            return [Problem(label_path, "label contains non-integer values")]
+    values = np.unique(label).astype(np.int64)
+    unknown = [int(v) for v in values if int(v) not in labels]
+    if unknown:
+        return [Problem(label_path, f"label value(s) {unknown} not declared in dataset.json labels {sorted(labels)}")]
+    return []
+
+
+def _image_problems(path: str, image: np.ndarray, expect_channels: int | None) -> list[Problem]:
+    problems = []
+    if expect_channels is None:  # one 3D volume per file
+        if image.ndim != 3:
+            problems.append(Problem(path, f"expected a 3D image, got shape {image.shape}"))
+    elif image.ndim != 4 or image.shape[3] != expect_channels:
+        problems.append(Problem(path, f"expected a 4D image with {expect_channels} channels last, got shape {image.shape}"))
+    if np.issubdtype(image.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        if bad:
+            problems.append(Problem(path, f"{bad} voxel(s) are NaN or infinite"))
+    return problems
+
+
+def _geometry_problems(path: str, shape, affine, ref_path: str, ref_shape, ref_affine) -> list[Problem]:
+    if tuple(shape[:3]) != tuple(ref_shape[:3]):
+        return [Problem(path, f"spatial shape {tuple(shape[:3])} differs from {Path(ref_path).name} {tuple(ref_shape[:3])}")]
+    if not np.allclose(affine, ref_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+        worst = float(np.max(np.abs(affine - ref_affine)))
+        return [Problem(path, f"affine differs from {Path(ref_path).name} (max abs difference {worst:.4g})")]
+    return []
+
+
+def check_case(task: SegTask, record: dict) -> list[Problem]:
+    """Open every file of one record of ``task`` and check it (as ``medxfer check-data``): readable,
+    image and label shapes and affines agree (``rtol=1e-4``, ``atol=1e-3`` mm, as nnU-Net's integrity
+    check), label values within the declared labels, finite intensities, channel count of 4D /
+    multi-file images. Volumes are read with :func:`medxfer.data.volumes.read_volume`."""
+    files = image_files(record)
+    expect_channels = task.num_channels if task.four_d else None
+    problems: list[Problem] = []
+    volumes = []
+    for f in files:
+        try:
+            image, affine = read_volume(f)
+        except DatasetError as e:
+            problems.append(e.problem)
+            continue
+        problems += _image_problems(f, image, expect_channels)
+        volumes.append((f, image.shape, affine))
+    label_path = record.get("label")
+    if label_path is not None:
+        try:
+            label, label_affine = read_volume(label_path)
+        except DatasetError as e:
+            return problems + [e.problem]
+        problems += _label_problems(label_path, label, task.labels)
+        volumes.insert(0, (label_path, label.shape, label_affine))
+    if volumes:
+        ref = volumes[0]
+        for f, shape, affine in volumes[1:]:
+            problems += _geometry_problems(f, shape, affine, *ref)
+    return problems
+
+
 def load_task(path, check_files: bool = False) -> SegTask:
     """:func:`scan_task`, raising :class:`DatasetError` naming the first broken file.
 
@@ -315,8 +391,6 @@ def load_task(path, check_files: bool = False) -> SegTask:
     raise_if_problems(problems)
     assert task is not None
     if check_files:
-        from .validate import check_case  # validate builds on this module
-
         raise_if_problems([p for record in task.training + task.test for p in check_case(task, record)])
     return task
 

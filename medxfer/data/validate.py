@@ -10,7 +10,9 @@ problem as ``<file>: <one-line reason>``:
   shapes and affines agree (``rtol=1e-4``, ``atol=1e-3`` mm, as nnU-Net's integrity check), label
   values within the declared labels, finite intensities, channel count of 4D / multi-file images.
 
-Volumes are read with nibabel (``.nii``/``.nii.gz``) or SimpleITK (other nnU-Net file endings).
+The content checks of one MSD / nnU-Net case are :func:`medxfer.data.msd.check_case` (volumes read by
+:func:`medxfer.data.volumes.read_volume`: nibabel for ``.nii``/``.nii.gz``, SimpleITK for other
+nnU-Net file endings).
 """
 
 from __future__ import annotations
@@ -18,16 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from . import isic
-from .msd import SegTask, image_files, scan_task
-from .problems import DatasetError, Problem
+from .msd import check_case, scan_task
+from .problems import Problem
+from .seg2d import check_seg2d_files, scan_seg2d
 
-__all__ = ["check_dataset", "check_task", "check_case", "find_datasets", "read_volume", "DatasetReport"]
-
-AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3
+__all__ = ["check_dataset", "check_task", "find_datasets", "DatasetReport"]
 
 
 @dataclass
@@ -46,106 +46,6 @@ class DatasetReport:
     def to_dict(self) -> dict:
         return {"path": self.path, "kind": self.kind, "num_cases": self.num_cases,
                 "problems": [{"path": p.path, "reason": p.reason} for p in self.problems]}
-
-
-def read_volume(path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI (nibabel) or other ITK image (SimpleITK) as ``(array, 4x4 voxel-to-world affine)``.
-
-    The array keeps the file's dtype and axis order ``(X, Y, Z[, C])``; the affine is in mm (RAS for
-    NIfTI, converted from ITK's LPS otherwise). Raises :class:`DatasetError` naming the file.
-    """
-    path = Path(path)
-    try:
-        if path.name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            img = nib.load(str(path))
-            return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
-        import SimpleITK as sitk
-
-        img = sitk.ReadImage(str(path))
-        arr = sitk.GetArrayFromImage(img).transpose()  # ITK arrays are (Z, Y, X); make them (X, Y, Z)
-        dim = 3 if img.GetDimension() >= 3 else img.GetDimension()
-        direction = np.asarray(img.GetDirection()).reshape(img.GetDimension(), img.GetDimension())[:dim, :dim]
-        affine = np.eye(4)
-        affine[:dim, :dim] = direction * np.asarray(img.GetSpacing()[:dim])
-        affine[:dim, 3] = img.GetOrigin()[:dim]
-        affine[:2] *= -1  # LPS -> RAS
-        return arr, affine
-    except DatasetError:
-        raise
-    except FileNotFoundError:
-        raise DatasetError(path, "file not found") from None
-    except Exception as e:  # nibabel/gzip/zlib/ITK raise many types for a broken file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetError(path, f"cannot read image ({type(e).__name__}: {msg})") from None
-
-
-def _label_problems(label_path: str, label: np.ndarray, labels: dict[int, str]) -> list[Problem]:
-    if label.ndim != 3:
-        return [Problem(label_path, f"label must be 3D, got shape {label.shape}")]
-    if not np.issubdtype(label.dtype, np.integer):
-        if not np.all(np.isfinite(label)):
-            return [Problem(label_path, "label contains NaN or infinite values")]
-        if not np.array_equal(label, np.round(label)):
-            return [Problem(label_path, "label contains non-integer values")]
-    values = np.unique(label).astype(np.int64)
-    unknown = [int(v) for v in values if int(v) not in labels]
-    if unknown:
-        return [Problem(label_path, f"label value(s) {unknown} not declared in dataset.json labels {sorted(labels)}")]
-    return []
-
-
-def _image_problems(path: str, image: np.ndarray, expect_channels: int | None) -> list[Problem]:
-    problems = []
-    if expect_channels is None:  # one 3D volume per file
-        if image.ndim != 3:
-            problems.append(Problem(path, f"expected a 3D image, got shape {image.shape}"))
-    elif image.ndim != 4 or image.shape[3] != expect_channels:
-        problems.append(Problem(path, f"expected a 4D image with {expect_channels} channels last, got shape {image.shape}"))
-    if np.issubdtype(image.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(image)))
-        if bad:
-            problems.append(Problem(path, f"{bad} voxel(s) are NaN or infinite"))
-    return problems
-
-
-def _geometry_problems(path: str, shape, affine, ref_path: str, ref_shape, ref_affine) -> list[Problem]:
-    if tuple(shape[:3]) != tuple(ref_shape[:3]):
-        return [Problem(path, f"spatial shape {tuple(shape[:3])} differs from {Path(ref_path).name} {tuple(ref_shape[:3])}")]
-    if not np.allclose(affine, ref_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
-        worst = float(np.max(np.abs(affine - ref_affine)))
-        return [Problem(path, f"affine differs from {Path(ref_path).name} (max abs difference {worst:.4g})")]
-    return []
-
-
-def check_case(task: SegTask, record: dict) -> list[Problem]:
-    """Open every file of one record of ``task`` and check it (see module docstring)."""
-    files = image_files(record)
-    expect_channels = task.num_channels if task.four_d else None
-    problems: list[Problem] = []
-    volumes = []
-    for f in files:
-        try:
-            image, affine = read_volume(f)
-        except DatasetError as e:
-            problems.append(e.problem)
-            continue
-        problems += _image_problems(f, image, expect_channels)
-        volumes.append((f, image.shape, affine))
-    label_path = record.get("label")
-    if label_path is not None:
-        try:
-            label, label_affine = read_volume(label_path)
-        except DatasetError as e:
-            return problems + [e.problem]
-        problems += _label_problems(label_path, label, task.labels)
-        volumes.insert(0, (label_path, label.shape, label_affine))
-    if volumes:
-        ref = volumes[0]
-        for f, shape, affine in volumes[1:]:
-            problems += _geometry_problems(f, shape, affine, *ref)
-    return problems
 
 
 def check_task(path, progress: bool = True) -> DatasetReport:
@@ -176,8 +76,6 @@ def check_isic_dataset(path, year: int | None = None, progress: bool = True) -> 
 def check_seg2d_dataset(path, progress: bool = True) -> DatasetReport:
     """Check a 2D segmentation folder (``images/`` + ``masks/``): pairs, sizes, mask values, then
     every image decoded."""
-    from .seg2d import check_seg2d_files, scan_seg2d
-
     records, _, problems = scan_seg2d(path)
     report = DatasetReport(str(path), "seg2d", len(records), list(problems))
     report.problems += check_seg2d_files(records)

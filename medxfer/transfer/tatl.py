@@ -3,9 +3,9 @@
 Nguyen et al., TATL (sections 3-4; SPEC section 6). Three stages, seven networks:
 
 1. **Segment-Net** (U-shape EfficientNet-b0) on ISIC Task 1 lesion masks; its prediction gives the
-   lesion box + offset (:mod:`medxfer.transfer.lesion_crop`), the crop is the input of stages 2-3;
+   lesion box + offset (:mod:`medxfer.transforms.lesion_crop`), the crop is the input of stages 2-3;
 2. **attribute-agnostic segmenter** on the crops, target = the union (bitwise OR) of the attribute
-   masks (:func:`union_mask`);
+   masks (:func:`medxfer.transforms.dermoscopy.union_mask`);
 3. **one target segmenter per attribute**, initialised from the stage-2 network (encoder, decoder and
    head: :func:`init_from_stage2`), ``freeze`` (encoder frozen, TATL-Freeze) or ``non_freeze``.
 
@@ -18,37 +18,16 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
 from medxfer.transfer.finetune import TransferReport, apply_transfer
+from medxfer.transforms.lesion_crop import lesion_box
 
-__all__ = ["TATL_MODES", "union_mask", "init_from_stage2", "stage3_attributes", "segment_net_box", "segment_net_boxes", "save_boxes",
-           "load_boxes"]
+__all__ = ["TATL_MODES", "init_from_stage2", "stage3_attributes", "segment_net_box", "segment_net_boxes"]
 
 #: Stage-3 initialisation modes: ``freeze`` = TATL-Freeze (encoder frozen), ``non_freeze`` = TATL-NF.
 TATL_MODES = ("freeze", "non_freeze")
-
-
-def union_mask(attribute_masks) -> np.ndarray | torch.Tensor:
-    """Stage-2 target: the union (bitwise OR) of the attribute masks.
-
-    Args:
-        attribute_masks: ``(A, H, W)`` (or ``(B, A, H, W)`` with ``A`` on axis 1 for tensors of a
-            batch) masks, anything > 0 is foreground.
-
-    Returns:
-        ``(1, H, W)`` (``(B, 1, H, W)``) of the same kind, values 0/1 in the input's dtype for
-        tensors and ``uint8`` for arrays.
-    """
-    if isinstance(attribute_masks, torch.Tensor):
-        axis = 1 if attribute_masks.dim() == 4 else 0
-        return (attribute_masks > 0).any(dim=axis, keepdim=True).to(attribute_masks.dtype)
-    masks = np.asarray(attribute_masks)
-    if masks.ndim != 3:
-        raise ValueError(f"attribute masks must be (A, H, W), got shape {masks.shape}")
-    return (masks > 0).any(axis=0, keepdims=True).astype(np.uint8)
 
 
 def init_from_stage2(network: torch.nn.Module, stage2_state: Mapping[str, torch.Tensor], arch: str,
@@ -114,13 +93,11 @@ def segment_net_box(network: torch.nn.Module, image, image_size: Sequence[int], 
         network: the Segment-Net (one sigmoid output), on its device.
         image: ``(3, Hw, Ww)`` the image through the dermoscopy ``infer`` chain at ``working_size``.
         image_size: the original ``(H, W)`` the box is mapped to.
-        offset, threshold, box_kwargs: as :func:`medxfer.transfer.lesion_crop.lesion_box`.
+        offset, threshold, box_kwargs: as :func:`medxfer.transforms.lesion_crop.lesion_box`.
 
     Returns:
-        a :class:`~medxfer.transfer.lesion_crop.Box` (``fallback=True`` when nothing was found).
+        a :class:`~medxfer.transforms.lesion_crop.Box` (``fallback=True`` when nothing was found).
     """
-    from medxfer.transfer.lesion_crop import lesion_box
-
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     network.eval()
     x = convert_to_tensor(image, track_meta=False)[None].to(device)  # plain tensor: no MetaTensor dispatch per layer
@@ -150,24 +127,3 @@ def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working
         boxes[record["id"]] = segment_net_box(network, chain({"image": record["image"]})["image"], (height, width),
                                               working_size, offset, threshold, **box_kwargs)
     return boxes
-
-
-def save_boxes(boxes: Mapping, path) -> None:
-    """Write ``{image id: Box}`` as JSON (the crops of stages 2-3 are reproducible from it)."""
-    import json
-    from pathlib import Path
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({k: b.to_dict() for k, b in boxes.items()}, indent=1) + "\n")
-
-
-def load_boxes(path) -> dict:
-    """Read :func:`save_boxes` output back into ``{image id: Box}`` (errors name the file)."""
-    from medxfer.data.problems import DatasetError, read_json
-    from medxfer.transfer.lesion_crop import Box
-
-    data = read_json(path, "box file not found; run stage 1 first")
-    try:
-        return {k: Box.from_dict(v) for k, v in data.items()}
-    except (TypeError, ValueError, AttributeError) as e:
-        raise DatasetError(path, f"not a box file: {e}") from None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
-from medxfer.transfer.lesion_crop import Box, paste_back
+from medxfer.transforms.lesion_crop import Box, paste_back
 
 __all__ = ["TatlPrediction", "TatlPredictor", "write_prediction", "overlay_image", "ATTRIBUTE_COLOURS"]
 

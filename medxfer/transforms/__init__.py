@@ -1,4 +1,6 @@
-"""Preprocessing chains: MSD CT/MR from plans (:mod:`.msd`), dermoscopy RGB (:mod:`.dermoscopy`)."""
+"""Preprocessing chains: MSD CT/MR from plans (:mod:`.msd`), dermoscopy RGB (:mod:`.dermoscopy`), 2D
+segmentation / classification images (:mod:`.seg2d`); TATL lesion box and crop (:mod:`.lesion_crop`);
+the robustness score's colour / intensity jitter (:mod:`.jitter`)."""
 
 from .dermoscopy import dermoscopy_transforms, resize_for_scoring, scoring_transforms
 from .msd import msd_transforms, normalization_transforms

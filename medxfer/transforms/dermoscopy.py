@@ -69,6 +69,8 @@ from monai.transforms import (
     SpatialCrop,
 )
 
+from medxfer.transforms.lesion_crop import Box
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -81,6 +83,7 @@ __all__ = [
     "image_reader",
     "mask_reader",
     "CropToBoxd",
+    "union_mask",
 ]
 
 #: ImageNet per-channel (R, G, B) mean and standard deviation on the 0..1 scale (torchvision's values).
@@ -128,7 +131,7 @@ def _load(image_key: str | None, mask_keys: Sequence[str]) -> list:
 class CropToBoxd(MapTransform):
     """Crop the image and masks of a record to its lesion box (TATL stage 1 -> stages 2-3).
 
-    ``data[box_key]`` is a :class:`medxfer.transfer.lesion_crop.Box` (or its ``to_dict()``) in
+    ``data[box_key]`` is a :class:`medxfer.transforms.lesion_crop.Box` (or its ``to_dict()``) in
     pixels of the original image, e.g. from the Segment-Net (:func:`medxfer.transfer.tatl.segment_net_boxes`);
     a record without a box (or ``None``) is left whole. ``(C, H, W)`` in, ``(C, box.height,
     box.width)`` out, with MONAI's ``SpatialCrop`` (the crop is recorded in the MetaTensor). A box
@@ -140,8 +143,6 @@ class CropToBoxd(MapTransform):
         self.box_key = box_key
 
     def __call__(self, data):
-        from medxfer.transfer.lesion_crop import Box
-
         d = dict(data)
         box = d.get(self.box_key)
         if box is None:
@@ -158,10 +159,24 @@ class CropToBoxd(MapTransform):
         return d
 
 
-def _union(masks):
-    from medxfer.transfer.tatl import union_mask
+def union_mask(attribute_masks) -> np.ndarray | torch.Tensor:
+    """Stage-2 target: the union (bitwise OR) of the attribute masks.
 
-    return union_mask(masks)
+    Args:
+        attribute_masks: ``(A, H, W)`` (or ``(B, A, H, W)`` with ``A`` on axis 1 for tensors of a
+            batch) masks, anything > 0 is foreground.
+
+    Returns:
+        ``(1, H, W)`` (``(B, 1, H, W)``) of the same kind, values 0/1 in the input's dtype for
+        tensors and ``uint8`` for arrays.
+    """
+    if isinstance(attribute_masks, torch.Tensor):
+        axis = 1 if attribute_masks.dim() == 4 else 0
+        return (attribute_masks > 0).any(dim=axis, keepdim=True).to(attribute_masks.dtype)
+    masks = np.asarray(attribute_masks)
+    if masks.ndim != 3:
+        raise ValueError(f"attribute masks must be (A, H, W), got shape {masks.shape}")
+    return (masks > 0).any(axis=0, keepdims=True).astype(np.uint8)
 
 
 def _pair(size) -> tuple[int, int]:
@@ -205,7 +220,7 @@ def dermoscopy_transforms(
         label_key: if given, the masks are also concatenated, in ``mask_keys`` order, into one
             ``(len(mask_keys), H, W)`` tensor under this key (multi-label target for the loss).
         union: with ``label_key``, the label is instead the union (bitwise OR) of the masks,
-            ``(1, H, W)`` (the TATL stage-2 attribute-agnostic target).
+            ``(1, H, W)`` (:func:`union_mask`, the TATL stage-2 attribute-agnostic target).
         box_key: if given, records carrying a lesion box under this key are cropped to it right
             after loading (:class:`CropToBoxd`; TATL stages 2-3 see the Segment-Net crop).
         prob: probability of each random augmentation (train only).
@@ -266,7 +281,7 @@ def dermoscopy_transforms(
     if label_key is not None and mask_keys:
         chain.append(ConcatItemsd(mask_keys, name=label_key, dim=0))
         if union:
-            chain.append(Lambdad(label_key, func=_union))
+            chain.append(Lambdad(label_key, func=union_mask))
     chain.append(EnsureTyped(keys + ([label_key] if label_key is not None and mask_keys else []),
                              dtype=torch.float32, track_meta=True))
     return Compose(chain)

@@ -33,6 +33,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
+from medxfer.data.seg2d import mask_to_index
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, _pair, image_reader, mask_reader
 
 __all__ = ["classification_transforms", "seg2d_transforms", "unnormalized_images"]
@@ -71,8 +72,6 @@ def classification_transforms(mode: str = "train", size: int | Sequence[int] = 2
 
 def _to_index(mask, labels):
     """Mask values -> label indices (picklable, for DataLoader workers)."""
-    from medxfer.data.seg2d import mask_to_index
-
     index = mask_to_index(np.asarray(mask), labels)
     return mask.new_tensor(index) if isinstance(mask, torch.Tensor) else index
 
@@ -107,7 +106,7 @@ def seg2d_transforms(mode: str = "train", size: int | Sequence[int] = 224, label
 
 def unnormalized_images(records, size: int | Sequence[int] = 224, max_images: int | None = None) -> torch.Tensor:
     """``(N, 3, H, W)`` images in ``[0, 1]`` (no normalisation), for the robustness score's colour
-    jitter (:mod:`medxfer.transferability.robustness`); the first ``max_images`` records."""
+    jitter (:func:`medxfer.transforms.jitter.color_jitter`); the first ``max_images`` records."""
     chain = Compose(_image_chain(size))
     records = list(records)[:max_images] if max_images else list(records)
     if not records:

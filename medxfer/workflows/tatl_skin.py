@@ -145,7 +145,7 @@ def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, sp
                    boxes_file=None, tune_fraction: float = 0.1) -> dict[str, list[dict]]:
     """``{"train", "tune", "test"}`` records of one fold (see module docstring).
 
-    With ``boxes_file`` (stage 1 output, :func:`medxfer.transfer.tatl.save_boxes`) every record gets
+    With ``boxes_file`` (stage 1 output, :func:`medxfer.transforms.lesion_crop.save_boxes`) every record gets
     its lesion box under ``"box"``; an image without a box raises DatasetError naming the file.
     """
     records = load_isic(data_root, task=2)
@@ -154,7 +154,7 @@ def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, sp
     train, tune = holdout_split(train, tune_fraction, seed, stream=1, what="early-stopping (tune_fraction)")
     lists = {"train": train, "tune": tune, "test": test}
     if boxes_file is not None:
-        from medxfer.transfer.tatl import load_boxes
+        from medxfer.transforms.lesion_crop import load_boxes
 
         boxes = load_boxes(boxes_file)
         for name, items in lists.items():
@@ -352,7 +352,8 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
     """
     from tqdm.auto import tqdm
 
-    from medxfer.transfer.tatl import save_boxes, segment_net_boxes
+    from medxfer.transfer.tatl import segment_net_boxes
+    from medxfer.transforms.lesion_crop import save_boxes
 
     settings = settings if isinstance(settings, TatlSettings) else TatlSettings(**settings)
     settings.year = isic_year(data_root)
@@ -426,7 +427,7 @@ def evaluate_fold(run_dir, fold: int, settings: TatlSettings, data_root, device=
     predictor = TatlPredictor.from_run(run_dir, fold, device=device)
     boxes = {}  # stage 1 already boxed every image of the fold: not run again
     if 1 in settings.stages and (run_dir / f"fold_{fold}" / "boxes.json").exists():
-        from medxfer.transfer.tatl import load_boxes
+        from medxfer.transforms.lesion_crop import load_boxes
 
         boxes = load_boxes(run_dir / f"fold_{fold}" / "boxes.json")
     truth = scoring_transforms([f"attribute_{a}" for a in attributes], label_key="label")

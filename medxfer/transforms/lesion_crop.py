@@ -38,19 +38,26 @@ across the lesion) keeps all its parts; a spurious blob only makes the crop larg
 than cutting lesion (the reason for the offset in the first place). ``largest_component=True`` keeps
 the largest 8-connected component only (``scipy.ndimage.label``), for predictions with far-away
 false positives (ruler marks, vignetting).
+
+Box files: :func:`save_boxes` writes ``{image id: Box}`` as JSON (stage 1 output, the crops of
+stages 2-3 are reproducible from it), :func:`load_boxes` reads it back.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["Box", "lesion_box", "crop", "paste_back", "OFFSET_SPACES", "PASTE_MODES"]
+from medxfer.data.problems import DatasetError, read_json
+
+__all__ = ["Box", "lesion_box", "crop", "paste_back", "save_boxes", "load_boxes", "OFFSET_SPACES", "PASTE_MODES"]
 
 OFFSET_SPACES = ("working", "original")
 PASTE_MODES = ("nearest", "bilinear")
@@ -329,3 +336,18 @@ def paste_back(crop_mask, box: Box, image_size: Sequence[int], *, mode: str = "n
         out = np.full((*lead, height, width), fill, dtype=resized.dtype)
     out[..., rows_slice, cols_slice] = resized
     return out
+
+
+def save_boxes(boxes: Mapping, path) -> None:
+    """Write ``{image id: Box}`` as JSON (the crops of stages 2-3 are reproducible from it)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({k: b.to_dict() for k, b in boxes.items()}, indent=1) + "\n")
+
+
+def load_boxes(path) -> dict:
+    """Read :func:`save_boxes` output back into ``{image id: Box}`` (errors name the file)."""
+    data = read_json(path, "box file not found; run stage 1 first")
+    try:
+        return {k: Box.from_dict(v) for k, v in data.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(path, f"not a box file: {e}") from None
