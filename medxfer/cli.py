@@ -13,7 +13,8 @@
     medxfer bank list BANK                        # entries of a bank manifest, sha256 checked
     medxfer demo --out runs/demo          # the README's main job on generated data
 
-Heavy imports happen inside each command so ``medxfer --help`` stays fast.
+Every medxfer module is imported at the top (the package's layer rule, ``tests/test_layers.py``),
+so even ``medxfer --help`` pays for importing torch and MONAI.
 """
 
 from __future__ import annotations
@@ -22,6 +23,23 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from medxfer.data.isic import convert_isic2017_superpixels, detect_isic_year, load_isic
+from medxfer.data.msd import load_task
+from medxfer.data.problems import DatasetError
+from medxfer.data.splits import make_kfold_splits, save_splits
+from medxfer.data.synth.isic import generate_isic
+from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
+from medxfer.data.synth.shapes2d import generate_classification_folder, generate_seg2d
+from medxfer.data.validate import check_dataset
+from medxfer.demo import run_demo
+from medxfer.planning import plan_task
+from medxfer.transfer.bank import BankError, ModelBank
+from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, table_from_files, write_report
+from medxfer.transferability.features import SamplingConfig
+from medxfer.transferability.score import DEFAULT_ESTIMATORS, score_bank, write_scores
+from medxfer.workflows.bank_build import build_ccfv_bank, load_bank_config
+from medxfer.workflows.msd_seg3d import task_plans
 
 __all__ = ["main", "build_parser"]
 
@@ -33,8 +51,6 @@ def _error(err: Exception) -> int:
 
 
 def _cmd_synth_msd(args) -> int:
-    from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
-
     unknown = [p for p in args.profiles or [] if p not in MSD_PROFILES]
     if unknown:
         print(f"error: unknown profile(s) {unknown}; choose from {sorted(MSD_PROFILES)}", file=sys.stderr)
@@ -55,8 +71,6 @@ def _cmd_synth_msd(args) -> int:
 
 
 def _cmd_synth_isic(args) -> int:
-    from medxfer.data.synth.isic import generate_isic
-
     try:
         out = generate_isic(args.out, year=args.year, num_images=args.num_images, size=tuple(args.size),
                             seed=args.seed, overwrite=args.overwrite)
@@ -66,8 +80,6 @@ def _cmd_synth_isic(args) -> int:
     return 0
 
 def _cmd_synth_classes(args) -> int:
-    from medxfer.data.synth.shapes2d import generate_classification_folder
-
     try:
         out = generate_classification_folder(args.out, num_classes=args.num_classes,
                                              images_per_class=args.images_per_class, size=args.size,
@@ -79,8 +91,6 @@ def _cmd_synth_classes(args) -> int:
 
 
 def _cmd_synth_seg2d(args) -> int:
-    from medxfer.data.synth.shapes2d import generate_seg2d
-
     try:
         out = generate_seg2d(args.out, num_images=args.num_images, size=tuple(args.size),
                              num_classes=args.num_classes, grey=not args.rgb, seed=args.seed,
@@ -92,8 +102,6 @@ def _cmd_synth_seg2d(args) -> int:
 
 
 def _cmd_check_data(args) -> int:
-    from medxfer.data.validate import check_dataset
-
     reports = check_dataset(args.path, progress=not args.quiet)
     n_problems = 0
     for report in reports:
@@ -109,11 +117,6 @@ def _cmd_check_data(args) -> int:
 
 
 def _cmd_split(args) -> int:
-    from medxfer.data.isic import detect_isic_year, load_isic
-    from medxfer.data.msd import load_task
-    from medxfer.data.problems import DatasetError
-    from medxfer.data.splits import make_kfold_splits, save_splits
-
     try:
         year = detect_isic_year(args.path)
         records = load_isic(args.path, year=year, task=1) if year else load_task(args.path).training
@@ -126,9 +129,6 @@ def _cmd_split(args) -> int:
 
 
 def _cmd_convert_isic2017(args) -> int:
-    from medxfer.data.isic import convert_isic2017_superpixels
-    from medxfer.data.problems import DatasetError
-
     try:
         written = convert_isic2017_superpixels(args.root, overwrite=args.overwrite)
     except (DatasetError, FileExistsError) as e:
@@ -138,9 +138,6 @@ def _cmd_convert_isic2017(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from medxfer.data.problems import DatasetError
-    from medxfer.planning import plan_task
-
     try:
         plans = plan_task(args.task, out=args.out, configuration=args.configuration, overwrite=args.overwrite)
     except (DatasetError, FileExistsError, RuntimeError, ValueError) as e:
@@ -150,10 +147,6 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_bank_build(args) -> int:
-    from medxfer.data.problems import DatasetError
-    from medxfer.transfer.bank import BankError
-    from medxfer.transfer.bank_build import build_ccfv_bank, load_bank_config
-
     try:
         config = load_bank_config(args.config, epochs=args.epochs, patch_size=args.patch, optimizer=args.optimizer)
         if args.archs:
@@ -175,8 +168,6 @@ def _cmd_bank_build(args) -> int:
 
 
 def _cmd_bank_list(args) -> int:
-    from medxfer.transfer.bank import BankError, ModelBank
-
     try:
         bank = ModelBank.open(args.bank)
         bad = 0
@@ -194,12 +185,6 @@ def _cmd_bank_list(args) -> int:
 
 
 def _cmd_rank(args) -> int:
-    from medxfer.data.problems import DatasetError
-    from medxfer.transfer.bank import BankError
-    from medxfer.transferability.features import SamplingConfig
-    from medxfer.transferability.score import DEFAULT_ESTIMATORS, score_bank, write_scores
-    from medxfer.workflows.msd_seg3d import task_plans
-
     out = Path(args.out)
     estimators = args.estimators or list(DEFAULT_ESTIMATORS)
     try:
@@ -210,9 +195,6 @@ def _cmd_rank(args) -> int:
                           max_cases=args.max_cases)
         write_scores(rows, out, {"bank": str(args.bank), "target": str(args.data), "estimators": estimators})
         if args.dice:
-            from medxfer.transferability.evaluate import (evaluate_estimators, plot_scores, table_from_files,
-                                                          write_report)
-
             table = table_from_files(out / "scores.json", args.dice)
             result = evaluate_estimators(table)
             write_report(result, out)
@@ -234,8 +216,6 @@ def _cmd_rank(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from medxfer.demo import run_demo
-
     return run_demo(args.out, seed=args.seed, overwrite=args.overwrite, study=args.study)
 
 

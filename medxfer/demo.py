@@ -27,6 +27,15 @@ import shutil
 import time
 from pathlib import Path
 
+from medxfer.data.isic import load_isic
+from medxfer.data.msd import load_task
+from medxfer.data.splits import make_kfold_splits, save_splits
+from medxfer.data.summary import save_preview, summarize_isic, summarize_task
+from medxfer.data.synth.isic import generate_isic
+from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
+from medxfer.data.validate import check_dataset
+from medxfer.study import StudyConfig, run_study
+
 __all__ = ["run_demo", "DEMO_MARKER"]
 
 DEMO_MARKER = ".medxfer-demo"
@@ -44,14 +53,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_training: int = 6,
              num_isic: int = 40, study: str = "full") -> int:
     """Run the demo; returns the process exit code (0 = data generated and valid)."""
-    from medxfer.data.isic import load_isic
-    from medxfer.data.msd import load_task
-    from medxfer.data.splits import make_kfold_splits, save_splits
-    from medxfer.data.summary import save_preview, summarize_isic, summarize_task
-    from medxfer.data.synth.isic import generate_isic
-    from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
-    from medxfer.data.validate import check_dataset
-
     out = Path(out)
     try:
         _prepare_out(out, overwrite)
@@ -107,8 +108,6 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
     print(f"\nall {len(reports)} datasets valid; wrote {out / 'summary.json'}, {out / 'preview.png'}, {out / 'splits'}  ({summary['seconds']} s)")
     if study == "none":
         return 0
-    from medxfer.study import StudyConfig, run_study
-
     print()
     config = StudyConfig.quick() if study == "quick" else StudyConfig()
     config.seed = seed

@@ -5,7 +5,7 @@ The experiment of Yang et al. (MICCAI 2023, section 3.1), small enough for 2 CPU
 1. **bank**: pretrain every architecture once on every generated task with the targets' number
    of channels, plus an untrained baseline per architecture; for each target the
    leave-one-task-out bank is every model *not* pretrained on it
-   (:func:`medxfer.transfer.bank_build.pretrain_bank`, :func:`~medxfer.transfer.bank_build.ccfv_entries`);
+   (:func:`medxfer.workflows.bank_build.pretrain_bank`, :func:`~medxfer.workflows.bank_build.ccfv_entries`);
 2. **score**: every model of a target's bank on its labelled fine-tuning cases with every
    estimator, without fine-tuning (:func:`medxfer.transferability.score.score_bank`);
 3. **fine-tune**: every model on the target, ``all_but_head`` (load everything but the last
@@ -26,7 +26,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medxfer.data.msd import load_task
+from medxfer.data.splits import apply_split, make_kfold_splits
 from medxfer.jsonfile import write_json
+from medxfer.transfer.bank import ModelBank
+from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, write_report
+from medxfer.transferability.features import SamplingConfig
+from medxfer.transferability.score import score_bank, write_scores
+from medxfer.workflows.bank_build import ccfv_entries, pretrain_bank
+from medxfer.workflows.bundle import run_bundle
+from medxfer.workflows.msd_seg3d import task_plans
 
 __all__ = ["StudyConfig", "estimate_seconds", "run_study", "SECONDS_PER_ITERATION"]
 
@@ -102,16 +111,6 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
     Returns the ``study.json`` content.
     """
     from tqdm.auto import tqdm
-
-    from medxfer.data.msd import load_task
-    from medxfer.data.splits import apply_split, make_kfold_splits
-    from medxfer.transfer.bank import ModelBank
-    from medxfer.transfer.bank_build import ccfv_entries, pretrain_bank
-    from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, write_report
-    from medxfer.transferability.features import SamplingConfig
-    from medxfer.transferability.score import score_bank, write_scores
-    from medxfer.workflows.bundle import run_bundle
-    from medxfer.workflows.msd_seg3d import task_plans
 
     config = config or StudyConfig()
     out, data_dir = Path(out), Path(data_dir)

@@ -6,10 +6,9 @@ import re
 import pytest
 import torch
 
-from medxfer.networks.effnet_unet import (
-    EFFB0_CHANNELS, ENCODER_PREFIX, effb0_layout, load_encoder_weights, parameter_counts, unet_effb0,
-)
+from medxfer.networks.effnet_unet import EFFB0_CHANNELS, ENCODER_PREFIX, effb0_layout, parameter_counts, unet_effb0
 from medxfer.networks.linknet import LinkNetEffB0
+from medxfer.transfer.weights import init_from_checkpoint, load_encoder_weights
 
 H, W = 64, 96  # non-square, multiples of 32
 UNUSED = tuple(ENCODER_PREFIX + m + "." for m in ("_conv_head", "_bn1", "_fc"))  # ImageNet classifier
@@ -19,9 +18,13 @@ def _encoder_state(net):
     return {k: v for k, v in net.state_dict().items() if k.startswith(ENCODER_PREFIX)}
 
 
-def _build(kind, seed=0, **kwargs):
+def _build(kind, seed=0, weights_file=None, strict_weights=False, **kwargs):
+    """A U / Link segmenter, its encoder from ``weights_file`` through the one weight path when given."""
     torch.manual_seed(seed)
-    return unet_effb0(**kwargs) if kind == "unet" else LinkNetEffB0(**kwargs)
+    net = unet_effb0(**kwargs) if kind == "unet" else LinkNetEffB0(**kwargs)
+    if weights_file is not None:
+        load_encoder_weights(net, weights_file, strict=strict_weights)
+    return net
 
 
 def _lukemelas_state(encoder):
@@ -127,7 +130,9 @@ def test_weights_file_in_efficientnet_pytorch_naming_loads_into_both_shapes(tmp_
             for fs, fn in zip(source(x), net.encoder(x)):
                 assert torch.equal(fs, fn)
         report = load_encoder_weights(net, path)
-        assert report.naming == "lukemelas" and not report.missing and not report.unexpected
+        assert report.naming == "lukemelas" and not report.not_in_network
+        assert {k for k in report.initialised if k.startswith(ENCODER_PREFIX)} == \
+            {k for k in net.state_dict() if k.startswith(ENCODER_PREFIX) and k.endswith("num_batches_tracked")}
         assert len(report.loaded) == 360 - 49  # every tensor but the 49 BN num_batches_tracked counters
 
 
@@ -137,8 +142,9 @@ def test_weights_file_of_a_wrapped_ddp_unet_checkpoint_loads_the_encoder_and_ign
     torch.save({"state_dict": {"module." + k: v for k, v in unet.state_dict().items()}, "epoch": 7}, path)
     link = _build("link", seed=4)
     report = load_encoder_weights(link, path, strict=True)
-    assert report.naming == "monai" and not report.unexpected and not report.missing
-    assert report.ignored and all(k.startswith(("decoder.", "segmentation_head.")) for k in report.ignored)
+    assert report.naming == "monai" and not report.not_in_network
+    assert not [k for k in report.initialised if k.startswith(ENCODER_PREFIX)]
+    assert report.skipped_by_mode and all(k.startswith(("decoder.", "segmentation_head.")) for k in report.skipped_by_mode)
     own = link.state_dict()
     assert all(torch.equal(own[k], v) for k, v in _encoder_state(unet).items())
 
@@ -162,8 +168,8 @@ def test_single_channel_network_reports_the_stem_mismatch_and_strict_raises(tmp_
     torch.save(_build("unet").encoder.state_dict(), path)  # MONAI encoder naming, 3 input channels
     with pytest.warns(UserWarning, match="shape mismatch 1"):
         report = load_encoder_weights(_build("link", in_channels=1), path)
-    assert list(report.shape_mismatch) == ["_conv_stem.weight"]
-    assert report.shape_mismatch["_conv_stem.weight"] == [[32, 3, 3, 3], [32, 1, 3, 3]]
+    assert list(report.shape_mismatch) == ["encoder._conv_stem.weight"]
+    assert report.shape_mismatch["encoder._conv_stem.weight"] == [[32, 3, 3, 3], [32, 1, 3, 3]]
     with pytest.raises(ValueError, match="strict"):
         _build("unet", in_channels=1, weights_file=path, strict_weights=True)
 
@@ -176,11 +182,11 @@ def test_pretrained_true_never_downloads(monkeypatch, tmp_path):
 
     monkeypatch.setattr(effnet.model_zoo, "load_url", no_network)
     for kind in ("unet", "link"):
-        with pytest.raises(ValueError, match="weights_file"):
+        with pytest.raises(ValueError, match="load_encoder_weights"):
             _build(kind, pretrained=True)
     path = tmp_path / "enc.pt"
     torch.save(_build("link").encoder.state_dict(), path)
-    assert isinstance(_build("unet", pretrained=True, weights_file=path), torch.nn.Module)
+    assert isinstance(_build("unet", weights_file=path), torch.nn.Module)
 
 
 def _linknet_decoder_count_closed_form():
@@ -237,11 +243,8 @@ def test_layout_partitions_parameters_and_names_real_modules(kind, arch):
 
 
 def test_frozen_encoder_transfer_from_u_to_link_loads_exactly_the_encoder():
-    from medxfer.transfer.finetune import apply_transfer
-
     unet, link = _build("unet", seed=1), _build("link", seed=2)
-    report = apply_transfer(link, unet.state_dict(), "frozen_encoder", arch="linknet_effb0",
-                            layout=effb0_layout("linknet_effb0"))
+    report = init_from_checkpoint(link, unet.state_dict(), "frozen_encoder", effb0_layout("linknet_effb0"))
     assert sorted(report.loaded) == sorted(_encoder_state(unet))
     assert all(not p.requires_grad for n, p in link.named_parameters() if n.startswith(ENCODER_PREFIX))
     assert all(p.requires_grad for n, p in link.named_parameters() if not n.startswith(ENCODER_PREFIX))

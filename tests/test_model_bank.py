@@ -8,8 +8,10 @@ import pytest
 import torch
 import yaml
 
-from medxfer.networks.factory import build_network
-from medxfer.transfer.bank import MANIFEST, BankEntry, BankError, ModelBank, read_state_dict, strip_prefixes
+from medxfer.networks.registry import build_network
+from medxfer.transfer.bank import MANIFEST, BankEntry, BankError, ModelBank
+from medxfer.transfer.weights import CheckpointError, strip_prefixes
+from medxfer.transfer.weights import read_checkpoint as read_state_dict
 
 UNET_KWARGS = {"channels": (4, 8, 16), "strides": (2, 2)}
 META = {"arch": "unet", "in_channels": 1, "out_channels": 3, "patch_size": [16, 16, 8], "arch_kwargs": UNET_KWARGS}
@@ -149,7 +151,7 @@ def test_checkpoint_with_pickled_object_and_matching_sha_is_refused_without_runn
 def test_checkpoint_with_non_tensor_objects_is_refused(tmp_path, payload):
     path = tmp_path / "mixed.pt"
     torch.save({"w": torch.zeros(2), "obj": payload}, path)
-    with pytest.raises(BankError, match="pickled") as err:
+    with pytest.raises(CheckpointError, match="pickled") as err:
         read_state_dict(path)
     assert str(path) in str(err.value)
 
@@ -203,7 +205,7 @@ def test_missing_checkpoint_file_is_an_error_naming_it(bank_with_net, tmp_path):
     with pytest.raises(BankError) as err:
         bank.load_state_dict("unet_a")
     assert str(path) in str(err.value) and "not found" in str(err.value)
-    with pytest.raises(BankError) as err:
+    with pytest.raises(CheckpointError) as err:
         read_state_dict(tmp_path / "absent.pt")
     assert str(tmp_path / "absent.pt") in str(err.value)
 
@@ -236,11 +238,11 @@ def test_manifest_entry_with_unknown_field_is_an_error_naming_it(bank_with_net):
 def test_non_state_dict_checkpoint_is_refused(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], path)
-    with pytest.raises(BankError, match="not a state dict"):
+    with pytest.raises(CheckpointError, match="not a state dict"):
         read_state_dict(path)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(BankError) as err:
+    with pytest.raises(CheckpointError) as err:
         read_state_dict(garbage)
     assert str(garbage) in str(err.value)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medxfer.networks.factory import build_network
+from medxfer.networks.registry import build_network
 from medxfer.workflows.bundle import bundle_dir
 from medxfer.workflows.metadata import SCHEMA_FILE, check_metadata
 

@@ -22,7 +22,7 @@ import torch
 from bundle_cli import bundle_cli, cache_env
 from medxfer.data.msd import load_task
 from medxfer.data.synth.msd import generate_msd_task
-from medxfer.networks.factory import arch_layout
+from medxfer.networks.registry import arch_layout
 from medxfer.transfer.bank import BankError, ModelBank
 from medxfer.workflows.bundle import bundle_dir, run_bundle
 

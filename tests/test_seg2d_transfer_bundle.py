@@ -12,7 +12,8 @@ from PIL import Image
 
 from bundle_cli import bundle_cli
 from medxfer.data.synth.shapes2d import generate_classification_folder, generate_seg2d
-from medxfer.transfer.bank import ModelBank, read_state_dict
+from medxfer.transfer.bank import ModelBank
+from medxfer.transfer.weights import read_checkpoint as read_state_dict
 from medxfer.transferability.robustness import first_local_maximum
 from medxfer.workflows.bundle import bundle_dir
 
@@ -158,7 +159,7 @@ def test_metadata_is_valid():
 def test_truncated_classifier_reports_auroc_and_auprc(data, tmp_path):
     from scipy.stats import mannwhitneyu
 
-    from medxfer.transfer.truncated import resnet50_encoder
+    from medxfer.networks.truncated import resnet50_encoder
 
     weights = tmp_path / "resnet50.pt"
     torch.save(resnet50_encoder().state_dict(), weights)  # a local "pretrained" ResNet50 (never downloaded)
@@ -179,7 +180,7 @@ def test_truncated_classifier_reports_auroc_and_auprc(data, tmp_path):
 
 
 def test_truncated_resnet50_segmenter_decoder_only_from_a_weights_file(data, tmp_path):
-    from medxfer.transfer.truncated import resnet50_encoder
+    from medxfer.networks.truncated import resnet50_encoder
 
     source = resnet50_encoder().state_dict()
     weights = tmp_path / "resnet50.pt"
@@ -194,7 +195,8 @@ def test_truncated_resnet50_segmenter_decoder_only_from_a_weights_file(data, tmp
     assert kept and all(torch.equal(trained[k], source[k[len("encoder."):]]) for k in kept)  # frozen, loaded
     assert not any(k.startswith("encoder.layer3") for k in trained)  # cut after layer2
     report = json.loads((out / "transfer_report.json").read_text())
-    assert report["mode"] == "decoder_only" and report["dropped_deeper"]
+    assert report["mode"] == "decoder_only" and report["skipped_by_mode"]  # the levels the cut dropped
+    assert all(k.startswith(("encoder.layer3", "encoder.layer4")) for k in report["skipped_by_mode"])
     _cli("configs/evaluate.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(out), "--data_root",
          str(data["binary"]), "--device", "cpu")
     assert "dice_blob" in json.loads((out / "evaluation" / "metrics.json").read_text())["summary"]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from bundle_cli import bundle_cli
 from medxfer.data.isic import ISIC2017, ISIC2018, load_isic
-from medxfer.transfer.bank import read_state_dict
+from medxfer.transfer.weights import read_checkpoint as read_state_dict
 from medxfer.workflows.bundle import bundle_dir, run_bundle
 
 BUNDLE = bundle_dir("tatl_skin")

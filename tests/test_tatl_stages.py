@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from medxfer.losses import TverskyJaccardLoss
-from medxfer.networks import LinkNetEffB0, arch_layout, unet_effb0
-from medxfer.transfer.finetune import trainable_parameters
+from medxfer.networks import arch_layout
+from medxfer.networks.effnet_unet import unet_effb0
+from medxfer.networks.linknet import LinkNetEffB0
+from medxfer.transfer.weights import trainable_parameters
 from medxfer.transfer.tatl import init_from_stage2, stage3_attributes
 from medxfer.transforms.dermoscopy import union_mask
 

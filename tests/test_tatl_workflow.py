@@ -11,6 +11,7 @@ from PIL import Image
 
 from medxfer.data.isic import ISIC2018, load_isic
 from medxfer.data.problems import DatasetError
+from medxfer.transfer.tatl import TATL_ARCHS, stage_network
 from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
 from medxfer.transforms.dermoscopy import CropToBoxd, dermoscopy_transforms
 from medxfer.transforms.lesion_crop import Box, lesion_box, save_boxes
@@ -91,8 +92,8 @@ def test_stage_network_reads_the_encoder_from_a_local_imagenet_file(tmp_path):
 
     source = unet_effb0()
     torch.save(source.state_dict(), tmp_path / "encoder.pth")
-    for arch in ts.ARCHES:
-        net = ts.stage_network(arch, imagenet_weights=tmp_path / "encoder.pth")
+    for arch in TATL_ARCHS:
+        net = stage_network(arch, imagenet_weights=tmp_path / "encoder.pth")
         src = source.state_dict()
         for key, value in net.state_dict().items():
             if key.startswith("encoder.") and "num_batches_tracked" not in key:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medxfer.networks.factory import arch_layout, build_network
+from medxfer.networks.registry import arch_layout, build_network
 from medxfer.transferability.features import (SamplingConfig, draw_voxels, pooled, sample_case, sample_dataset,
                                               window_starts)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medxfer.data.synth.msd import generate_msd_task
-from medxfer.networks.factory import build_network
+from medxfer.networks.registry import build_network
 from medxfer.transfer.bank import ModelBank
 from medxfer.transferability.features import SamplingConfig
 from medxfer.transferability.score import DEFAULT_ESTIMATORS, run_estimators, score_bank, write_scores
@@ -126,16 +126,16 @@ def test_score_workflow_runs_with_monai_bundle_cli(setup, tmp_path):
                                                 ("unetr", UNETR, [32, 32, 16], None),
                                                 ("swinunetr", {"feature_size": 12}, [64, 64, 32], 4)])
 def test_robustness_reads_a_spatial_map_of_the_second_to_last_encoder_level(arch, kw, roi, n_down):
-    from medxfer.networks.factory import arch_layout
-    from medxfer.transferability.robustness import hooked_output
-    from medxfer.transferability.score import robustness_of
+    from medxfer.networks.registry import arch_layout
+    from medxfer.transferability.robustness import hooked_output, module_robustness
 
     net = build_network(arch, 1, 2, roi, **kw).eval()
     feats = hooked_output(net, arch_layout(arch, net).penultimate_encoder)(torch.zeros(2, 1, *roi))
     assert feats.dim() == 5 and feats.shape[0] == 2
     if n_down is not None:  # UNet: level 3 of 4 has passed 3 strided convs; Swin: patch 2 then 3 mergings
         assert list(feats.shape[2:]) == [r // 2 ** n_down for r in roi]
-    value = robustness_of(net, arch, torch.randn(3, 1, *roi))
+    value = module_robustness(net, arch_layout(arch, net).penultimate_encoder, torch.randn(3, 1, *roi),
+                              mode="intensity", batch_size=2)
     assert -1.5 <= value <= 1.0
 
 

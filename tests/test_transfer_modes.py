@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from medxfer.networks.factory import build_network
-from medxfer.transfer.finetune import (TRANSFER_MODES, TransferReport, apply_transfer, parse_mode,
+from medxfer.networks.registry import build_network
+from medxfer.transfer.weights import (TRANSFER_MODES, TransferReport, init_from_checkpoint, parse_mode,
                                        trainable_parameters)
 
 UNET_KWARGS = {"channels": (4, 8, 16), "strides": (2, 2)}
@@ -55,7 +55,7 @@ def test_modes_parse_and_every_documented_mode_is_accepted():
 def test_all_but_head_copies_every_non_head_tensor_and_keeps_the_head_init():
     state = _source_state(out_channels=3)
     net, init = _target(out_channels=2)
-    report = apply_transfer(net, state, "all_but_head", "unet")
+    report = init_from_checkpoint(net, state, "all_but_head", "unet")
     head = sorted(k for k in init if k.startswith(HEAD_PREFIX))
     body = sorted(k for k in init if not k.startswith(HEAD_PREFIX))
     assert head and body
@@ -70,7 +70,7 @@ def test_all_but_head_copies_every_non_head_tensor_and_keeps_the_head_init():
 def test_full_with_the_same_classes_loads_the_head_too():
     state = _source_state(out_channels=2)
     net, init = _target(out_channels=2)
-    report = apply_transfer(net, state, "full", "unet")
+    report = init_from_checkpoint(net, state, "full", "unet")
     _assert_loaded_exactly(net, init, state, set(init))
     assert report.loaded == sorted(init)
     assert report.initialised == [] and report.skipped_by_mode == [] and report.shape_mismatch == {}
@@ -79,7 +79,7 @@ def test_full_with_the_same_classes_loads_the_head_too():
 def test_full_with_other_classes_reports_the_head_shape_mismatches():
     state = _source_state(out_channels=3)
     net, init = _target(out_channels=2)
-    report = apply_transfer(net, state, "full", "unet")
+    report = init_from_checkpoint(net, state, "full", "unet")
     mismatched = {k: [list(state[k].shape), list(init[k].shape)] for k in init if state[k].shape != init[k].shape}
     assert mismatched and all(k.startswith(HEAD_PREFIX) for k in mismatched)
     assert report.shape_mismatch == mismatched
@@ -90,7 +90,7 @@ def test_full_with_other_classes_reports_the_head_shape_mismatches():
 def test_frozen_encoder_sgd_step_changes_only_decoder_and_head():
     state = _source_state(out_channels=3)
     net, _ = _target(out_channels=2)
-    report = apply_transfer(net, state, "frozen_encoder", "unet")
+    report = init_from_checkpoint(net, state, "frozen_encoder", "unet")
     names = dict(net.named_parameters())
     encoder = sorted(n for n in names if _level(n) is not None)
     assert sorted(report.frozen) == encoder
@@ -123,7 +123,7 @@ def test_frozen_encoder_sgd_step_changes_only_decoder_and_head():
 def test_truncated_k_loads_exactly_the_encoder_levels_up_to_k(k):
     state = _source_state(out_channels=3)
     net, init = _target(out_channels=2)
-    report = apply_transfer(net, state, f"truncated:{k}", "unet")
+    report = init_from_checkpoint(net, state, f"truncated:{k}", "unet")
     expected = sorted(key for key in init if _level(key) is not None and _level(key) <= k)
     assert expected and {_level(key) for key in expected} == set(range(1, k + 1))
     _assert_loaded_exactly(net, init, state, set(expected))
@@ -136,7 +136,7 @@ def test_truncated_k_loads_exactly_the_encoder_levels_up_to_k(k):
 def test_scratch_loads_nothing():
     state = _source_state(out_channels=2)
     net, init = _target(out_channels=2)
-    report = apply_transfer(net, state, "scratch", "unet")
+    report = init_from_checkpoint(net, state, "scratch", "unet")
     _assert_loaded_exactly(net, init, state, set())
     assert report.loaded == [] and sorted(report.skipped_by_mode) == sorted(state)
     assert report.initialised == sorted(init)
@@ -145,7 +145,7 @@ def test_scratch_loads_nothing():
 def test_source_with_other_input_channels_mismatches_the_first_convs_and_loads_the_rest():
     state = _source_state(out_channels=3, in_channels=2)
     net, init = _target(out_channels=2)
-    report = apply_transfer(net, state, "all_but_head", "unet")
+    report = init_from_checkpoint(net, state, "all_but_head", "unet")
     reads_input = {"model.0.conv.unit0.conv.weight", "model.0.residual.weight"}  # the convs on the image
     assert report.shape_mismatch == {k: [list(state[k].shape), list(init[k].shape)] for k in reads_input}
     assert report.shape_mismatch["model.0.conv.unit0.conv.weight"] == [[4, 2, 3, 3, 3], [4, 1, 3, 3, 3]]
@@ -157,7 +157,7 @@ def test_source_with_other_input_channels_mismatches_the_first_convs_and_loads_t
 def test_checkpoint_keys_the_network_lacks_are_reported():
     state = {**_source_state(out_channels=2), "extra.weight": torch.ones(3)}
     net, init = _target(out_channels=2)
-    report = apply_transfer(net, state, "full", "unet")
+    report = init_from_checkpoint(net, state, "full", "unet")
     assert report.not_in_network == ["extra.weight"]
     assert report.loaded == sorted(init)
 
@@ -168,13 +168,13 @@ def test_checkpoint_keys_the_network_lacks_are_reported():
 def test_invalid_modes_are_refused_and_leave_the_network_untouched(mode, match):
     net, init = _target(out_channels=2)
     with pytest.raises(ValueError, match=match):
-        apply_transfer(net, _source_state(out_channels=2), mode, "unet")
+        init_from_checkpoint(net, _source_state(out_channels=2), mode, "unet")
     for key, value in net.state_dict().items():
         assert torch.equal(value, init[key]), key
 
 
 def test_report_counts_match_the_lists():
-    report = apply_transfer(_target(2)[0], {**_source_state(3, in_channels=2), "extra": torch.zeros(1)},
+    report = init_from_checkpoint(_target(2)[0], {**_source_state(3, in_channels=2), "extra": torch.zeros(1)},
                             "frozen_encoder", "unet")
     d = report.to_dict()
     fields = ["loaded", "skipped_by_mode", "shape_mismatch", "not_in_network", "initialised", "frozen"]
@@ -200,7 +200,7 @@ def test_unetr_all_but_head_skips_only_the_out_block():
     torch.manual_seed(2)
     net = build_network("unetr", 1, 2, [32, 32, 32], **kwargs)
     init = {k: v.clone() for k, v in net.state_dict().items()}
-    report = apply_transfer(net, state, "all_but_head", "unetr")
+    report = init_from_checkpoint(net, state, "all_but_head", "unetr")
     out_keys = sorted(k for k in init if k.startswith("out."))
     assert out_keys == ["out.conv.conv.bias", "out.conv.conv.weight"]
     assert sorted(report.skipped_by_mode) == out_keys
@@ -212,7 +212,7 @@ def test_unetr_all_but_head_skips_only_the_out_block():
 def test_unetr_position_embeddings_are_resampled_to_the_new_patch_grid():
     import math
 
-    from medxfer.transfer.finetune import resize_position_embeddings
+    from medxfer.transfer.weights import resize_position_embeddings
 
     # a smooth (linear) embedding field stays linear under trilinear resampling: check it exactly
     src, dst, hidden = [2, 2, 1], [4, 2, 2], 3
@@ -235,7 +235,7 @@ def test_bank_unetr_fine_tuned_at_another_patch_loads_resampled_position_embeddi
     import json
 
     from medxfer.transfer.bank import ModelBank
-    from medxfer.transfer.finetune import resize_position_embeddings
+    from medxfer.transfer.weights import resize_position_embeddings
     from medxfer.workflows.msd_seg3d import load_bank_network
 
     kw = {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}

@@ -9,9 +9,9 @@ import torch
 from scipy.stats import mannwhitneyu
 
 from medxfer.metrics.classification import auprc, auroc, classification_report
-from medxfer.transfer.truncated import (TruncatedClassifier, TruncatedSegmenter, densenet121_encoder,
-                                        load_truncated_weights, parameter_count, resnet50_encoder,
-                                        truncate_encoder, truncation_levels)
+from medxfer.networks.truncated import (TruncatedClassifier, TruncatedSegmenter, densenet121_encoder,
+                                        parameter_count, resnet50_encoder, truncate_encoder, truncation_levels)
+from medxfer.transfer.weights import truncated_encoder_weights
 
 LEVELS = (1, 2, 3, 4)
 # Written out by hand (not taken from the module): output channels and stride of each level.
@@ -144,11 +144,12 @@ def test_full_state_loads_exactly_the_kept_keys(arch, level, tmp_path):
     # through a file, with wrapper prefixes, into a classifier
     path = tmp_path / "encoder.pt"
     torch.save({"module.encoder." + k: v for k, v in state.items()}, path)
-    clf = TruncatedClassifier(arch, level, num_classes=2, weights=str(path))
-    report = clf.weights_report
-    assert report.loaded == kept and len(report.loaded) == len(kept)
-    assert sorted(report.dropped_deeper) == dropped
-    assert report.missing == [] and report.shape_mismatch == {} and report.not_in_encoder == []
+    clf = TruncatedClassifier(arch, level, num_classes=2)
+    report = truncated_encoder_weights(clf, str(path))
+    assert report.loaded == sorted("encoder." + k for k in kept) and len(report.loaded) == len(kept)
+    assert sorted(report.skipped_by_mode) == sorted("encoder." + k for k in dropped)  # cut off by the truncation
+    assert report.initialised == ["head.bias", "head.weight"]  # only the new head keeps its random init
+    assert report.shape_mismatch == {} and report.not_in_network == []
     own = clf.state_dict()
     for key in kept:
         assert torch.equal(own["encoder." + key], state[key]), key
@@ -161,12 +162,11 @@ def test_torchvision_densenet_keys_and_shape_mismatch_are_handled():
     tv = {k.replace(".layers.norm1", ".norm1").replace(".layers.conv2", ".conv.2").replace(".layers.", "."): v
           for k, v in state.items()}
     assert not any(".layers." in k for k in tv)
-    enc = truncate_encoder(densenet121_encoder(), "densenet121", 1)
-    report = load_truncated_weights(enc, tv)
+    report = truncated_encoder_weights(TruncatedClassifier("densenet121", 1, num_classes=2), tv)
     assert len(report.loaded) == sum(k.startswith(KEPT["densenet121"][1]) for k in state)
 
-    gray = TruncatedClassifier("resnet50", 1, num_classes=2, in_channels=1, weights=_shifted_state("resnet50"))
-    assert list(gray.weights_report.shape_mismatch) == ["conv1.weight"]
+    gray = TruncatedClassifier("resnet50", 1, num_classes=2, in_channels=1)
+    assert list(truncated_encoder_weights(gray, _shifted_state("resnet50")).shape_mismatch) == ["encoder.conv1.weight"]
 
 
 # --- (c) parameter counts ---------------------------------------------------------------------
@@ -188,7 +188,9 @@ def test_parameter_count_decreases_strictly_with_smaller_level(arch):
 @pytest.mark.parametrize("arch,level", ARCH_LEVELS)
 def test_one_sgd_step_changes_every_kept_encoder_tensor(arch, level):
     torch.manual_seed(0)
-    clf = TruncatedClassifier(arch, level, num_classes=3, weights=_pretrained_like(arch)).train()
+    clf = TruncatedClassifier(arch, level, num_classes=3)
+    truncated_encoder_weights(clf, _pretrained_like(arch))
+    clf.train()
     before = {k: p.detach().clone() for k, p in clf.encoder.named_parameters()}
     assert before and all(p.requires_grad for p in clf.parameters())
     opt = torch.optim.SGD(clf.parameters(), lr=0.1)
@@ -282,15 +284,15 @@ def test_bad_weights_files_raise_errors_naming_the_file(tmp_path):
     pickled = tmp_path / "whole_model.pt"
     torch.save(torch.nn.Linear(2, 2), pickled)  # a pickled module, not a state dict
     with pytest.raises(ValueError, match=re.escape(str(pickled))):
-        TruncatedClassifier("resnet50", 1, num_classes=2, weights=pickled)
+        truncated_encoder_weights(TruncatedClassifier("resnet50", 1, num_classes=2), pickled)
     missing = tmp_path / "nowhere.pt"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        TruncatedSegmenter("densenet121", 1, out_channels=1, weights=missing)
+        truncated_encoder_weights(TruncatedSegmenter("densenet121", 1, out_channels=1), missing)
     a_list = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], a_list)
     with pytest.raises(ValueError, match=re.escape(str(a_list))):
-        TruncatedClassifier("densenet121", 1, num_classes=2, weights=a_list)
+        truncated_encoder_weights(TruncatedClassifier("densenet121", 1, num_classes=2), a_list)
     unrelated = tmp_path / "unrelated.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), unrelated)
     with pytest.raises(ValueError, match=re.escape(str(unrelated)) + ".*no tensor matches"):
-        TruncatedClassifier("resnet50", 2, num_classes=2, weights=unrelated)
+        truncated_encoder_weights(TruncatedClassifier("resnet50", 2, num_classes=2), unrelated)

@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from medxfer.transfer.bank import ModelBank
+
 __all__ = ["BankCheckpointer"]
 
 
@@ -56,8 +58,6 @@ class BankCheckpointer:
         the entry is written now, so a resumed pretraining never silently lacks a checkpoint."""
         if engine.state.epoch == 0 or not self._wanted(engine):
             return
-        from medxfer.transfer.bank import ModelBank
-
         if f"{self.name}_e{engine.state.epoch}" not in ModelBank.open(self.bank_root, create=True).names():
             self(engine)
 
@@ -65,8 +65,6 @@ class BankCheckpointer:
         epoch = engine.state.epoch
         if not self._wanted(engine):
             return
-        from medxfer.transfer.bank import ModelBank
-
         bank = ModelBank.open(self.bank_root, create=True)
         entry_name = f"{self.name}_e{epoch}"
         bank.add(entry_name, self.network, epoch=epoch, iterations=engine.state.iteration,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
+from medxfer.jsonfile import write_json
+
 __all__ = ["MetricHistory"]
 
 
@@ -37,8 +39,6 @@ class MetricHistory:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from medxfer.jsonfile import write_json
-
         epoch = self.trainer.state.epoch if self.trainer is not None else len(self.history) + 1
         self.history.append({"epoch": epoch, **{k: v for k, v in engine.state.metrics.items()
                                                if isinstance(v, (int, float))}})

@@ -24,6 +24,9 @@ from typing import Callable, Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from medxfer.jsonfile import write_json
+from medxfer.transferability.robustness import first_local_maximum, module_robustness
+
 __all__ = ["RobustnessEarlyStopping"]
 
 logger = logging.getLogger("medxfer.robustness")
@@ -82,13 +85,9 @@ class RobustnessEarlyStopping:
         """Robustness of the current weights (network in eval mode for the measurement)."""
         if self.score_fn is not None:
             return float(self.score_fn(self.network))
-        from medxfer.transferability.robustness import module_robustness
-
         return module_robustness(self.network, self.feature_module, self.images, self.normalize, **self.kwargs)
 
     def _record(self, epoch: int) -> None:
-        from medxfer.transferability.robustness import first_local_maximum
-
         value = self.score()
         self.scores.append(value)
         self.scored_epochs.append(epoch)
@@ -124,8 +123,6 @@ class RobustnessEarlyStopping:
     def _write(self, engine: Engine | None = None) -> None:
         if self.output_dir is None:
             return
-        from medxfer.jsonfile import write_json
-
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.output_dir / "robustness.json", self.summary())
         if self.selected_state is not None:

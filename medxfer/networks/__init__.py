@@ -1,12 +1,12 @@
-"""Networks: MONAI 3D segmentation networks behind one factory, with their layout (encoder levels,
-decoder stages, head) described for transfer learning and feature extraction; the 2D
-EfficientNet-b0 U-shape (MONAI FlexibleUNet) and Link-shape networks of TATL."""
+"""Networks: every segmentation network by name (:mod:`medxfer.networks.registry`: MONAI UNet /
+UNETR / SwinUNETR, the TATL EfficientNet-b0 U and Link shapes, the thesis' 2D networks, truncated
+ResNet50 / DenseNet121), with the layout transfer learning and feature extraction read
+(:class:`~medxfer.networks.layout.ArchLayout`). No file is read here: weights are loaded by
+:mod:`medxfer.transfer.weights`."""
 
-from medxfer.networks.effnet_unet import (EFFB0_ARCHS, ENCODER_PREFIX, EncoderWeightsReport, effb0_layout,
-                                          load_encoder_weights, parameter_counts, unet_effb0)
-from medxfer.networks.factory import ARCHS, ArchLayout, arch_layout, build_network
-from medxfer.networks.linknet import LinkNetEffB0
+from medxfer.networks.layout import ArchLayout
+from medxfer.networks.registry import (REGISTRY, NetworkSpec, arch_layout, build_network, fit_patch, network_spec,
+                                       register, registered, size_divisor)
 
-__all__ = ["ARCHS", "ArchLayout", "arch_layout", "build_network", "EFFB0_ARCHS", "ENCODER_PREFIX",
-           "EncoderWeightsReport", "effb0_layout", "load_encoder_weights", "parameter_counts", "unet_effb0",
-           "LinkNetEffB0"]
+__all__ = ["ArchLayout", "REGISTRY", "NetworkSpec", "arch_layout", "build_network", "fit_patch", "network_spec",
+           "register", "registered", "size_divisor"]

@@ -61,7 +61,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medxfer.networks.factory import ArchLayout
+from medxfer.networks.layout import ArchLayout
 from medxfer.networks.unet2d import he_init_
 
 __all__ = ["ARCH", "RESNET50_KWARGS", "RESNET50_CHANNELS", "DECODER_CHANNELS", "SIZE_DIVISOR",
@@ -193,7 +193,7 @@ class ResNet50AttentionUNet(nn.Module):
 
 
 def resnet50_attention_unet_layout(network: ResNet50AttentionUNet | None = None) -> ArchLayout:
-    """:class:`~medxfer.networks.factory.ArchLayout` of :class:`ResNet50AttentionUNet` (``network`` is unused).
+    """:class:`~medxfer.networks.layout.ArchLayout` of :class:`ResNet50AttentionUNet` (``network`` is unused).
 
     Encoder levels: ``[encoder.conv1, encoder.bn1]`` (stem), ``encoder.layer1`` .. ``encoder.layer4``;
     decoder stages ``decoder.stages.0`` (H/16) .. ``decoder.stages.4`` (H); head ``head``; penultimate

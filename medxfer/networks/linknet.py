@@ -7,14 +7,12 @@ semantic segmentation", VCIP 2017 (decoder block, their Fig. 3); used with an Ef
 
 from __future__ import annotations
 
-from os import PathLike
-
 import torch
+from monai.networks.blocks import Convolution, UpSample
+from monai.networks.nets.flexible_unet import SegmentationHead
 from torch import nn
 
-from medxfer.networks.effnet_unet import (
-    EFFB0_CHANNELS, _no_download, build_effb0_encoder, load_encoder_weights,
-)
+from medxfer.networks.effnet_unet import EFFB0_CHANNELS, build_effb0_encoder, no_download
 
 __all__ = ["LinkNetEffB0", "LinkDecoderBlock", "LinkNetDecoder", "SIZE_DIVISOR"]
 
@@ -35,8 +33,6 @@ class LinkDecoderBlock(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout,
                  bias: bool = False, upsample: str = "nontrainable", interp_mode: str = "nearest") -> None:
         super().__init__()
-        from monai.networks.blocks import Convolution, UpSample
-
         mid = max(in_channels // 4, 1)
 
         def conv(cin, cout, kernel, **kw):
@@ -111,9 +107,8 @@ class LinkNetEffB0(nn.Module):
     Args:
         in_channels: image channels (default 3). out_channels: output maps (default 1).
         spatial_dims: 2 (default) or 3.
-        weights_file: local encoder weights (see :func:`~medxfer.networks.effnet_unet.load_encoder_weights`);
-            ``None``: random initialisation. Never downloads.
-        pretrained: ``True`` requires ``weights_file`` (raises ``ValueError`` otherwise).
+        pretrained: must stay ``False`` (never downloads; load local ImageNet encoder weights with
+            :func:`medxfer.transfer.weights.load_encoder_weights`). Random initialisation.
         norm: decoder normalisation, default ``("batch", {"eps": 1e-3, "momentum": 0.1})`` (as
             ``FlexibleUNet``); the encoder keeps its own BatchNorm (eps 1e-3, momentum 0.01).
         act: decoder activation, default ``("relu", {"inplace": True})``. dropout: decoder dropout, 0.
@@ -121,29 +116,22 @@ class LinkNetEffB0(nn.Module):
         upsample: ``"nontrainable"`` (interpolate + 3x3 conv, default) or ``"deconv"`` (3x3
             transposed conv, stride 2).
         interp_mode: interpolation of ``"nontrainable"``, default ``"nearest"``.
-        strict_weights: raise if ``weights_file`` lacks or mismatches any encoder key.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, spatial_dims: int = 2,
-                 weights_file: str | PathLike | None = None, pretrained: bool = False,
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, spatial_dims: int = 2, pretrained: bool = False,
                  norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.1}),
                  act: str | tuple = ("relu", {"inplace": True}), dropout: float | tuple = 0.0,
-                 decoder_bias: bool = False, upsample: str = "nontrainable", interp_mode: str = "nearest",
-                 strict_weights: bool = False) -> None:
+                 decoder_bias: bool = False, upsample: str = "nontrainable", interp_mode: str = "nearest") -> None:
         super().__init__()
-        from monai.networks.nets.flexible_unet import SegmentationHead
-
         if spatial_dims not in (2, 3):
             raise ValueError("spatial_dims can only be 2 or 3.")
-        _no_download(pretrained, weights_file)
+        no_download(pretrained)
         self.spatial_dims = spatial_dims
         self.size_divisor = SIZE_DIVISOR
         self.encoder = build_effb0_encoder(in_channels=in_channels, spatial_dims=spatial_dims)
         self.decoder = LinkNetDecoder(spatial_dims, EFFB0_CHANNELS, act=act, norm=norm, dropout=dropout,
                                       bias=decoder_bias, upsample=upsample, interp_mode=interp_mode)
         self.segmentation_head = SegmentationHead(spatial_dims, EFFB0_CHANNELS[0], out_channels, kernel_size=3)
-        if weights_file is not None:
-            load_encoder_weights(self, weights_file, strict=strict_weights)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, H, W[, D])`` -> ``(B, out_channels, H, W[, D])`` logits."""

@@ -1,6 +1,9 @@
 """The 2D segmentation networks of the thesis (SPEC section 7) behind one name, and their encoders
 as image classifiers for pretraining.
 
+Each is registered under its name in :mod:`medxfer.networks.registry` (``build_network("unet2d",
+3, 1, (224, 224))``); ``encoder_classifier=True`` builds its :class:`EncoderClassifier` instead.
+
 ========================== ============================================ =============================
 arch                       network                                      encoder output (deepest)
 ========================== ============================================ =============================
@@ -25,24 +28,28 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SEG2D_ARCHS", "build_seg2d", "seg2d_layout", "EncoderClassifier", "encoder_features"]
+from medxfer.networks.attention_unet import ResNet50AttentionUNet, resnet50_attention_unet_layout
+from medxfer.networks.layout import ArchLayout
+from medxfer.networks.swin_unet import SwinUNet, swin_unet_layout
+from medxfer.networks.unet2d import UNet2D, unet2d_layout
 
-#: Truncated encoders (SPEC section 8) with a U-Net-style decoder: :class:`~medxfer.transfer.truncated.TruncatedSegmenter`
-#: (``level`` keyword: 1..3 truncated, 4 full encoder).
-TRUNCATED_ARCHS = {"truncated_resnet50": "resnet50", "truncated_densenet121": "densenet121"}
-SEG2D_ARCHS = ("unet2d", "resnet50_attention_unet", "swin_unet", *TRUNCATED_ARCHS)
+__all__ = ["THESIS_ARCHS", "build_thesis_network", "thesis_layout", "EncoderClassifier", "encoder_features"]
+
+#: The thesis' segmentation networks.
+THESIS_ARCHS = ("unet2d", "resnet50_attention_unet", "swin_unet")
 #: Channels of the deepest encoder feature map.
 DEEPEST_CHANNELS = {"unet2d": 1024, "resnet50_attention_unet": 2048, "swin_unet": 768}
 
 
 def _check(arch: str) -> str:
-    if arch not in SEG2D_ARCHS:
-        raise ValueError(f"unknown 2D arch {arch!r}; choose one of {list(SEG2D_ARCHS)}")
+    if arch not in THESIS_ARCHS:
+        raise ValueError(f"not a thesis 2D arch: {arch!r} (these are {list(THESIS_ARCHS)}; a truncated ResNet50 "
+                         "is pretrained as resnet50_attention_unet and truncated downstream)")
     return arch
 
 
-def build_seg2d(arch: str, in_channels: int = 3, out_channels: int = 1, image_size: int | Sequence[int] = 224,
-                **kwargs) -> nn.Module:
+def build_thesis_network(arch: str, in_channels: int = 3, out_channels: int = 1,
+                         image_size: int | Sequence[int] = 224, **kwargs) -> nn.Module:
     """2D segmentation network ``arch``: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)`` logits.
 
     ``image_size`` is used by the Swin U-Net only (its window layout; see its module); the others
@@ -53,51 +60,25 @@ def build_seg2d(arch: str, in_channels: int = 3, out_channels: int = 1, image_si
     arch = _check(arch)
     if kwargs.pop("encoder_classifier", False):
         return EncoderClassifier(arch, out_channels, in_channels, image_size, **kwargs)
-    if arch in TRUNCATED_ARCHS:
-        from medxfer.transfer.truncated import TruncatedSegmenter
-
-        return TruncatedSegmenter(TRUNCATED_ARCHS[arch], kwargs.pop("level", 3), out_channels, in_channels, **kwargs)
     if arch == "unet2d":
-        from medxfer.networks.unet2d import UNet2D
-
         return UNet2D(in_channels, out_channels, **kwargs)
     if arch == "resnet50_attention_unet":
-        from medxfer.networks.attention_unet import ResNet50AttentionUNet
-
         return ResNet50AttentionUNet(in_channels, out_channels, **kwargs)
-    from medxfer.networks.swin_unet import SwinUNet
-
     size = image_size if isinstance(image_size, int) else int(image_size[0])
     return SwinUNet(in_channels, out_channels, img_size=size, **kwargs)
 
 
-def seg2d_layout(arch: str, network: nn.Module | None = None):
-    """:class:`~medxfer.networks.factory.ArchLayout` of a 2D network (or of its :class:`EncoderClassifier`:
-    same encoder names, head ``classifier``)."""
+def thesis_layout(arch: str, network: nn.Module | None = None) -> ArchLayout:
+    """:class:`~medxfer.networks.layout.ArchLayout` of a thesis 2D network (or of its
+    :class:`EncoderClassifier`: same encoder names, no decoder, head ``classifier``)."""
     arch = _check(arch)
-    if arch in TRUNCATED_ARCHS:
-        from medxfer.networks.factory import ArchLayout
-
-        kept = [n for n, m in network.encoder.named_children() if any(True for _ in m.parameters())] \
-            if network is not None else []
-        return ArchLayout(arch, [["encoder"]], [f"decoder.{i}" for i in range(len(network.decoder))]
-                          if network is not None else [], ["head"],
-                          f"encoder.{kept[-2]}" if len(kept) >= 2 else "encoder")
     if isinstance(network, EncoderClassifier):
-        from medxfer.networks.factory import ArchLayout
-
-        layout = seg2d_layout(arch)
+        layout = thesis_layout(arch)
         return ArchLayout(arch, layout.encoder_levels, [], ["classifier"], layout.penultimate_encoder)
     if arch == "unet2d":
-        from medxfer.networks.unet2d import unet2d_layout
-
         return unet2d_layout(network)
     if arch == "resnet50_attention_unet":
-        from medxfer.networks.attention_unet import resnet50_attention_unet_layout
-
         return resnet50_attention_unet_layout(network)
-    from medxfer.networks.swin_unet import swin_unet_layout
-
     return swin_unet_layout(network)
 
 
@@ -126,11 +107,9 @@ class EncoderClassifier(nn.Module):
                  **arch_kwargs):
         super().__init__()
         self.arch = _check(arch)
-        if arch in TRUNCATED_ARCHS:
-            raise ValueError(f"{arch}: pretrain the full encoder (resnet50_attention_unet) and truncate it downstream")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.encoder = build_seg2d(arch, in_channels, 1, image_size, **arch_kwargs).encoder
+        self.encoder = build_thesis_network(arch, in_channels, 1, image_size, **arch_kwargs).encoder
         deepest = DEEPEST_CHANNELS[arch]
         if arch == "unet2d" and "channels" in arch_kwargs:  # a narrower U-Net (tests, small data)
             deepest = int(arch_kwargs["channels"][-1])

@@ -71,7 +71,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medxfer.networks.factory import ArchLayout
+from medxfer.networks.layout import ArchLayout
 
 __all__ = ["ARCH", "SIZE_DIVISOR", "PatchExpand", "SwinEncoder", "SwinDecoderStage", "SwinDecoder", "SwinHead",
            "SwinUNet", "swin_unet_layout"]
@@ -295,7 +295,7 @@ class SwinUNet(nn.Module):
 
 
 def swin_unet_layout(network: SwinUNet | None = None) -> ArchLayout:
-    """:class:`~medxfer.networks.factory.ArchLayout` of :class:`SwinUNet` (4 levels; ``network`` gives the depth).
+    """:class:`~medxfer.networks.layout.ArchLayout` of :class:`SwinUNet` (4 levels; ``network`` gives the depth).
 
     Encoder levels (deepest last): 1 = ``encoder.patch_embed``, ``encoder.layers.0``, ``encoder.merges.0``;
     2 = ``encoder.layers.1``, ``encoder.merges.1``; 3 = ``encoder.layers.2``, ``encoder.merges.2``;

@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medxfer.networks.factory import ArchLayout
+from medxfer.networks.layout import ArchLayout
 
 __all__ = ["ARCH", "UNET2D_CHANNELS", "UNet2D", "UNet2DEncoder", "UNet2DDecoder", "unet2d_layout", "he_init_"]
 
@@ -139,7 +139,7 @@ class UNet2D(nn.Module):
     Submodules: ``encoder`` (:class:`UNet2DEncoder`, levels incl. the bottleneck), ``decoder``
     (:class:`UNet2DDecoder`), ``head`` (1x1 conv ``channels[0] -> out_channels``, with bias). See
     the module docstring for the table of shapes and what comes from MONAI; :func:`unet2d_layout`
-    gives the :class:`~medxfer.networks.factory.ArchLayout`.
+    gives the :class:`~medxfer.networks.layout.ArchLayout`.
 
     Args:
         in_channels: image channels (default 3). out_channels: logit maps (default 1).
@@ -174,7 +174,7 @@ class UNet2D(nn.Module):
 
 
 def unet2d_layout(network: UNet2D | None = None) -> ArchLayout:
-    """:class:`~medxfer.networks.factory.ArchLayout` of :class:`UNet2D` (``network`` gives the depth; 5 levels
+    """:class:`~medxfer.networks.layout.ArchLayout` of :class:`UNet2D` (``network`` gives the depth; 5 levels
     otherwise).
 
     Encoder level ``k`` = ``encoder.levels.{k-1}`` (the last is the bottleneck); decoder stages

@@ -1,7 +1,9 @@
-"""Transfer learning: the model bank and the transfer modes (SPEC section 4)."""
+"""Transfer learning: the one weight-transfer path (:mod:`medxfer.transfer.weights`: checkpoint
+reader, transfer modes, per-key report), the model bank, TATL's stages (SPEC sections 4, 6)."""
 
-from medxfer.transfer.bank import BankEntry, BankError, ModelBank, read_state_dict
-from medxfer.transfer.finetune import TRANSFER_MODES, TransferReport, apply_transfer, parse_mode, trainable_parameters
+from medxfer.transfer.bank import BankEntry, BankError, ModelBank
+from medxfer.transfer.weights import (TRANSFER_MODES, CheckpointError, TransferReport, init_from_checkpoint,
+                                      load_pretrained, parse_mode, read_checkpoint, trainable_parameters)
 
-__all__ = ["BankEntry", "BankError", "ModelBank", "read_state_dict", "TRANSFER_MODES", "TransferReport",
-           "apply_transfer", "parse_mode", "trainable_parameters"]
+__all__ = ["BankEntry", "BankError", "ModelBank", "TRANSFER_MODES", "CheckpointError", "TransferReport",
+           "init_from_checkpoint", "load_pretrained", "parse_mode", "read_checkpoint", "trainable_parameters"]

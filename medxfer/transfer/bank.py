@@ -10,9 +10,9 @@ Every manifest entry records ``name, arch, arch_kwargs, source (task list), epoc
 checkpoint, sha256, in_channels, out_channels, patch_size, preprocessing`` (and optional ``notes``).
 
 Loading (:meth:`ModelBank.load_state_dict`) verifies the sha256 of the file against the manifest,
-reads it with ``torch.load(weights_only=True)`` (a checkpoint holding pickled objects is refused,
-not executed), and strips the ``module.`` (DistributedDataParallel) and ``_orig_mod.``
-(``torch.compile``) prefixes. Problems raise :class:`BankError` naming the file and the problem.
+then reads it with the one checkpoint reader, :func:`medxfer.transfer.weights.read_checkpoint`
+(``torch.load(weights_only=True)``: a checkpoint holding pickled objects is refused, not executed;
+``module.`` / ``_orig_mod.`` prefixes stripped). Problems raise :class:`BankError` naming the file.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 import io
 import logging
 import os
-import pickle
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,21 +29,16 @@ from typing import Iterator, Mapping
 import torch
 import yaml
 
-__all__ = ["BankError", "BankEntry", "ModelBank", "sha256_file", "strip_prefixes", "read_state_dict",
-           "MANIFEST", "WRAPPER_PREFIXES"]
+from medxfer.transfer.weights import CheckpointError, read_checkpoint, strip_prefixes
+
+__all__ = ["BankError", "BankEntry", "ModelBank", "sha256_file", "MANIFEST"]
 
 MANIFEST = "bank.yaml"
-#: Prefixes added by wrappers: DistributedDataParallel / DataParallel, torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 logger = logging.getLogger("medxfer.bank")
 
 
-class BankError(ValueError):
+class BankError(CheckpointError):
     """A bank file is missing, tampered with or unsafe. The message names the file."""
-
-    def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass
@@ -87,44 +81,6 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (repeatedly: ``module._orig_mod.x`` -> ``x``) from every key."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out[key] = value
-    return out
-
-
-def read_state_dict(path, map_location="cpu") -> dict[str, torch.Tensor]:
-    """A state dict from ``path`` with ``torch.load(weights_only=True)``, wrapper prefixes stripped.
-
-    Accepts a bare state dict or MONAI ``CheckpointSaver`` output (``{"network": state, ...}``).
-    Raises :class:`BankError` for a missing/unreadable file or one that holds pickled objects.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BankError(path, "checkpoint file not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BankError(path, "refused: the checkpoint holds pickled Python objects, not only tensors "
-                              f"(torch.load weights_only=True: {first}). Re-save it as a plain state dict.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise BankError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(obj, Mapping) and "network" in obj and isinstance(obj["network"], Mapping):
-        obj = obj["network"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BankError(path, "not a state dict (expected a mapping of parameter names to tensors)")
-    return strip_prefixes(obj)
 
 
 class ModelBank:
@@ -248,5 +204,10 @@ class ModelBank:
         return path
 
     def load_state_dict(self, name: str, map_location="cpu") -> dict[str, torch.Tensor]:
-        """Verified (sha256), weights-only state dict of entry ``name``, wrapper prefixes stripped."""
-        return read_state_dict(self.verify(name), map_location=map_location)
+        """Verified (sha256), weights-only state dict of entry ``name``, wrapper prefixes stripped
+        (:func:`medxfer.transfer.weights.read_checkpoint`; its errors come as :class:`BankError`)."""
+        path = self.verify(name)
+        try:
+            return read_checkpoint(path, map_location=map_location)
+        except CheckpointError as e:
+            raise BankError(e.path, e.reason) from None

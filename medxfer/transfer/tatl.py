@@ -16,16 +16,25 @@ This module holds the stage logic; training loops come from the ``tatl_skin`` bu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from monai.utils import convert_to_tensor
 
-from medxfer.transfer.finetune import TransferReport, apply_transfer
+from medxfer.data.isic import ISIC_LAYOUTS
+from medxfer.jsonfile import write_json
+from medxfer.networks import arch_layout, build_network
+from medxfer.transfer.weights import TransferReport, init_from_checkpoint, load_encoder_weights, read_checkpoint
+from medxfer.transforms.dermoscopy import dermoscopy_transforms
 from medxfer.transforms.lesion_crop import lesion_box
 
-__all__ = ["TATL_MODES", "init_from_stage2", "stage3_attributes", "segment_net_box", "segment_net_boxes"]
+__all__ = ["TATL_ARCHS", "TATL_TRAIN_SIZE", "TATL_MODES", "init_from_stage2", "stage_network", "load_trained", "stage3_attributes", "segment_net_box", "segment_net_boxes"]
 
+#: U-shape and Link-shape EfficientNet-b0 segmenters (stages 2-3 use both, averaged).
+TATL_ARCHS = ("unet_effb0", "linknet_effb0")
+#: Training size (H, W) of TATL (paper: 384x512); the networks take any multiple of 32.
+TATL_TRAIN_SIZE = (384, 512)
 #: Stage-3 initialisation modes: ``freeze`` = TATL-Freeze (encoder frozen), ``non_freeze`` = TATL-NF.
 TATL_MODES = ("freeze", "non_freeze")
 
@@ -34,11 +43,11 @@ def init_from_stage2(network: torch.nn.Module, stage2_state: Mapping[str, torch.
                      mode: str = "non_freeze") -> TransferReport:
     """Initialise a stage-3 target segmenter from the stage-2 network's weights (SPEC section 6).
 
-    Every tensor of the stage-2 state dict whose shape matches is loaded (encoder, decoder and head:
-    transfer mode ``full``); ``mode="freeze"`` then freezes every encoder parameter
-    (``requires_grad=False``) and keeps the encoder's batch-norm layers in inference mode (running
-    statistics unchanged), so only decoder and head train. Build the optimizer afterwards with
-    :func:`medxfer.transfer.finetune.trainable_parameters`.
+    Every tensor of the stage-2 state dict is loaded (encoder, decoder and head: transfer mode
+    ``full`` of :func:`medxfer.transfer.weights.init_from_checkpoint`); ``mode="freeze"`` also
+    freezes every encoder parameter (``requires_grad=False``) and keeps the encoder's batch-norm
+    layers in inference mode (running statistics unchanged), so only decoder and head train. Build
+    the optimizer afterwards with :func:`medxfer.transfer.weights.trainable_parameters`.
 
     Args:
         network: a freshly built stage-3 network of the same shape as the stage-2 one.
@@ -46,41 +55,59 @@ def init_from_stage2(network: torch.nn.Module, stage2_state: Mapping[str, torch.
         arch: ``"unet_effb0"`` or ``"linknet_effb0"`` (its layout says which keys are encoder).
         mode: ``"freeze"`` or ``"non_freeze"``.
     """
-    from medxfer.networks.factory import arch_layout
-
     if mode not in TATL_MODES:
         raise ValueError(f"TATL stage-3 mode must be one of {TATL_MODES}, got {mode!r}")
-    layout = arch_layout(arch, network)
-    report = apply_transfer(network, stage2_state, "full", arch, layout=layout)
+    report = init_from_checkpoint(network, stage2_state, "full", arch_layout(arch, network), freeze=mode == "freeze",
+                                  batchnorm_inference=True)
     if report.shape_mismatch:
         raise ValueError(f"stage-2 weights do not fit the stage-3 {arch}: {sorted(report.shape_mismatch)[:3]} ... "
                          "(stage 2 and stage 3 must have the same shape and channels)")
-    if mode == "freeze":
-        for name, param in network.named_parameters():
-            if layout.encoder_level(name) is not None:
-                param.requires_grad_(False)
-                report.frozen.append(name)
-        _keep_batchnorm_in_inference(network, layout)
     return report
 
 
-def _keep_batchnorm_in_inference(network: torch.nn.Module, layout) -> None:
-    """A frozen encoder must stay frozen: its batch-norm layers keep their running statistics
-    (inference mode) even while the network trains, as Keras does for non-trainable layers."""
-    norms = [m for name, m in network.named_modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and layout.encoder_level(name) is not None]
-    def inference_mode(module, args):
-        for m in norms:
-            m.eval()
+def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_mode: str = "freeze",
+                  output_dir=None) -> torch.nn.Module:
+    """The network one TATL ``train.yaml`` run trains: a 3-channel-in, 1-logit-out EfficientNet-b0
+    segmenter of shape ``arch`` (``unet_effb0`` / ``linknet_effb0``, from the registry).
 
-    if norms:
-        network.register_forward_pre_hook(inference_mode)
+    ``init_checkpoint`` None: encoder from ``imagenet_weights`` (ImageNet ``efficientnet-b0`` weights
+    on disk, :func:`medxfer.transfer.weights.load_encoder_weights`) or random, decoder random
+    (stages 1 and 2, and stage 3 without stage 2). Otherwise a stage-2 ``model.pt``: stage 3
+    initialised from it with ``tatl_mode`` (:func:`init_from_stage2`). The per-key report goes to
+    ``output_dir/transfer_report.json``.
+    """
+    if arch not in TATL_ARCHS:
+        raise ValueError(f"arch must be one of {TATL_ARCHS}, got {arch!r}")
+    network = build_network(arch, 3, 1, TATL_TRAIN_SIZE)
+    report = None
+    if init_checkpoint is not None:
+        if not Path(init_checkpoint).is_file():
+            raise FileNotFoundError(f"{init_checkpoint}: stage-2 checkpoint not found (train the attribute-agnostic "
+                                    "segmenter first, or leave init_checkpoint null)")
+        report = init_from_stage2(network, read_checkpoint(init_checkpoint), arch, tatl_mode)
+    elif imagenet_weights is not None:
+        report = load_encoder_weights(network, imagenet_weights)
+    if output_dir is not None and init_checkpoint is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
+    return network
+
+
+def load_trained(arch: str, checkpoint, device="cpu") -> torch.nn.Module:
+    """A trained TATL network from its ``model.pt`` (``weights_only``; every key must fit), in eval mode."""
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{checkpoint}: trained network not found")
+    if arch not in TATL_ARCHS:
+        raise ValueError(f"arch must be one of {TATL_ARCHS}, got {arch!r}")
+    network = build_network(arch, 3, 1, TATL_TRAIN_SIZE)
+    missing, unexpected = network.load_state_dict(read_checkpoint(checkpoint), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: not a {arch} checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return network.to(device).eval()
 
 
 def stage3_attributes(year: int) -> Sequence[str]:
     """The attributes with a stage-3 segmenter: ISIC 2018 has five, ISIC 2017 four (no globules)."""
-    from medxfer.data.isic import ISIC_LAYOUTS
-
     return tuple(ISIC_LAYOUTS[year].attributes)
 
 
@@ -115,8 +142,6 @@ def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working
     """
     from PIL import Image
     from tqdm.auto import tqdm
-
-    from medxfer.transforms.dermoscopy import dermoscopy_transforms
 
     norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     chain = dermoscopy_transforms("infer", size=working_size, **norm)

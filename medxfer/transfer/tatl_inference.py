@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
+from medxfer.transfer.tatl import segment_net_box
+from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, dermoscopy_transforms
 from medxfer.transforms.lesion_crop import Box, paste_back
 
 __all__ = ["TatlPrediction", "TatlPredictor", "write_prediction", "overlay_image", "ATTRIBUTE_COLOURS"]
@@ -77,8 +79,6 @@ class TatlPredictor:
     def __init__(self, targets: Mapping[str, Sequence[torch.nn.Module]], segment_net: torch.nn.Module | None = None,
                  working_size: Sequence[int] = (384, 512), offset: float = 40, mean=None, std=None,
                  threshold: float = 0.5, device="cpu") -> None:
-        from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, dermoscopy_transforms
-
         if not targets or any(not nets for nets in targets.values()):
             raise ValueError("every attribute needs at least one target segmenter")
         self.device = torch.device(device)
@@ -99,30 +99,9 @@ class TatlPredictor:
     def n_networks(self) -> int:
         return sum(len(n) for n in self.targets.values()) + (self.segment_net is not None)
 
-    @classmethod
-    def from_run(cls, run_dir, fold: int = 0, device="cpu") -> "TatlPredictor":
-        """The networks of ``fold`` of a :func:`medxfer.workflows.tatl_skin.run_cross_validation` run."""
-        from medxfer.data.isic import ISIC_LAYOUTS
-        from medxfer.workflows.tatl_skin import TatlSettings, load_trained, network_dir
-
-        settings = TatlSettings.load(run_dir)
-        fold_dir = Path(run_dir) / f"fold_{fold}"
-        if not fold_dir.is_dir():
-            raise FileNotFoundError(f"{fold_dir}: no such fold in the run")
-        targets = {a: [load_trained(arch, network_dir(fold_dir, "target", arch, a) / "model.pt", device)
-                       for arch in settings.arches]
-                   for a in ISIC_LAYOUTS[settings.year].attributes}
-        segment_net = None
-        if 1 in settings.stages:
-            segment_net = load_trained("unet_effb0", network_dir(fold_dir, "segment_net") / "model.pt", device)
-        return cls(targets, segment_net, settings.working_size, settings.offset, settings.mean, settings.std,
-                   settings.threshold, device)
-
     def lesion_box(self, image_path, image_size: Sequence[int]) -> Box:
         """Stage 1: the Segment-Net box (whole image without a Segment-Net). The Segment-Net sees the
         whole image through the same chain as the crops (no box: nothing cropped)."""
-        from medxfer.transfer.tatl import segment_net_box
-
         if self.segment_net is None:
             return Box(0, 0, int(image_size[0]), int(image_size[1]))
         return segment_net_box(self.segment_net, self._chain({"image": str(image_path)})["image"], image_size,

@@ -30,6 +30,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import scipy.stats
 
+from medxfer.data.problems import DatasetError, read_json
 from medxfer.jsonfile import write_json
 
 __all__ = [
@@ -216,8 +217,6 @@ def table_from_files(scores_file: str | Path, dice_file: str | Path, target: str
     the scores' target). Only the estimator columns named in the scores' meta are kept. A model
     scored but not fine-tuned (or the reverse) is an error naming both files.
     """
-    from medxfer.data.problems import DatasetError, read_json
-
     scores = read_json(scores_file, "scores file not found; run the score workflow first")
     meta = scores.get("meta", {}) if isinstance(scores, dict) else {}
     rows = scores.get("rows") if isinstance(scores, dict) else None

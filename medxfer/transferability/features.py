@@ -145,7 +145,7 @@ def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Te
     Args:
         network: the source model, in eval mode on its device.
         stages: module names whose outputs are the decoder feature maps, deepest first
-            (:func:`medxfer.networks.factory.arch_layout` ``.decoder_stages``).
+            (:func:`medxfer.networks.registry.arch_layout` ``.decoder_stages``).
         image: ``(C, *spatial)`` preprocessed case (2D or 3D).
         label: ``(*spatial)`` or ``(1, *spatial)`` target label map in the same grid.
         roi_size: window size (the network's patch).

@@ -30,58 +30,61 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from monai.transforms import ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
+from tqdm.auto import tqdm
 
+from medxfer.data.msd import load_task
+from medxfer.data.problems import DatasetError
+from medxfer.data.seg2d import load_seg2d
 from medxfer.device import resolve_device
 from medxfer.jsonfile import write_json
-from medxfer.transferability.features import CaseFeatures, SamplingConfig, pooled, sample_dataset
+from medxfer.networks import arch_layout, build_network
+from medxfer.transfer.bank import ModelBank
+from medxfer.transferability.ccfv import ccfv_score
+from medxfer.transferability.features import CaseFeatures, SamplingConfig, pooled, sample_dataset, window_starts
+from medxfer.transferability.gbc import gbc
+from medxfer.transferability.leep import leep_cases
+from medxfer.transferability.logme import logme
+from medxfer.transferability.nce import nce_cases
+from medxfer.transferability.robustness import module_robustness
+from medxfer.transferability.transrate import transrate
+from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
+from medxfer.transforms.msd import msd_transforms
+from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 
-__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "run_estimators", "target_cases", "score_bank",
-           "write_scores"]
+__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "SOURCE_HEAD_ESTIMATORS", "ScoringTarget", "run_estimators",
+           "robustness_windows", "target_cases", "seg2d_target", "score_bank", "score_target", "write_scores"]
 
 logger = logging.getLogger("medxfer.transferability")
 
 
 def _ccfv(variant: str) -> Callable:
     def score(cases):
-        from medxfer.transferability.ccfv import ccfv_score
-
         return ccfv_score(cases, variant=variant)["score"]
     return score
 
 
-def _on_last_stage(name: str) -> Callable:
+def _on_last_stage(fn: Callable) -> Callable:
     def score(cases):
-        import importlib
-
-        fn = getattr(importlib.import_module(f"medxfer.transferability.{name}"), name)
         return fn(*pooled(cases, level=-1))
     return score
 
 
-def _leep(cases):
-    from medxfer.transferability.leep import leep_cases
-
-    return leep_cases(cases)
-
-
-def _nce(cases):
-    from medxfer.transferability.nce import nce_cases
-
-    return nce_cases(cases)
-
-
 #: Estimator name -> function of the sampled cases of one model returning one float.
 ESTIMATORS: dict[str, Callable[[Sequence[CaseFeatures]], float]] = {
-    "ccfv": _ccfv("paper"), "ccfv_official": _ccfv("official"), "logme": _on_last_stage("logme"),
-    "gbc": _on_last_stage("gbc"), "transrate": _on_last_stage("transrate"), "leep": _leep, "nce": _nce,
+    "ccfv": _ccfv("paper"), "ccfv_official": _ccfv("official"), "logme": _on_last_stage(logme),
+    "gbc": _on_last_stage(gbc), "transrate": _on_last_stage(transrate), "leep": leep_cases, "nce": nce_cases,
 }
 DEFAULT_ESTIMATORS = (*ESTIMATORS, "robustness")
+#: Estimators that read the source network's own segmentation head (per-voxel class probabilities).
+SOURCE_HEAD_ESTIMATORS = ("leep", "nce")
 
 
 def robustness_windows(cases: Sequence[dict], roi: Sequence[int], max_single: int = 4) -> torch.Tensor:
@@ -90,10 +93,6 @@ def robustness_windows(cases: Sequence[dict], roi: Sequence[int], max_single: in
     windows stand for distinct images (a different region is the negative), or, when it holds
     fewer than two windows, its two halves along the longest axis (each padded to the window):
     one labelled case still gets a score."""
-    from monai.transforms import ResizeWithPadOrCrop
-
-    from medxfer.transferability.features import window_starts
-
     roi = [int(r) for r in roi]
     if len(cases) == 1:
         image = torch.as_tensor(cases[0]["image"])
@@ -106,16 +105,6 @@ def robustness_windows(cases: Sequence[dict], roi: Sequence[int], max_single: in
         cases = [{"image": half} for half in torch.tensor_split(image, 2, dim=axis)]
     crop = ResizeWithPadOrCrop(roi)
     return torch.stack([torch.as_tensor(crop(torch.as_tensor(c["image"]))) for c in cases])
-
-
-def robustness_of(network: torch.nn.Module, arch: str, windows: torch.Tensor, seed: int = 0) -> float:
-    """:func:`medxfer.transferability.robustness.robustness_score` of the network's second-to-last
-    encoder level (pooled), on target windows ``(N, C, *roi)`` with intensity jitter."""
-    from medxfer.networks.factory import arch_layout
-    from medxfer.transferability.robustness import module_robustness
-
-    return module_robustness(network, arch_layout(arch, network).penultimate_encoder, windows, pooled=True, seed=seed,
-                             mode="intensity", batch_size=2)
 
 
 def run_estimators(cases: Sequence[CaseFeatures], estimators: Sequence[str] = DEFAULT_ESTIMATORS) -> dict[str, dict]:
@@ -139,13 +128,35 @@ def run_estimators(cases: Sequence[CaseFeatures], estimators: Sequence[str] = DE
     return out
 
 
-def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids: Sequence[str] | None = None) -> list[dict]:
-    """Preprocessed labelled target cases (the target's plans, eval chain: RAS, spacing, crop,
-    normalisation), as ``{"id", "image": (C, ...), "label": (1, ...)}``; ``split_ids`` restricts
-    them (e.g. the fine-tuning fold's training cases), ``max_cases`` keeps the first ones."""
-    from medxfer.data.msd import load_task
-    from medxfer.transforms.msd import msd_transforms
+@dataclass
+class ScoringTarget:
+    """What a bank is scored on: labelled, preprocessed target cases and the robustness images.
 
+    Attributes:
+        name: the target (a folder), for the scores' metadata.
+        cases: ``{"id", "image": (C, ...), "label": (1, ...)}`` through the target's evaluation chain.
+        roi: sampling window / network input size; ``None``: each bank entry's own patch (3D).
+        robustness_images: ``(N, C, ...)`` images the robustness score jitters; ``None``: one window
+            per case around its centre at the entry's patch (:func:`robustness_windows`, 3D).
+        robustness_mode: ``"intensity"`` (3D CT/MR) or ``"color"`` (2D RGB images in ``[0, 1]``).
+        normalize: ``(mean, std)`` applied to the jittered views (2D: the pretraining's), or ``None``.
+        robustness_batch: views per forward pass of the robustness score.
+    """
+
+    name: str
+    cases: list[dict]
+    roi: list[int] | None = None
+    robustness_images: torch.Tensor | None = None
+    robustness_mode: str = "intensity"
+    normalize: tuple | None = None
+    robustness_batch: int = 2
+
+
+def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids: Sequence[str] | None = None) -> list[dict]:
+    """Preprocessed labelled target cases of an MSD / nnU-Net task (the target's plans, eval chain:
+    RAS, spacing, crop, normalisation), as ``{"id", "image": (C, ...), "label": (1, ...)}``;
+    ``split_ids`` restricts them (e.g. the fine-tuning fold's training cases), ``max_cases`` keeps
+    the first ones."""
     records = load_task(data_root).training
     if split_ids is not None:
         wanted = set(split_ids)
@@ -161,41 +172,82 @@ def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids
     return out
 
 
+def seg2d_target(data_root, image_size, max_cases: int | None = 16) -> ScoringTarget:
+    """A 2D segmentation folder as a scoring target: its first ``max_cases`` labelled images through
+    the evaluation chain at ``image_size`` (features), and the same images in ``[0, 1]`` for the
+    robustness score under colour jitter, normalised like an ImageNet-style pretraining (thesis ch. 4)."""
+    size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
+    records, labels = load_seg2d(data_root)  # read once: labelled cases and raw images for robustness
+    chain = seg2d_transforms("eval", size, labels)
+    cases = []
+    for r in records[:max_cases] if max_cases else records:
+        item = chain(r)
+        cases.append({"id": r["id"], "image": torch.as_tensor(np.asarray(item["image"])),
+                      "label": np.asarray(item["label"]).astype(np.int64)})
+    return ScoringTarget(str(data_root), cases, size, unnormalized_images(records, size, max_cases or 16), "color",
+                         (IMAGENET_MEAN, IMAGENET_STD), robustness_batch=4)
+
+
 def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None, device: str | None = None,
                max_cases: int | None = None, split_ids: Sequence[str] | None = None, progress: bool = True,
                seed: int = 0) -> list[dict]:
-    """Scores of every bank entry (or ``entries``) on the target; one row per entry.
+    """Scores of every bank entry (or ``entries``) on an MSD / nnU-Net target task (:func:`target_cases`
+    with the target's ``plans``); :func:`score_target` does the work."""
+    cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
+    if not cases:
+        raise ValueError(f"{data_root}: no labelled target cases to score on")
+    return score_target(bank_root, ScoringTarget(str(data_root), cases), estimators, sampling, entries, device,
+                        progress, seed)
+
+
+def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+                 sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None,
+                 device: str | None = None, progress: bool = True, seed: int = 0) -> list[dict]:
+    """THE scoring loop (2D and 3D): every bank entry (or ``entries``) is built from the registry with
+    its own channels and classes, loaded (sha256-checked, weights only; the whole network, head
+    included, since LEEP / NCE read the source head), its features sampled once at the layout's
+    feature stages (decoder stages; an encoder classifier's last two encoder levels), every
+    estimator run on those samples, and robustness measured on the target's robustness images.
 
     Rows: ``{"model", "arch", "source", "epoch", <estimator>: score, ..., "errors": {...},
     "seconds_forward", "seconds_estimators", "seconds_<estimator>"}``.
     """
-    from tqdm.auto import tqdm
-
-    from medxfer.networks.factory import arch_layout, build_network
-    from medxfer.transfer.bank import ModelBank
-
+    unknown = [e for e in estimators if e != "robustness" and e not in ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimator(s) {unknown}; choose from {sorted(DEFAULT_ESTIMATORS)}")
     bank = ModelBank.open(bank_root)
     names = list(entries) if entries else bank.names()
+    if not names:
+        raise DatasetError(bank_root, "the bank has no entries")
+    if not target.cases:
+        raise ValueError(f"{target.name}: no labelled target cases to score on")
     dev = resolve_device(device)
-    cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
-    if not cases:
-        raise ValueError(f"{data_root}: no labelled target cases to score on")
     rows = []
     for name in tqdm(names, desc="scoring bank models", disable=not progress):
         entry = bank.get(name)
-        net = build_network(entry.arch, entry.in_channels, entry.out_channels, entry.patch_size, **entry.arch_kwargs)
+        roi = target.roi or entry.patch_size
+        net = build_network(entry.arch, entry.in_channels, entry.out_channels, roi, **entry.arch_kwargs)
         net.load_state_dict(bank.load_state_dict(name))
         net.to(dev).eval()
-        stages = arch_layout(entry.arch, net).decoder_stages
+        layout = arch_layout(entry.arch, net)
+        head_free = [e for e in estimators if e in SOURCE_HEAD_ESTIMATORS]
+        if head_free and not layout.decoder_stages:
+            raise ValueError(f"bank entry {name!r} ({entry.arch}) has no segmentation head: {head_free} cannot score "
+                             "it (an encoder checkpoint); leave them out")
         t0 = time.perf_counter()
-        feats = sample_dataset(net, stages, cases, entry.patch_size, sampling, progress=False)
+        feats = sample_dataset(net, layout.feature_stages(), target.cases, roi, sampling, progress=False,
+                               with_source_probs=bool(layout.decoder_stages))
         t_forward = time.perf_counter() - t0
         results = run_estimators(feats, estimators)
         if "robustness" in estimators:
             t1 = time.perf_counter()
+            images = target.robustness_images if target.robustness_images is not None \
+                else robustness_windows(target.cases, roi)
             try:
-                value, error = robustness_of(net, entry.arch, robustness_windows(cases, entry.patch_size), seed=seed), None
+                value = module_robustness(net, layout.penultimate_encoder, images, target.normalize, pooled=True,
+                                          seed=seed, mode=target.robustness_mode, batch_size=target.robustness_batch)
+                error = None
             except ValueError as e:  # e.g. a single target case: no negative image
                 value, error = float("nan"), f"ValueError: {e}"
             results["robustness"] = {"score": value, "seconds": time.perf_counter() - t1, "error": error}

@@ -7,6 +7,7 @@ multi-task pretraining, loading a bank entry with a transfer mode — live here.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +19,10 @@ from monai.transforms import Compose, MapLabelValued
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
 from medxfer.data.splits import fold_records
+from medxfer.networks import build_network, fit_patch
 from medxfer.planning.nnunet import load_plans, plan_task
+from medxfer.transfer.bank import ModelBank
+from medxfer.transfer.weights import init_from_checkpoint, parse_mode, resize_position_embeddings
 from medxfer.transforms.msd import msd_transforms
 
 __all__ = ["default_num_workers", "task_plans", "fold_datalists", "inference_datalist", "class_names",
@@ -47,7 +51,7 @@ def task_plans(data_root, plans_file: str | None = None, patch_size: Sequence[in
 
     ``patch_size`` (voxels, file-axis order), when given, overrides the planned patch — e.g. to
     share one patch between the tasks of a model bank, or tiny patches in tests. With ``arch`` the
-    patch is then rounded up to a size the network accepts (:func:`medxfer.networks.factory.fit_patch`).
+    patch is then rounded up to a size the network accepts (:func:`medxfer.networks.registry.fit_patch`).
     """
     path = Path(plans_file) if plans_file else Path(str(data_root)) / "medxfer_plans.json"
     if path.exists():
@@ -63,7 +67,6 @@ def task_plans(data_root, plans_file: str | None = None, patch_size: Sequence[in
     if patch_size is not None:
         plans = dict(plans, patch_size=[int(p) for p in patch_size])
     if arch is not None:
-        from medxfer.networks.factory import fit_patch
 
         fitted = fit_patch(arch, plans["patch_size"], arch_kwargs)
         if fitted != list(plans["patch_size"]):
@@ -181,12 +184,6 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
     ``mode="scratch"`` takes only the architecture from the entry. Every loaded, skipped and
     shape-mismatched key is logged and, with ``report_file``, saved as JSON.
     """
-    import json
-
-    from medxfer.networks.factory import build_network
-    from medxfer.transfer.bank import ModelBank
-    from medxfer.transfer.finetune import apply_transfer, parse_mode, resize_position_embeddings
-
     parse_mode(mode)
     bank = ModelBank.open(bank_root)
     bank_entry = bank.get(entry)
@@ -197,11 +194,11 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
         vit_patch = int(network.patch_size[0]) if hasattr(network, "patch_size") else 16
         state, resized = resize_position_embeddings(state, [p // vit_patch for p in bank_entry.patch_size],
                                                     [p // vit_patch for p in patch_size])
-    report = apply_transfer(network, state, mode, bank_entry.arch)
+    report = init_from_checkpoint(network, state, mode, bank_entry.arch, source=str(bank.checkpoint_path(entry)))
+    report.position_embeddings_resized = resized
     if report_file:
         Path(report_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_file).write_text(json.dumps({"entry": entry, "mode": mode, "position_embeddings_resized": resized,
-                                                 **report.to_dict()}, indent=2) + "\n")
+        Path(report_file).write_text(json.dumps({"entry": entry, **report.to_dict()}, indent=2) + "\n")
     return network
 
 
@@ -213,7 +210,6 @@ def bank_entry_name(arch: str, source_roots: Sequence) -> str:
 def save_run_plans(plans: dict, output_dir) -> Path:
     """Copy the plans a run uses to ``<output_dir>/plans.json`` (inference needs them next to the
     weights). A run folder holding other plans is refused: it belongs to another experiment."""
-    import json
 
     out = Path(output_dir) / "plans.json"
     text = json.dumps(plans, indent=2) + "\n"

@@ -19,33 +19,50 @@ Workflow of checkpoint selection for 2D segmentation transfer:
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import convert_to_tensor
+from PIL import Image
 
-from medxfer.data.problems import DatasetError
+from medxfer.data.image_folder import image_files, load_image_folder
+from medxfer.data.problems import DatasetError, read_json
+from medxfer.data.seg2d import load_seg2d, read_mask
+from medxfer.data.splits import fold_records, holdout_split
 from medxfer.device import resolve_device
+from medxfer.handlers import RobustnessEarlyStopping
+from medxfer.jsonfile import write_json
+from medxfer.metrics.segmentation import case_metrics, summarize_cases
+from medxfer.networks import arch_layout, build_network
+from medxfer.networks.truncated import TruncatedSegmenter
+from medxfer.transfer.bank import ModelBank
+from medxfer.transfer.weights import load_pretrained, read_checkpoint, truncated_encoder_weights
+from medxfer.transferability.evaluate import evaluate_estimators, table_from_files, write_report
+from medxfer.transferability.features import SamplingConfig
+from medxfer.transferability.score import score_target, seg2d_target, write_scores
+from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
+from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 
-__all__ = ["TRANSFER_MODES", "classification_datalists", "seg2d_datalists", "is_binary", "seg_out_channels",
+__all__ = ["SEG2D_TRANSFER_MODES", "classification_datalists", "seg2d_datalists", "is_binary", "seg_out_channels",
            "seg2d_network", "target_images", "online_selection_handlers", "score_checkpoints", "select_checkpoint",
            "discrete_postprocessing", "save_run_info", "Seg2DRun", "evaluate_seg2d", "predict_folder"]
 
 logger = logging.getLogger("medxfer.workflows")
 
-#: Downstream training: ``full`` (every layer trains), ``decoder_only`` (encoder frozen), ``scratch``.
-TRANSFER_MODES = {"full": "all_but_head", "decoder_only": "frozen_encoder", "scratch": "scratch"}
+#: The transfer modes (:data:`medxfer.transfer.weights.TRANSFER_MODES`) downstream 2D training offers:
+#: ``encoder_only`` (thesis "full fine-tuning", every layer trains), ``decoder_only`` (encoder frozen),
+#: ``full`` (head included, for a checkpoint of the same segmentation network), ``scratch``.
+SEG2D_TRANSFER_MODES = ("encoder_only", "decoder_only", "full", "scratch")
 
 
 def classification_datalists(data_root, val_fraction: float = 0.1, seed: int = 0) -> dict:
     """``{"train", "val", "classes"}`` of a class-per-folder pretraining set (seeded hold-out)."""
-    from medxfer.data.image_folder import load_image_folder
-    from medxfer.data.splits import holdout_split
 
     records, classes = load_image_folder(data_root)
     train, val = holdout_split(records, val_fraction, seed, stream=2, what="validation (val_fraction)")
@@ -55,8 +72,6 @@ def classification_datalists(data_root, val_fraction: float = 0.1, seed: int = 0
 def seg2d_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None) -> dict:
     """``{"train", "val", "labels"}`` of fold ``fold`` of a 2D segmentation folder (splits kept in
     ``splits_file``)."""
-    from medxfer.data.seg2d import load_seg2d
-    from medxfer.data.splits import fold_records
 
     records, labels = load_seg2d(data_root)
     train, val = fold_records(records, fold, n_folds, seed, splits_file)
@@ -74,95 +89,54 @@ def seg_out_channels(labels) -> int:
 
 
 def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, bank_root=None,
-                  init_checkpoint=None, transfer_mode: str = "full", output_dir=None,
+                  init_checkpoint=None, transfer_mode: str = "encoder_only", output_dir=None,
                   arch_kwargs: dict | None = None) -> torch.nn.Module:
-    """The downstream segmentation network, initialised from a pretrained encoder.
+    """The downstream segmentation network (any registered 2D arch), initialised from a pretrained encoder.
 
     The encoder comes from bank entry ``init_entry`` of ``bank_root`` or from a checkpoint file
-    (e.g. ``robust_selected.pt`` of the online rule); ``transfer_mode``: ``full`` (all layers
-    fine-tuned), ``decoder_only`` (encoder frozen) or ``scratch`` (nothing loaded). The per-key
-    report goes to ``output_dir/transfer_report.json``.
+    (e.g. ``robust_selected.pt`` of the online rule). ``transfer_mode`` is one of the transfer
+    modes of :mod:`medxfer.transfer.weights`: ``encoder_only`` (the thesis' "full fine-tuning":
+    the encoder loaded, every layer trained), ``decoder_only`` (encoder loaded and frozen), ``full``
+    (every matching key, head included), ``scratch`` (nothing loaded). Truncated ResNet50 /
+    DenseNet121 segmenters read the encoder with their own key naming (levels the cut dropped are
+    skipped and listed). The per-key report goes to ``output_dir/transfer_report.json``.
     """
-    from medxfer.jsonfile import write_json
-    from medxfer.networks.factory import arch_layout
-    from medxfer.networks.seg2d import build_seg2d
-    from medxfer.transfer.finetune import apply_transfer
-
-    if transfer_mode not in TRANSFER_MODES:
-        raise ValueError(f"transfer_mode must be one of {list(TRANSFER_MODES)}, got {transfer_mode!r}")
-    from medxfer.networks.seg2d import TRUNCATED_ARCHS
-
-    if arch in TRUNCATED_ARCHS and transfer_mode != "scratch":
-        return _truncated_network(arch, labels, image_size, init_entry, bank_root, init_checkpoint, transfer_mode,
-                                  output_dir, arch_kwargs)
-    network = build_seg2d(arch, 3, seg_out_channels(labels), image_size, **dict(arch_kwargs or {}))
+    if transfer_mode not in SEG2D_TRANSFER_MODES:
+        raise ValueError(f"transfer_mode must be one of {list(SEG2D_TRANSFER_MODES)}, got {transfer_mode!r}")
+    network = build_network(arch, 3, seg_out_channels(labels), image_size, **dict(arch_kwargs or {}))
     if transfer_mode == "scratch":
         return network
+    truncated = isinstance(network, TruncatedSegmenter)
     if init_entry is not None:
-        from medxfer.transfer.bank import ModelBank
-
         bank = ModelBank.open(bank_root)
         entry = bank.get(init_entry)
-        if entry.arch != arch:
+        if not truncated and entry.arch != arch:
             raise ValueError(f"bank entry {init_entry!r} is a {entry.arch} encoder, the network is {arch}")
-        state = bank.load_state_dict(init_entry)
+        if arch == "truncated_resnet50" and entry.arch != "resnet50_attention_unet":
+            raise ValueError(f"bank entry {init_entry!r} is a {entry.arch} encoder; truncated_resnet50 needs a "
+                             "ResNet50 (resnet50_attention_unet) encoder")
+        weights = bank.load_state_dict(init_entry)
     elif init_checkpoint is not None:
-        from medxfer.transfer.bank import read_state_dict
-
-        state = read_state_dict(init_checkpoint)
+        weights = init_checkpoint
     else:
         raise ValueError(f"transfer_mode {transfer_mode!r} needs init_entry (with bank_root) or init_checkpoint; "
                          "use transfer_mode 'scratch' to train from random weights")
-    encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-    if not encoder_state:
-        raise ValueError(f"{init_entry or init_checkpoint}: no encoder.* weights to transfer")
-    report = apply_transfer(network, encoder_state, TRANSFER_MODES[transfer_mode], arch,
-                            layout=arch_layout(arch, network))
-    if report.shape_mismatch:
-        raise ValueError(f"{init_entry or init_checkpoint}: encoder weights do not fit the {arch}: "
-                         f"{sorted(report.shape_mismatch)[:3]}")
+    if truncated:
+        report = truncated_encoder_weights(network, weights, transfer_mode)
+    else:
+        report = load_pretrained(network, weights, arch_layout(arch, network), transfer_mode)
+        if report.shape_mismatch:
+            raise ValueError(f"{init_entry or init_checkpoint}: encoder weights do not fit the {arch}: "
+                             f"{sorted(report.shape_mismatch)[:3]}")
     if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
-    return network
-
-
-def _truncated_network(arch, labels, image_size, init_entry, bank_root, init_checkpoint, transfer_mode, output_dir,
-                       arch_kwargs) -> torch.nn.Module:
-    """A truncated ResNet50 / DenseNet121 segmenter (SPEC section 8) with pretrained encoder weights:
-    a bank entry (a ``resnet50_attention_unet`` encoder for ``truncated_resnet50``) or a file with
-    MONAI / torchvision keys (:func:`medxfer.transfer.truncated.load_truncated_weights`)."""
-    from medxfer.jsonfile import write_json
-    from medxfer.networks.seg2d import build_seg2d
-    from medxfer.workflows.truncated_classification import truncated_weights
-
-    if init_entry is not None and arch == "truncated_resnet50":
-        from medxfer.transfer.bank import ModelBank
-
-        source = ModelBank.open(bank_root).get(init_entry).arch
-        if source != "resnet50_attention_unet":
-            raise ValueError(f"bank entry {init_entry!r} is a {source} encoder; truncated_resnet50 needs a ResNet50 "
-                             "(resnet50_attention_unet) encoder")
-    weights = truncated_weights(bank_root, init_entry, init_checkpoint)
-    if weights is None:
-        raise ValueError(f"transfer_mode {transfer_mode!r} needs init_entry (with bank_root) or init_checkpoint")
-    network = build_seg2d(arch, 3, seg_out_channels(labels), image_size, weights=weights, **dict(arch_kwargs or {}))
-    report = network.weights_report
-    if transfer_mode == "decoder_only":
-        for param in network.encoder.parameters():
-            param.requires_grad_(False)
-    if output_dir is not None:
-        from dataclasses import asdict
-
-        write_json(Path(output_dir) / "transfer_report.json", {"mode": transfer_mode, **asdict(report)})
     return network
 
 
 def target_images(data_root, image_size, max_images: int = 16) -> torch.Tensor:
     """``(N, 3, H, W)`` target images in ``[0, 1]`` for the robustness score (first ``max_images``
     of a 2D segmentation folder, or of a class-per-folder set)."""
-    from medxfer.data.seg2d import load_seg2d
-    from medxfer.transforms.seg2d import unnormalized_images
-
     records, _ = load_seg2d(data_root)
     return unnormalized_images(records, image_size, max_images)
 
@@ -172,10 +146,6 @@ def online_selection_handlers(enabled: bool, network, arch: str, target_root, im
     """``[RobustnessEarlyStopping]`` for the pretraining trainer when ``enabled`` (else ``[]``)."""
     if not enabled:
         return []
-    from medxfer.handlers import RobustnessEarlyStopping
-    from medxfer.networks.factory import arch_layout
-    from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
-
     if target_root is None:
         raise ValueError("online selection needs target_root (the target segmentation images)")
     images = target_images(target_root, image_size, max_images)
@@ -184,78 +154,20 @@ def online_selection_handlers(enabled: bool, network, arch: str, target_root, im
                                     output_dir=output_dir, seed=seed, mode="color")]
 
 
-def _target_cases(records: list[dict], labels, image_size) -> list[dict]:
-    """Labelled target images through the evaluation chain: ``{"id", "image", "label"}``."""
-    from medxfer.transforms.seg2d import seg2d_transforms
-
-    chain = seg2d_transforms("eval", image_size, labels)
-    cases = []
-    for r in records:
-        item = chain(r)
-        cases.append({"id": r["id"], "image": torch.as_tensor(np.asarray(item["image"])),
-                      "label": np.asarray(item["label"]).astype(np.int64)})
-    return cases
-
-
 def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators: Sequence[str] = (
         "robustness", "ccfv", "logme", "gbc", "transrate"), entries: Sequence[str] | None = None, device=None,
         max_cases: int | None = 16, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Scores of every encoder checkpoint of the bank on the target (offline selection).
+    """Scores of every encoder checkpoint of the bank on the 2D target (offline selection): the one
+    scoring loop, :func:`medxfer.transferability.score.score_target`, on
+    :func:`~medxfer.transferability.score.seg2d_target`.
 
     Robustness: colour-jittered target images in ``[0, 1]``, normalised like the pretraining, the
     second-to-last encoder level, pooled (thesis chapter 4). The feature-based estimators
     (CC-FV, LogME, GBC, TransRate) read the encoder's last two levels at sampled pixels (an encoder
-    checkpoint has no decoder; LEEP / NCE need a segmentation head and are not offered).
-    Rows as :func:`medxfer.transferability.score.score_bank`.
+    checkpoint has no decoder; LEEP / NCE need a segmentation head and are refused for it).
     """
-    from tqdm.auto import tqdm
-
-    from medxfer.data.seg2d import load_seg2d
-    from medxfer.networks.factory import arch_layout, build_network
-    from medxfer.transfer.bank import ModelBank
-    from medxfer.transferability.features import SamplingConfig, sample_dataset
-    from medxfer.transferability.robustness import module_robustness
-    from medxfer.transferability.score import run_estimators
-    from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
-    from medxfer.transforms.seg2d import unnormalized_images
-
-    unknown = [e for e in estimators if e not in ("robustness", "ccfv", "ccfv_official", "logme", "gbc", "transrate")]
-    if unknown:
-        raise ValueError(f"estimators {unknown} cannot score encoder checkpoints (no segmentation head)")
-    bank = ModelBank.open(bank_root)
-    names = list(entries) if entries else bank.names()
-    if not names:
-        raise DatasetError(bank_root, "the bank has no entries")
-    dev = resolve_device(device)
-    size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
-    records, labels = load_seg2d(target_root)  # read once: labelled cases and raw images for robustness
-    cases = _target_cases(records[:max_cases] if max_cases else records, labels, size)
-    raw = unnormalized_images(records, size, max_cases or 16)
-    rows = []
-    for name in tqdm(names, desc="scoring checkpoints", disable=not progress):
-        entry = bank.get(name)
-        net = build_network(entry.arch, entry.in_channels, entry.out_channels, size, **entry.arch_kwargs)
-        net.load_state_dict(bank.load_state_dict(name))
-        net.to(dev).eval()
-        layout = arch_layout(entry.arch, net)
-        row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
-        t0 = time.perf_counter()
-        if "robustness" in estimators:
-            row["robustness"] = module_robustness(net, layout.penultimate_encoder, raw, (IMAGENET_MEAN, IMAGENET_STD),
-                                                  seed=seed, mode="color", batch_size=4)
-        row["seconds_robustness"] = time.perf_counter() - t0
-        others = [e for e in estimators if e != "robustness"]
-        if others:
-            t1 = time.perf_counter()
-            stages = [layout.encoder_levels[-1][0], layout.penultimate_encoder]
-            feats = sample_dataset(net, stages, cases, size, SamplingConfig(seed=seed), progress=False,
-                                   with_source_probs=False)
-            results = run_estimators(feats, others)
-            row.update({k: v["score"] for k, v in results.items()})
-            row["errors"] = {k: v["error"] for k, v in results.items() if v["error"]}
-            row["seconds_features_and_estimators"] = time.perf_counter() - t1
-        rows.append(row)
-    return rows
+    return score_target(bank_root, seg2d_target(target_root, image_size, max_cases), estimators,
+                        SamplingConfig(seed=seed), entries, device, progress, seed)
 
 
 def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
@@ -266,8 +178,6 @@ def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
     score among epochs ``>= start_epoch`` (random init excluded, thesis section 4.2), write
     ``scores.csv`` / ``scores.json`` / ``selection.json``; with ``dice_csv`` (``model,dice`` of
     fine-tuned checkpoints) also the estimators' weighted tau and TIS (``te_evaluation.*``)."""
-    from medxfer.transferability.score import write_scores
-
     if select_by not in estimators:
         raise ValueError(f"select_by {select_by!r} must be one of the estimators {list(estimators)}")
     rows = score_checkpoints(bank_root, target_root, image_size, estimators, device=device, max_cases=max_cases,
@@ -284,8 +194,6 @@ def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
                  "per_estimator": {e: max((r for r in eligible if np.isfinite(r.get(e, np.nan))),
                                           key=lambda r: r[e], default={"model": None})["model"] for e in estimators}}
     if dice_csv is not None:
-        from medxfer.transferability.evaluate import evaluate_estimators, table_from_files, write_report
-
         result = evaluate_estimators(table_from_files(output_dir / "scores.json", dice_csv), list(estimators))
         write_report(result, output_dir)
         selection["tis"] = {e: result["mean"][e]["tis"] for e in estimators if e in result.get("mean", {})}
@@ -296,7 +204,6 @@ def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
 def discrete_postprocessing(labels):
     """Evaluator postprocessing: binary -> sigmoid > 0.5 (one channel, the foreground); several
     classes -> argmax one-hot (background channel first, left out of the mean Dice)."""
-    from monai.transforms import Activationsd, AsDiscreted, Compose
 
     if is_binary(labels):
         return Compose([Activationsd("pred", sigmoid=True), AsDiscreted("pred", threshold=0.5)])
@@ -306,7 +213,6 @@ def discrete_postprocessing(labels):
 
 def save_run_info(output_dir, arch: str, labels, image_size, arch_kwargs: dict | None = None) -> Path:
     """``run.json`` of a training run (arch, classes, input size): evaluate / inference read it."""
-    from medxfer.jsonfile import write_json
 
     path = Path(output_dir) / "run.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,27 +225,21 @@ class Seg2DRun:
     """A trained ``train.yaml`` run folder: its network (``model.pt``, weights only) and classes."""
 
     def __init__(self, run_dir, device=None, checkpoint: str = "model.pt"):
-        from medxfer.data.problems import read_json
-        from medxfer.networks.seg2d import build_seg2d
-        from medxfer.transfer.bank import read_state_dict
-
         self.run_dir = Path(run_dir)
         info = read_json(self.run_dir / "run.json", "not a seg2d_transfer training folder (no run.json)")
         self.arch, self.image_size = info["arch"], info["image_size"]
         self.labels = {int(k): v for k, v in info["labels"].items()}
         self.device = resolve_device(device)
-        self.network = build_seg2d(self.arch, 3, seg_out_channels(self.labels), self.image_size,
-                                   **info.get("arch_kwargs", {}))
-        self.network.load_state_dict(read_state_dict(self.run_dir / checkpoint))
+        self.network = build_network(self.arch, 3, seg_out_channels(self.labels), self.image_size,
+                                     **info.get("arch_kwargs", {}))
+        self.network.load_state_dict(read_checkpoint(self.run_dir / checkpoint))
         self.network.to(self.device).eval()
 
     @torch.no_grad()
     def predict(self, image_path) -> np.ndarray:
         """``(H, W)`` uint8 label indices at the image's own size: logits at ``image_size`` resized
         bilinearly back to ``(H, W)``, then sigmoid > 0.5 (binary) or argmax."""
-        from PIL import Image
 
-        from medxfer.transforms.seg2d import seg2d_transforms
 
         with Image.open(image_path) as img:
             width, height = img.size
@@ -357,11 +257,7 @@ def evaluate_seg2d(run_dir, data_root, output_dir=None, fold: int = 0, device=No
     the original image size (:mod:`medxfer.metrics.segmentation` conventions: empty vs empty is
     NaN and left out of the means). Writes ``metrics.csv`` / ``metrics.json`` into ``output_dir``
     (default ``<run_dir>/evaluation``)."""
-    import csv
 
-    from medxfer.data.seg2d import read_mask
-    from medxfer.jsonfile import write_json
-    from medxfer.metrics.segmentation import case_metrics, summarize_cases
 
     run = Seg2DRun(run_dir, device)
     lists = seg2d_datalists(data_root, fold, splits_file=run.run_dir / "splits.json")
@@ -388,9 +284,7 @@ def evaluate_seg2d(run_dir, data_root, output_dir=None, fold: int = 0, device=No
 def predict_folder(run_dir, input_path, output_dir, device=None, overwrite: bool = False) -> list[Path]:
     """Masks of every image of ``input_path`` (a file or a folder) as ``<output_dir>/<stem>.png``:
     label indices, 0/255 for a binary run. Existing files are refused unless ``overwrite``."""
-    from PIL import Image
 
-    from medxfer.data.image_folder import image_files
 
     images = image_files(input_path)
     output_dir = Path(output_dir)

@@ -46,20 +46,25 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from medxfer.data.image_folder import image_files
 from medxfer.data.isic import ISIC_LAYOUTS, check_mask_sizes, detect_isic_year, load_isic
-from medxfer.data.problems import DatasetError, raise_if_problems
+from medxfer.data.problems import DatasetError, raise_if_problems, read_json
 from medxfer.data.splits import fold_records, holdout_split
 from medxfer.device import resolve_device
-from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE, dermoscopy_transforms
+from medxfer.jsonfile import write_json
+from medxfer.metrics.isic_task2 import FoldScorer, summarize_folds
+from medxfer.transfer.tatl import TATL_ARCHS, TATL_MODES, load_trained, segment_net_boxes
+from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
+from medxfer.transforms.dermoscopy import (IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE, dermoscopy_transforms,
+                                           resize_for_scoring, scoring_transforms)
+from medxfer.transforms.lesion_crop import load_boxes, save_boxes
+from medxfer.workflows.bundle import run_bundle
 
-__all__ = ["ARCHES", "STAGES", "TatlSettings", "isic_year", "target_masks", "build_effb0", "stage_network",
-           "load_trained", "tatl_datalists", "stage_transforms", "tuning_score", "network_dir",
+__all__ = ["STAGES", "TatlSettings", "isic_year", "target_masks", "fold_predictor", "tatl_datalists", "stage_transforms", "tuning_score", "network_dir",
            "run_cross_validation", "evaluate_run", "write_cv_report", "inference_images", "run_inference"]
 
 logger = logging.getLogger("medxfer.workflows")
 
-#: U-shape and Link-shape EfficientNet-b0 segmenters (stages 2-3 use both, averaged).
-ARCHES = ("unet_effb0", "linknet_effb0")
 #: 1 = Segment-Net crop, 2 = attribute-agnostic segmenter, 3 = target segmenters (always on).
 STAGES = (1, 2, 3)
 
@@ -90,57 +95,6 @@ def target_masks(target: str, year: int) -> tuple[list[str], bool]:
                      f"got {target!r}")
 
 
-def build_effb0(arch: str, weights_file=None) -> torch.nn.Module:
-    """A 3-channel-in, 1-logit-out EfficientNet-b0 segmenter of shape ``arch`` (``ARCHES``); the
-    encoder from ``weights_file`` (ImageNet ``efficientnet-b0`` weights on disk) when given."""
-    from medxfer.networks.effnet_unet import unet_effb0
-    from medxfer.networks.linknet import LinkNetEffB0
-
-    if arch == "unet_effb0":
-        return unet_effb0(3, 1, weights_file=weights_file)
-    if arch == "linknet_effb0":
-        return LinkNetEffB0(3, 1, weights_file=weights_file)
-    raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
-
-
-def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_mode: str = "freeze",
-                  output_dir=None) -> torch.nn.Module:
-    """The network one ``train.yaml`` run trains.
-
-    ``init_checkpoint`` None: encoder from ``imagenet_weights`` (or random), decoder random
-    (stages 1 and 2, and stage 3 without stage 2). Otherwise a stage-2 ``model.pt``: stage 3
-    initialised from it with ``tatl_mode`` (:func:`medxfer.transfer.tatl.init_from_stage2`); the
-    per-key report goes to ``output_dir/transfer_report.json``.
-    """
-    from medxfer.jsonfile import write_json
-    from medxfer.transfer.bank import read_state_dict
-    from medxfer.transfer.tatl import init_from_stage2
-
-    network = build_effb0(arch, imagenet_weights if init_checkpoint is None else None)
-    if init_checkpoint is not None:
-        if not Path(init_checkpoint).is_file():
-            raise FileNotFoundError(f"{init_checkpoint}: stage-2 checkpoint not found (train the attribute-agnostic "
-                                    "segmenter first, or leave init_checkpoint null)")
-        report = init_from_stage2(network, read_state_dict(init_checkpoint), arch, tatl_mode)
-        if output_dir is not None:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
-    return network
-
-
-def load_trained(arch: str, checkpoint, device="cpu") -> torch.nn.Module:
-    """A trained network from its ``model.pt`` (``weights_only``; every key must fit), in eval mode."""
-    from medxfer.transfer.bank import read_state_dict
-
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"{checkpoint}: trained network not found")
-    network = build_effb0(arch)
-    missing, unexpected = network.load_state_dict(read_state_dict(checkpoint), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint}: not a {arch} checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return network.to(device).eval()
-
-
 def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None,
                    boxes_file=None, tune_fraction: float = 0.1) -> dict[str, list[dict]]:
     """``{"train", "tune", "test"}`` records of one fold (see module docstring).
@@ -154,8 +108,6 @@ def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, sp
     train, tune = holdout_split(train, tune_fraction, seed, stream=1, what="early-stopping (tune_fraction)")
     lists = {"train": train, "tune": tune, "test": test}
     if boxes_file is not None:
-        from medxfer.transforms.lesion_crop import load_boxes
-
         boxes = load_boxes(boxes_file)
         for name, items in lists.items():
             missing = [r["id"] for r in items if r["id"] not in boxes]
@@ -221,7 +173,7 @@ class TatlSettings:
     """
 
     stages: tuple[int, ...] = STAGES
-    arches: tuple[str, ...] = ARCHES
+    arches: tuple[str, ...] = TATL_ARCHS
     tatl_mode: str = "freeze"
     imagenet_weights: str | None = None
     working_size: tuple[int, int] = TRAIN_SIZE
@@ -246,11 +198,9 @@ class TatlSettings:
             raise ValueError(f"stages must be a subset of {STAGES} that contains 3 (the target segmenters), "
                              f"got {list(self.stages)}")
         self.arches = tuple(self.arches)
-        unknown = [a for a in self.arches if a not in ARCHES]
+        unknown = [a for a in self.arches if a not in TATL_ARCHS]
         if not self.arches or unknown:
-            raise ValueError(f"arches must be a non-empty subset of {ARCHES}, got {list(self.arches)}")
-        from medxfer.transfer.tatl import TATL_MODES
-
+            raise ValueError(f"arches must be a non-empty subset of {TATL_ARCHS}, got {list(self.arches)}")
         if self.tatl_mode not in TATL_MODES:
             raise ValueError(f"tatl_mode must be one of {TATL_MODES}, got {self.tatl_mode!r}")
         self.working_size = tuple(int(s) for s in self.working_size)
@@ -271,8 +221,6 @@ class TatlSettings:
 
     @classmethod
     def load(cls, run_dir) -> "TatlSettings":
-        from medxfer.data.problems import read_json
-
         path = Path(run_dir) / "tatl_run.json"
         data = read_json(path, "not a TATL run folder (no tatl_run.json); run configs/tatl.yaml first")
         try:
@@ -298,8 +246,6 @@ def _claim_run_dir(output_dir: Path, settings: TatlSettings) -> None:
 
 def _train_one(bundle_root, net_dir: Path, overrides: dict, quiet: bool) -> dict:
     """Run ``configs/train.yaml`` for one network unless ``net_dir/done.json`` says it is done."""
-    from medxfer.workflows.bundle import run_bundle
-
     done = net_dir / "done.json"
     if done.exists() and (net_dir / "model.pt").exists():
         return json.loads(done.read_text())
@@ -351,9 +297,6 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
         the cross-validation summary also written to ``cv_scores.json``.
     """
     from tqdm.auto import tqdm
-
-    from medxfer.transfer.tatl import segment_net_boxes
-    from medxfer.transforms.lesion_crop import save_boxes
 
     settings = settings if isinstance(settings, TatlSettings) else TatlSettings(**settings)
     settings.year = isic_year(data_root)
@@ -410,25 +353,35 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
     return write_cv_report(output_dir, fold_scores, settings)
 
 
+def fold_predictor(run_dir, fold: int = 0, device="cpu") -> TatlPredictor:
+    """The seven networks of ``fold`` of a :func:`run_cross_validation` run as a
+    :class:`~medxfer.transfer.tatl_inference.TatlPredictor` (with the run's settings)."""
+    settings = TatlSettings.load(run_dir)
+    fold_dir = Path(run_dir) / f"fold_{fold}"
+    if not fold_dir.is_dir():
+        raise FileNotFoundError(f"{fold_dir}: no such fold in the run")
+    targets = {a: [load_trained(arch, network_dir(fold_dir, "target", arch, a) / "model.pt", device)
+                   for arch in settings.arches]
+               for a in ISIC_LAYOUTS[settings.year].attributes}
+    segment_net = None
+    if 1 in settings.stages:
+        segment_net = load_trained("unet_effb0", network_dir(fold_dir, "segment_net") / "model.pt", device)
+    return TatlPredictor(targets, segment_net, settings.working_size, settings.offset, settings.mean, settings.std,
+                         settings.threshold, device)
+
+
 def evaluate_fold(run_dir, fold: int, settings: TatlSettings, data_root, device="cpu") -> dict:
     """Score the test fold with the fold's trained networks at 256x256 (ISIC 2018 Task 2 rule);
     writes ``fold_<k>/scores.json`` and returns ``{attribute: {jaccard, dice, tp, fp, fn, images}}``."""
     from tqdm.auto import tqdm
 
-    from medxfer.jsonfile import write_json
-    from medxfer.metrics.isic_task2 import FoldScorer
-    from medxfer.transfer.tatl_inference import TatlPredictor
-    from medxfer.transforms.dermoscopy import resize_for_scoring, scoring_transforms
-
     run_dir = Path(run_dir)
     attributes = ISIC_LAYOUTS[settings.year].attributes
     lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, run_dir / "splits.json", None,
                            settings.tune_fraction)
-    predictor = TatlPredictor.from_run(run_dir, fold, device=device)
+    predictor = fold_predictor(run_dir, fold, device=device)
     boxes = {}  # stage 1 already boxed every image of the fold: not run again
     if 1 in settings.stages and (run_dir / f"fold_{fold}" / "boxes.json").exists():
-        from medxfer.transforms.lesion_crop import load_boxes
-
         boxes = load_boxes(run_dir / f"fold_{fold}" / "boxes.json")
     truth = scoring_transforms([f"attribute_{a}" for a in attributes], label_key="label")
     scorer = FoldScorer(attributes)
@@ -461,9 +414,6 @@ def evaluate_run(run_dir, data_root, folds: Sequence[int] | None = None, device=
 def write_cv_report(run_dir, fold_scores: dict, settings: TatlSettings) -> dict:
     """``cv_scores.json`` (per fold + mean/std), ``cv_scores.csv`` and a bar chart ``cv_scores.png``."""
     import csv
-
-    from medxfer.jsonfile import write_json
-    from medxfer.metrics.isic_task2 import summarize_folds
 
     run_dir = Path(run_dir)
     attributes = list(ISIC_LAYOUTS[settings.year].attributes)
@@ -521,8 +471,6 @@ def inference_images(input_path) -> list[Path]:
     """RGB image files to predict: one file, or the ``.jpg`` / ``.jpeg`` / ``.png`` files of a folder
     (sorted; mask-like names ``*_segmentation.png`` / ``*_attribute_*.png`` / ``*_union.png`` /
     ``*_overlay.png`` are skipped)."""
-    from medxfer.data.image_folder import image_files
-
     return image_files(input_path, IMAGE_SUFFIXES, MASK_STEMS)
 
 
@@ -535,16 +483,13 @@ def run_inference(run_dir, fold: int, input_path, output_dir, device=None, overw
     """
     from tqdm.auto import tqdm
 
-    from medxfer.jsonfile import write_json
-    from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
-
     device = resolve_device(device)
     images = inference_images(input_path)
     output_dir = Path(output_dir)
     summary_file = output_dir / "predictions.json"
     if summary_file.exists() and not overwrite:
         raise FileExistsError(f"{summary_file}: exists; pass overwrite=True (--overwrite true) to replace the predictions")
-    predictor = TatlPredictor.from_run(run_dir, fold, device=device)
+    predictor = fold_predictor(run_dir, fold, device=device)
     results = {}
     for image in tqdm(images, desc="TATL inference", unit="image"):
         prediction = predictor.predict(image)

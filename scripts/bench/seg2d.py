@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
             run_dir = out / "finetune" / name / f"seed{repeat}"
             if not (run_dir / "history.json").exists():
                 init = {"transfer_mode": "scratch"} if name == "scratch" else {
-                    "transfer_mode": "full", "bank_root": str(bank_root), "init_entry": name}
+                    "transfer_mode": "encoder_only", "bank_root": str(bank_root), "init_entry": name}
                 run_bundle("seg2d_transfer", ["train"], quiet=True, data_root=str(target), output_dir=str(run_dir),
                            max_epochs=args.finetune_epochs, batch_size=8, n_folds=4, split_seed=args.seed,
                            splits_file=str(out / "finetune" / "splits.json"), **init,

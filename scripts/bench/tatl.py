@@ -58,14 +58,17 @@ def paper_size_speed(tmp: Path, n_images: int = 6) -> dict:
     from medxfer.data.isic import load_isic
     from medxfer.data.synth.isic import generate_isic
     from medxfer.transfer.tatl_inference import TatlPredictor
-    from medxfer.workflows.tatl_skin import build_effb0
+    from medxfer.networks import build_network
 
     root = generate_isic(tmp / "isic_large", year=2018, num_images=n_images + 1, size=(768, 1024), seed=5,
                          overwrite=True)
     images = [r["image"] for r in load_isic(root)]
     torch.manual_seed(0)
-    targets = {a: [build_effb0("unet_effb0"), build_effb0("linknet_effb0")] for a in ATTRIBUTES_2018}
-    predictor = TatlPredictor(targets, build_effb0("unet_effb0"), working_size=(384, 512))
+    def effb0(arch):
+        return build_network(arch, 3, 1, (384, 512))
+
+    targets = {a: [effb0("unet_effb0"), effb0("linknet_effb0")] for a in ATTRIBUTES_2018}
+    predictor = TatlPredictor(targets, effb0("unet_effb0"), working_size=(384, 512))
     return {"working_size": [384, 512], "image_size": [768, 1024], **pipeline_speed(predictor, images)}
 
 
@@ -102,7 +105,7 @@ def main(argv=None) -> dict:
     from medxfer.jsonfile import json_safe, write_json
     from medxfer.transfer.tatl_inference import TatlPredictor
     from medxfer.workflows.bundle import run_bundle
-    from medxfer.workflows.tatl_skin import tatl_datalists
+    from medxfer.workflows.tatl_skin import fold_predictor, tatl_datalists
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out).absolute()
@@ -120,7 +123,7 @@ def main(argv=None) -> dict:
 
     test_images = [r["image"] for r in tatl_datalists(data, 0, args.folds, args.seed, out / "stages123" / "splits.json")["test"]]
     speed = {"trained_fold0": {"working_size": list(args.working_size),
-                               **pipeline_speed(TatlPredictor.from_run(out / "stages123", 0), test_images)}}
+                               **pipeline_speed(fold_predictor(out / "stages123", 0), test_images)}}
     if not args.skip_paper_size:
         speed["paper_size_untrained"] = paper_size_speed(out)
     report = {

@@ -35,7 +35,7 @@ import torch
 
 def bare_forward_seconds(bank_root, cases, entries, sw_batch_size: int = 2) -> dict[str, float]:
     """Plain forward passes over the windows ``sample_case`` runs (every window of every case)."""
-    from medxfer.networks.factory import build_network
+    from medxfer.networks.registry import build_network
     from medxfer.transfer.bank import ModelBank
     from medxfer.transferability.features import window_starts
 
@@ -63,7 +63,7 @@ def bare_forward_seconds(bank_root, cases, entries, sw_batch_size: int = 2) -> d
 
 def w2_benchmark(cases_pre, seed: int = 0, max_per_class: int = 400) -> dict:
     """Fast batched W2 vs per-pair sqrtm on class-wise samples of a d=256 decoder stage."""
-    from medxfer.networks.factory import arch_layout, build_network
+    from medxfer.networks.registry import arch_layout, build_network
     from medxfer.transferability.ccfv import w2_distance_matrix, w2_squared
     from medxfer.transferability.features import SamplingConfig, sample_dataset
 

@@ -51,33 +51,33 @@ stripped; torchvision ResNet50 keys are the same as MONAI's, torchvision DenseNe
 objects, same names), so ``truncated.load_state_dict(full_encoder_state, strict=False)`` reports
 exactly the dropped deeper layers as unexpected.
 
-No weights are ever downloaded: pass ``weights=`` a state dict or a local file.
+The networks here start from random initialisation and never download anything; pretrained
+encoder weights (a state dict or a local file) are loaded by the one weight path,
+:func:`medxfer.transfer.weights.load_pretrained` (mode ``encoder_only``, keys named by
+:func:`truncated_key`), which reports what was loaded and what the cut dropped.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from os import PathLike
-from pathlib import Path
-from typing import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medxfer.transfer.bank import read_state_dict, strip_prefixes
+from monai.networks.blocks import Convolution
+from monai.networks.nets import DenseNet121, resnet50
+from monai.networks.nets.basic_unet import UpCat
+
+from medxfer.networks.layout import ArchLayout
 
 __all__ = [
     "ARCHS", "TruncationLevel", "truncation_levels", "resnet50_encoder", "densenet121_encoder",
-    "DenseNet121Encoder", "TruncatedEncoder", "truncate_encoder", "TruncatedWeightsReport",
-    "load_truncated_weights", "TruncatedClassifier", "TruncatedSegmenter", "parameter_count",
+    "DenseNet121Encoder", "TruncatedEncoder", "truncate_encoder", "truncated_key", "truncated_layout",
+    "TruncatedClassifier", "TruncatedSegmenter", "parameter_count",
 ]
-
-logger = logging.getLogger("medxfer.transfer")
-
 
 @dataclass(frozen=True)
 class TruncationLevel:
@@ -178,8 +178,6 @@ def resnet50_encoder(in_channels: int = 3) -> nn.Module:
     Calling the returned module maps ``(B, in_channels, H, W)`` to the pooled ``(B, 2048)``; use
     :func:`truncate_encoder` (level 4) for the ``(B, 2048, H/32, W/32)`` feature map.
     """
-    from monai.networks.nets import resnet50
-
     return resnet50(pretrained=False, spatial_dims=2, n_input_channels=in_channels, conv1_t_size=7,
                     conv1_t_stride=2, no_max_pool=False, shortcut_type="B", bias_downsample=False,
                     feed_forward=False)
@@ -194,8 +192,6 @@ class DenseNet121Encoder(nn.Module):
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
-        from monai.networks.nets import DenseNet121
-
         self.features = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1, pretrained=False).features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,109 +323,52 @@ def truncate_encoder(encoder: nn.Module, arch: str, level: int) -> TruncatedEnco
     return TruncatedEncoder(arch, level, [(m, root._modules[m]) for m in kept], taps, spec.container, final_relu)
 
 
-# --- weights -----------------------------------------------------------------------------------
-
-@dataclass
-class TruncatedWeightsReport:
-    """What :func:`load_truncated_weights` did; keys are truncated-encoder keys (no ``encoder.`` prefix)."""
-
-    source: str
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)               # encoder keys the weights lack
-    shape_mismatch: dict[str, list] = field(default_factory=dict)   # key -> [weights shape, encoder shape]
-    dropped_deeper: list[str] = field(default_factory=list)        # keys of the levels cut off
-    not_in_encoder: list[str] = field(default_factory=list)        # other keys: heads, decoders, unknown
-
-    def summary(self) -> str:
-        return (f"{self.source}: loaded {len(self.loaded)} encoder tensors, missing {len(self.missing)}, "
-                f"shape mismatch {len(self.shape_mismatch)}, skipped {len(self.dropped_deeper)} of the dropped "
-                f"deeper levels and {len(self.not_in_encoder)} other keys")
-
+# --- checkpoint keys ---------------------------------------------------------------------------
 
 _TV_DENSE = re.compile(r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(.+)$")
 
 
-def _normalise_key(key: str) -> str:
+def truncated_key(key: str) -> str:
+    """A pretrained encoder's checkpoint key as a truncated network names it: ``encoder.`` + the
+    encoder key (an ``encoder.`` prefix of the source, e.g. a pretraining encoder classifier, is
+    not doubled); torchvision DenseNet keys ``denselayerN.norm1`` / ``norm.1`` become MONAI's
+    ``denselayerN.layers.norm1``. Pure key naming: the weights are loaded by
+    :func:`medxfer.transfer.weights.init_from_checkpoint` (transfer mode ``encoder_only``)."""
     if key.startswith("encoder."):
         key = key[len("encoder."):]
     if ".layers." not in key:  # torchvision DenseNet: denselayerN.norm1 / norm.1 -> denselayerN.layers.norm1
         m = _TV_DENSE.match(key)
         if m:
             key = f"{m.group(1)}.layers.{m.group(2)}{m.group(3)}.{m.group(4)}"
-    return key
+    return "encoder." + key
 
 
-def load_truncated_weights(encoder: TruncatedEncoder, weights) -> TruncatedWeightsReport:
-    """Load pretrained encoder weights into a truncated encoder (deeper levels skipped, reported).
-
-    Args:
-        encoder: a :class:`TruncatedEncoder`.
-        weights: a state dict, or a path read with ``torch.load(..., weights_only=True)`` (a bare
-            state dict or ``{"network": state}``); ``module.``, ``_orig_mod.`` and ``encoder.``
-            prefixes are stripped, so full encoders, full MONAI ResNet/DenseNet121 networks,
-            torchvision ResNet50/DenseNet121 state dicts and other truncated networks all work.
-
-    Tensors whose shape differs (e.g. ``conv1`` for ``in_channels != 3``) keep their
-    initialisation and are reported.
-
-    Raises:
-        FileNotFoundError: naming the path, when it does not exist.
-        ValueError: naming the file, when it holds pickled objects (``torch.save(model)``) or no
-            state dict; naming the source, when no key of the truncated encoder is in it.
-    """
-    if isinstance(weights, (str, PathLike)):
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        state, source = read_state_dict(path), str(path)
-    elif isinstance(weights, Mapping):
-        for wrapper in ("network", "state_dict", "model"):  # trainer checkpoints held in memory
-            if isinstance(weights.get(wrapper), Mapping):
-                weights = weights[wrapper]
-                break
-        if not weights or not all(torch.is_tensor(v) for v in weights.values()):
-            raise ValueError("weights: not a state dict (expected a mapping of parameter names to tensors)")
-        state, source = strip_prefixes(weights), "state dict"
-    else:
-        raise ValueError(f"weights must be a state dict or a file path, got {type(weights).__name__}")
-    spec = _spec(encoder.arch)
-    own = encoder.state_dict()
-    prefix = f"{spec.container}." if spec.container else ""
-    deeper = {prefix + m + "." for m in spec.order[len(encoder._names):]}
-    report, to_load = TruncatedWeightsReport(source=source), {}
-    for key, value in state.items():
-        key = _normalise_key(key)
-        if key in own:
-            if tuple(value.shape) != tuple(own[key].shape):
-                report.shape_mismatch[key] = [list(value.shape), list(own[key].shape)]
-            else:
-                to_load[key] = value
-        elif any(key.startswith(p) for p in deeper):
-            report.dropped_deeper.append(key)
-        else:
-            report.not_in_encoder.append(key)
-    if not to_load:
-        raise ValueError(f"{source}: no tensor matches the {encoder.arch} level-{encoder.level} encoder "
-                         f"(its keys look like {next(iter(own))!r}; the file's like {next(iter(state), None)!r})")
-    encoder.load_state_dict(to_load, strict=False)
-    report.loaded = sorted(to_load)
-    report.missing = sorted(set(own) - set(to_load) - set(report.shape_mismatch))
-    logger.info("truncated %s level %d weights: %s", encoder.arch, encoder.level, report.summary())
-    for key, (src, dst) in report.shape_mismatch.items():
-        logger.info("  shape mismatch, not loaded: %s weights %s encoder %s", key, src, dst)
-    return report
-
-
-def _build_truncated(arch: str, level: int, in_channels: int, weights) -> tuple[TruncatedEncoder, TruncatedWeightsReport | None]:
+def _build_truncated(arch: str, level: int, in_channels: int) -> TruncatedEncoder:
     _check_level(arch, level)
     if int(in_channels) < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     full = resnet50_encoder(in_channels) if arch == "resnet50" else densenet121_encoder(in_channels)
-    encoder = truncate_encoder(full, arch, level)
-    report = load_truncated_weights(encoder, weights) if weights is not None else None
-    for p in encoder.parameters():  # truncated TL fine-tunes every kept layer
-        p.requires_grad_(True)
-    return encoder, report
+    return truncate_encoder(full, arch, level)
+
+
+def truncated_layout(network: nn.Module | None) -> ArchLayout:
+    """:class:`~medxfer.networks.layout.ArchLayout` of a :class:`TruncatedClassifier` or
+    :class:`TruncatedSegmenter`: one encoder level (``encoder``: everything kept), the decoder stages
+    of a segmenter, head ``head``; the penultimate encoder module is the second-to-last kept encoder
+    module with parameters (``encoder.layer1`` for ResNet50 level 2, ``encoder.features.denseblock1``
+    for DenseNet121 level 1; a module the segmenter's forward really runs); ``cut_off`` names the source encoder's modules deeper than the cut
+    (``encoder.layer4`` ...): a transfer skips their checkpoint keys by design."""
+    if network is None:
+        return ArchLayout("truncated", [["encoder"]], [], ["head"], "encoder")
+    encoder = network.encoder
+    spec = _spec(encoder.arch)
+    prefix = f"encoder.{spec.container}." if spec.container else "encoder."
+    kept = [n for n, m in encoder._parent().named_children() if any(True for _ in m.parameters())]
+    decoder = getattr(network, "decoder", None)
+    return ArchLayout(f"truncated_{encoder.arch}", [["encoder"]],
+                      [f"decoder.{i}" for i in range(len(decoder))] if decoder is not None else [], ["head"],
+                      prefix + kept[-2] if len(kept) >= 2 else prefix + kept[-1],
+                      cut_off=[prefix + m for m in spec.order[len(encoder._names):]])
 
 
 # --- networks ----------------------------------------------------------------------------------
@@ -445,21 +384,18 @@ class TruncatedClassifier(nn.Module):
         num_classes: outputs of the new head (``nn.Linear(C_k, num_classes)``, random init).
         in_channels: image channels (3: ImageNet weights load fully; otherwise ``conv1``/``conv0`` is
             reported as a shape mismatch and keeps its random init).
-        weights: ``None`` (random init) or pretrained encoder weights, see :func:`load_truncated_weights`;
-            what was loaded/skipped is in :attr:`weights_report`.
         dropout: dropout probability before the head (0: none).
 
     Attributes: ``encoder`` (:class:`TruncatedEncoder`), ``pool``, ``dropout``, ``head``.
     """
 
-    def __init__(self, arch: str, level: int, num_classes: int, in_channels: int = 3, weights=None,
-                 dropout: float = 0.0):
+    def __init__(self, arch: str, level: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0):
         super().__init__()
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.encoder, self.weights_report = _build_truncated(arch, level, in_channels, weights)
+        self.encoder = _build_truncated(arch, level, in_channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(self.encoder.channels, int(num_classes))
@@ -483,23 +419,20 @@ class TruncatedSegmenter(nn.Module):
     the next multiple and the logits cropped back to ``(H, W)``.
 
     Args:
-        arch, level, in_channels, weights: as :class:`TruncatedClassifier`.
+        arch, level, in_channels: as :class:`TruncatedClassifier`.
         out_channels: output maps (1 for a binary mask, sigmoid outside).
         decoder_channels: widths of the stage outputs at H/16, H/8, H/4, H/2, H; a level with
             stride s_k uses the last log2(s_k) of them (the bottleneck has the width of the first).
     """
 
-    def __init__(self, arch: str, level: int, out_channels: int, in_channels: int = 3, weights=None,
+    def __init__(self, arch: str, level: int, out_channels: int, in_channels: int = 3,
                  decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)):
         super().__init__()
-        from monai.networks.blocks import Convolution
-        from monai.networks.nets.basic_unet import UpCat
-
         if int(out_channels) < 1:
             raise ValueError(f"out_channels must be >= 1, got {out_channels}")
         if len(decoder_channels) != 5 or any(int(c) < 1 for c in decoder_channels):
             raise ValueError(f"decoder_channels must be 5 positive widths (H/16 .. H), got {decoder_channels}")
-        self.encoder, self.weights_report = _build_truncated(arch, level, in_channels, weights)
+        self.encoder = _build_truncated(arch, level, in_channels)
         strides, chans = self.encoder.feature_strides, self.encoder.feature_channels
         n_stages = int(strides[-1]).bit_length() - 1            # log2 s_k
         widths = [int(c) for c in decoder_channels[-n_stages:]]

@@ -23,10 +23,14 @@ import yaml
 
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
+from medxfer.networks.registry import build_network
+from medxfer.resources import config_path
+from medxfer.transfer.bank import ModelBank
+from medxfer.workflows.bundle import run_bundle
 
 __all__ = ["DEFAULT_BANK_CONFIG", "load_bank_config", "source_tasks", "build_ccfv_bank", "pretrain_bank", "ccfv_entries"]
 
-from medxfer.resources import config_path  # noqa: E402  (configs/ of the checkout, or shipped in the wheel)
+#: configs/ of the checkout, or the copy shipped in the wheel
 DEFAULT_BANK_CONFIG = config_path("bank_ccfv.yaml")
 logger = logging.getLogger("medxfer.bank")
 
@@ -104,10 +108,6 @@ def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_
     A bank pretrained on all tasks serves every leave-one-task-out target: see :func:`ccfv_entries`.
     """
     from tqdm.auto import tqdm
-
-    from medxfer.networks.factory import build_network
-    from medxfer.transfer.bank import ModelBank
-    from medxfer.workflows.bundle import run_bundle
 
     out = Path(out)
     bank = ModelBank.open(out, create=True, description=description)

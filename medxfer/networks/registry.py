@@ -1,0 +1,203 @@
+"""Every segmentation network of medxfer by name: one registration each (SPEC sections 3, 6-8).
+
+A :class:`NetworkSpec` says how to build a network (``builder``), where its parts live
+(``layout``: encoder levels, decoder stages, head, penultimate encoder module; see
+:class:`~medxfer.networks.layout.ArchLayout`), which input sides it accepts (``size_divisor``), its
+spatial dimensions and its default keyword arguments. :func:`build_network`, :func:`arch_layout`,
+:func:`size_divisor` and :func:`fit_patch` are lookups in :data:`REGISTRY`; an unknown name lists
+every registered one. Adding an architecture is one :func:`register` call.
+
+========================= ===== ===================================================================
+name                      dims  network
+========================= ===== ===================================================================
+``unet``                  3     MONAI ``UNet`` (residual units)
+``unetr``                 3     MONAI ``UNETR``
+``swinunetr``             3     MONAI ``SwinUNETR``
+``unet_effb0``            2     TATL U shape: MONAI ``FlexibleUNet`` on EfficientNet-b0
+``linknet_effb0``         2     TATL Link shape: :class:`~medxfer.networks.linknet.LinkNetEffB0`
+``unet2d``                2     thesis basic U-Net (:mod:`medxfer.networks.unet2d`)
+``resnet50_attention_unet`` 2   thesis ResNet50 Attention U-Net
+``swin_unet``             2     thesis Swin U-Net
+``truncated_resnet50``    2     truncated ResNet50 + U-Net decoder (``level`` 1..4)
+``truncated_densenet121`` 2     truncated DenseNet121 + U-Net decoder (``level`` 1..4)
+========================= ===== ===================================================================
+
+Builders are called as ``builder(in_channels, out_channels, roi_size, **kwargs)`` with the
+registry's defaults merged under the caller's kwargs; the thesis networks also take
+``encoder_classifier=True`` (their pretraining classifier, how encoder bank entries are rebuilt).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from medxfer.networks.effnet_unet import effb0_layout, unet_effb0
+from medxfer.networks.layout import ArchLayout
+from medxfer.networks.linknet import LinkNetEffB0
+from medxfer.networks.monai_nets import (DEFAULT_KWARGS, build_swinunetr, build_unet, build_unetr, swinunetr_layout,
+                                         unet_layout, unet_size_divisor, unetr_layout)
+from medxfer.networks.seg2d import build_thesis_network, thesis_layout
+from medxfer.networks.truncated import TruncatedSegmenter, truncated_layout
+from medxfer.networks.unet2d import UNET2D_CHANNELS
+
+__all__ = ["NetworkSpec", "REGISTRY", "register", "network_spec", "registered", "build_network", "arch_layout",
+           "size_divisor", "fit_patch"]
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One registered network.
+
+    Attributes:
+        name: the ``arch`` value configs and bank entries use.
+        builder: ``(in_channels, out_channels, roi_size, **kwargs) -> nn.Module``.
+        layout: ``(network or None, kwargs) -> ArchLayout``.
+        size_divisor: ``kwargs -> int``: every spatial side must be a multiple of it.
+        spatial_dims: the input's spatial dimensions (2 or 3).
+        default_kwargs: merged under the caller's kwargs before ``builder`` / ``layout`` / ``size_divisor``.
+        description: one line for listings and errors.
+    """
+
+    name: str
+    builder: Callable[..., torch.nn.Module]
+    layout: Callable[[torch.nn.Module | None, dict], ArchLayout]
+    size_divisor: Callable[[dict], int]
+    spatial_dims: int
+    default_kwargs: Mapping = field(default_factory=dict)
+    description: str = ""
+
+    def kwargs(self, arch_kwargs: Mapping | None) -> dict:
+        return {**self.default_kwargs, **dict(arch_kwargs or {})}
+
+
+#: name -> :class:`NetworkSpec`; extend with :func:`register`.
+REGISTRY: dict[str, NetworkSpec] = {}
+
+
+def register(spec: NetworkSpec, overwrite: bool = False) -> NetworkSpec:
+    """Add ``spec`` under ``spec.name`` (lower case); an existing name is an error unless ``overwrite``."""
+    name = spec.name.lower()
+    if name in REGISTRY and not overwrite:
+        raise ValueError(f"network {name!r} is registered already")
+    REGISTRY[name] = spec
+    return spec
+
+
+def registered() -> list[str]:
+    """Every registered network name, in registration order."""
+    return list(REGISTRY)
+
+
+def network_spec(arch: str) -> NetworkSpec:
+    """The :class:`NetworkSpec` of ``arch``; an unknown name lists every registered one."""
+    key = str(arch).lower()
+    if key not in REGISTRY:
+        raise ValueError(f"unknown arch {arch!r}; registered networks: {registered()}")
+    return REGISTRY[key]
+
+
+def size_divisor(arch: str, arch_kwargs: dict | None = None) -> int:
+    """Every spatial side of the input must be a multiple of this (voxels / pixels)."""
+    spec = network_spec(arch)
+    return int(spec.size_divisor(spec.kwargs(arch_kwargs)))
+
+
+def fit_patch(arch: str, patch_size: Sequence[int], arch_kwargs: dict | None = None) -> list[int]:
+    """``patch_size`` with every side rounded up to a multiple of :func:`size_divisor`."""
+    d = size_divisor(arch, arch_kwargs)
+    return [int(math.ceil(int(p) / d) * d) for p in patch_size]
+
+
+def build_network(arch: str, in_channels: int, out_channels: int, roi_size: Sequence[int] | int,
+                  spatial_dims: int | None = None, **arch_kwargs) -> torch.nn.Module:
+    """Registered network ``arch`` for ``(B, in_channels, *roi_size)`` -> ``(B, out_channels, *roi_size)``.
+
+    Args:
+        arch: a registered name (:func:`registered`).
+        in_channels: image channels; out_channels: output maps (labels incl. background, or 1 for
+            a sigmoid mask; classes for an encoder classifier).
+        roi_size: patch / image size (an int means the same on every side); checked to be a
+            multiple of :func:`size_divisor` on every side.
+        spatial_dims: ``None`` or the network's own (a MONAI 3D network also builds in 2D).
+        arch_kwargs: passed to the builder over the registry defaults.
+    """
+    spec = network_spec(arch)
+    dims = spec.spatial_dims if spatial_dims is None else int(spatial_dims)
+    if dims != spec.spatial_dims and spec.name not in ("unet", "unetr", "swinunetr"):
+        raise ValueError(f"{spec.name} is a {spec.spatial_dims}D network, not {dims}D")
+    roi = [int(roi_size)] * dims if isinstance(roi_size, (int, float)) else [int(r) for r in roi_size]
+    if len(roi) != dims:
+        raise ValueError(f"roi_size {roi} must have {dims} sides")
+    kwargs = spec.kwargs(arch_kwargs)
+    div = int(spec.size_divisor(kwargs))
+    if any(r % div for r in roi):
+        raise ValueError(f"{spec.name}: patch/roi size {roi} must be a multiple of {div} on every side "
+                         f"(use fit_patch -> {fit_patch(spec.name, roi, arch_kwargs)})")
+    if spec.spatial_dims == 3:
+        kwargs["spatial_dims"] = dims
+    return spec.builder(int(in_channels), int(out_channels), roi, **kwargs)
+
+
+def arch_layout(arch: str, network: torch.nn.Module | None = None, arch_kwargs: dict | None = None) -> ArchLayout:
+    """The :class:`~medxfer.networks.layout.ArchLayout` of ``arch``; ``network`` (or ``arch_kwargs``)
+    gives depth-dependent parts (UNet depth, UNETR blocks, a truncated encoder's cut); a
+    ``DistributedDataParallel`` / compiled wrapper is looked through."""
+    spec = network_spec(arch)
+    if network is not None:
+        network = getattr(network, "module", network)
+        network = getattr(network, "_orig_mod", network)
+    return spec.layout(network, spec.kwargs(arch_kwargs))
+
+
+# --- the registrations --------------------------------------------------------------------------
+
+def _fixed(divisor: int) -> Callable[[dict], int]:
+    return lambda kwargs: divisor
+
+
+def _effb0(shape: str) -> Callable[..., torch.nn.Module]:
+    def build(in_channels, out_channels, roi_size, **kwargs):
+        if shape == "unet_effb0":
+            return unet_effb0(in_channels, out_channels, **kwargs)
+        return LinkNetEffB0(in_channels, out_channels, **kwargs)
+    return build
+
+
+def _thesis(arch: str) -> NetworkSpec:
+    def build(in_channels, out_channels, roi_size, **kwargs):
+        return build_thesis_network(arch, in_channels, out_channels, tuple(roi_size), **kwargs)
+
+    def divisor(kwargs):  # the U-Net halves len(channels) - 1 times; the others are /32 networks
+        return 2 ** (len(kwargs.get("channels", UNET2D_CHANNELS)) - 1) if arch == "unet2d" else 32
+
+    return NetworkSpec(arch, build, lambda network, kwargs: thesis_layout(arch, network), divisor, 2,
+                       description=f"thesis 2D {arch}")
+
+
+def _truncated(encoder_arch: str) -> NetworkSpec:
+    def build(in_channels, out_channels, roi_size, level: int = 3, **kwargs):
+        return TruncatedSegmenter(encoder_arch, level, out_channels, in_channels, **kwargs)
+
+    return NetworkSpec(f"truncated_{encoder_arch}", build, lambda network, kwargs: truncated_layout(network),
+                       _fixed(1), 2, {"level": 3},
+                       description=f"truncated {encoder_arch} encoder (level 1..4) + U-Net decoder; pads internally")
+
+
+for _spec in (
+    NetworkSpec("unet", build_unet, unet_layout, unet_size_divisor, 3, DEFAULT_KWARGS["unet"], "MONAI UNet"),
+    NetworkSpec("unetr", build_unetr, unetr_layout, _fixed(16), 3, DEFAULT_KWARGS["unetr"], "MONAI UNETR"),
+    NetworkSpec("swinunetr", build_swinunetr, swinunetr_layout, _fixed(32), 3, DEFAULT_KWARGS["swinunetr"],
+                "MONAI SwinUNETR"),
+    NetworkSpec("unet_effb0", _effb0("unet_effb0"), lambda network, kwargs: effb0_layout("unet_effb0"), _fixed(32), 2,
+                description="TATL U shape (FlexibleUNet, EfficientNet-b0)"),
+    NetworkSpec("linknet_effb0", _effb0("linknet_effb0"), lambda network, kwargs: effb0_layout("linknet_effb0"),
+                _fixed(32), 2, description="TATL Link shape (EfficientNet-b0)"),
+    _thesis("unet2d"), _thesis("resnet50_attention_unet"), _thesis("swin_unet"),
+    _truncated("resnet50"), _truncated("densenet121"),
+):
+    register(_spec)
+del _spec
