@@ -57,7 +57,8 @@ class NetworkSpec:
         builder: ``(in_channels, out_channels, roi_size, **kwargs) -> nn.Module``.
         layout: ``(network or None, kwargs) -> ArchLayout``.
         size_divisor: ``kwargs -> int``: every spatial side must be a multiple of it.
-        spatial_dims: the input's spatial dimensions (2 or 3).
+        spatial_dims: the input's spatial dimensions (2 or 3) by default.
+        any_dims: the builder takes ``spatial_dims`` and builds in 2D as well as 3D (MONAI's nets).
         default_kwargs: merged under the caller's kwargs before ``builder`` / ``layout`` / ``size_divisor``.
         description: one line for listings and errors.
     """
@@ -69,6 +70,7 @@ class NetworkSpec:
     spatial_dims: int
     default_kwargs: Mapping = field(default_factory=dict)
     description: str = ""
+    any_dims: bool = False
 
     def kwargs(self, arch_kwargs: Mapping | None) -> dict:
         return {**self.default_kwargs, **dict(arch_kwargs or {})}
@@ -127,7 +129,7 @@ def build_network(arch: str, in_channels: int, out_channels: int, roi_size: Sequ
     """
     spec = network_spec(arch)
     dims = spec.spatial_dims if spatial_dims is None else int(spatial_dims)
-    if dims != spec.spatial_dims and spec.name not in ("unet", "unetr", "swinunetr"):
+    if dims != spec.spatial_dims and not spec.any_dims:
         raise ValueError(f"{spec.name} is a {spec.spatial_dims}D network, not {dims}D")
     roi = [int(roi_size)] * dims if isinstance(roi_size, (int, float)) else [int(r) for r in roi_size]
     if len(roi) != dims:
@@ -137,7 +139,7 @@ def build_network(arch: str, in_channels: int, out_channels: int, roi_size: Sequ
     if any(r % div for r in roi):
         raise ValueError(f"{spec.name}: patch/roi size {roi} must be a multiple of {div} on every side "
                          f"(use fit_patch -> {fit_patch(spec.name, roi, arch_kwargs)})")
-    if spec.spatial_dims == 3:
+    if spec.any_dims:
         kwargs["spatial_dims"] = dims
     return spec.builder(int(in_channels), int(out_channels), roi, **kwargs)
 
@@ -188,10 +190,10 @@ def _truncated(encoder_arch: str) -> NetworkSpec:
 
 
 for _spec in (
-    NetworkSpec("unet", build_unet, unet_layout, unet_size_divisor, 3, DEFAULT_KWARGS["unet"], "MONAI UNet"),
-    NetworkSpec("unetr", build_unetr, unetr_layout, _fixed(16), 3, DEFAULT_KWARGS["unetr"], "MONAI UNETR"),
+    NetworkSpec("unet", build_unet, unet_layout, unet_size_divisor, 3, DEFAULT_KWARGS["unet"], "MONAI UNet", True),
+    NetworkSpec("unetr", build_unetr, unetr_layout, _fixed(16), 3, DEFAULT_KWARGS["unetr"], "MONAI UNETR", True),
     NetworkSpec("swinunetr", build_swinunetr, swinunetr_layout, _fixed(32), 3, DEFAULT_KWARGS["swinunetr"],
-                "MONAI SwinUNETR"),
+                "MONAI SwinUNETR", True),
     NetworkSpec("unet_effb0", _effb0("unet_effb0"), lambda network, kwargs: effb0_layout("unet_effb0"), _fixed(32), 2,
                 description="TATL U shape (FlexibleUNet, EfficientNet-b0)"),
     NetworkSpec("linknet_effb0", _effb0("linknet_effb0"), lambda network, kwargs: effb0_layout("linknet_effb0"),
