@@ -62,9 +62,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | PathLike, mode: int | None = 0o644) -> Iterator[Path]:
+def atomic_path(path: str | PathLike, mode: int | None = 0o644, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error it is renamed to
     ``path`` (``mode`` applied first; ``None`` keeps the temporary file's 0600), else removed.
+
+    ``exclusive``: publish only if ``path`` does not exist yet (``os.link``, an atomic
+    create-if-absent), else :class:`FileExistsError`: of several processes writing the same file
+    at once (the ranks of a multi-GPU run) exactly one wins and the others can read its file.
 
     For writers that want a file name (``nibabel.save``, ``Image.save``, ``torch.save``)::
 
@@ -91,9 +95,14 @@ def atomic_path(path: str | PathLike, mode: int | None = 0o644) -> Iterator[Path
             os.chmod(tmp_named, mode)
         with open(tmp_named, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp_named, path)
+        if exclusive:
+            os.link(tmp_named, path)
+        else:
+            os.replace(tmp_named, path)
         _fsync_dir(path.parent)
     except OSError as e:
+        if exclusive and isinstance(e, FileExistsError):
+            raise FileExistsError(errno.EEXIST, f"{path}: exists (written meanwhile)") from None
         raise write_error(path, e) from None
     finally:
         for leftover in {tmp, tmp_named}:
@@ -101,18 +110,18 @@ def atomic_path(path: str | PathLike, mode: int | None = 0o644) -> Iterator[Path
                 leftover.unlink()
 
 
-def atomic_write_bytes(path: str | PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns the path."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | PathLike, data: bytes, exclusive: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (``exclusive``: see :func:`atomic_path`); returns the path."""
+    with atomic_path(path, exclusive=exclusive) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
     return Path(path)
 
 
-def atomic_write_text(path: str | PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically; returns the path."""
-    return atomic_write_bytes(path, text.encode(encoding))
+def atomic_write_text(path: str | PathLike, text: str, encoding: str = "utf-8", exclusive: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (``exclusive``: see :func:`atomic_path`); returns the path."""
+    return atomic_write_bytes(path, text.encode(encoding), exclusive=exclusive)
 
 
 def atomic_torch_save(obj, path: str | PathLike, save: Callable | None = None) -> Path:

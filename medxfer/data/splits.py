@@ -8,13 +8,12 @@ validation fold; fold sizes differ by at most one.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from medxfer.jsonfile import write_json
 
 from .problems import DatasetError, read_json
 
@@ -58,29 +57,19 @@ def make_kfold_splits(cases: Sequence, n_folds: int = 5, seed: int = 0) -> list[
 def save_splits(splits: list[dict], path, overwrite: bool = False) -> Path:
     """Write splits as JSON. An existing file is kept unless ``overwrite`` (it may be the user's).
 
-    The file appears atomically and, without ``overwrite``, exclusively: of several processes
-    saving at once (the ranks of a multi-GPU run) one wins, the others get ``FileExistsError``
-    and can read the complete file.
+    The file appears atomically (:func:`medxfer.jsonfile.write_json`: a full disk or a kill
+    leaves the previous file or none) and, without ``overwrite``, exclusively: of several
+    processes saving at once (the ranks of a multi-GPU run) one wins, the others get
+    ``FileExistsError`` and can read the complete file.
     """
     path = Path(path)
+    message = f"{path}: split file exists; pass overwrite=True (--overwrite) to replace it"
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: split file exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        raise FileExistsError(message)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(splits, indent=2) + "\n")
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent
-            except FileExistsError:
-                raise FileExistsError(f"{path}: split file exists; pass overwrite=True (--overwrite) to replace it") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return write_json(path, splits, exclusive=not overwrite)
+    except FileExistsError:
+        raise FileExistsError(message) from None
 
 
 def load_splits(path) -> list[dict[str, list[str]]]:

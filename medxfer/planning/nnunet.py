@@ -28,6 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medxfer.atomic import atomic_write_text
 from medxfer.data.msd import SegTask, image_files, load_task
 from medxfer.data.problems import DatasetError, read_json
 
@@ -111,22 +112,14 @@ def plans_from_nnunet(plans: dict, dataset_json: dict, configuration: str = "3d_
 
 
 def _write_new(path: Path, text: str, overwrite: bool) -> None:
-    """Write ``path`` atomically; without ``overwrite`` only if it does not exist yet (so two
-    processes planning the same task at once, e.g. the ranks of a multi-GPU run, cannot both win)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write ``path`` atomically (:func:`medxfer.atomic.atomic_write_text`: a full disk or a kill
+    leaves the previous plans or none, never half a file); without ``overwrite`` only if it does
+    not exist yet (so two processes planning the same task at once, e.g. the ranks of a multi-GPU
+    run, cannot both win)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path}: plans exist (written meanwhile); pass overwrite=True to replan") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write_text(path, text, exclusive=not overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{path}: plans exist (written meanwhile); pass overwrite=True to replan") from None
 
 
 def plan_task(task_dir, out=None, configuration: str = "3d_fullres", verify: bool = True,
@@ -171,8 +164,8 @@ def plan_task(task_dir, out=None, configuration: str = "3d_fullres", verify: boo
                  "channels": {str(k): v for k, v in task.channel_names.items()},
                  "labels": {str(k): v for k, v in task.labels.items()},
                  **plans_from_nnunet(nn_plans, json.loads((raw / "dataset.json").read_text()), configuration)}
-        for name in ("nnUNetPlans.json", "dataset_fingerprint.json"):
-            shutil.copy(pre / name, out.parent / f"{out.stem}.{name}")
+        for name in ("nnUNetPlans.json", "dataset_fingerprint.json"):  # copies for the record, atomic too
+            atomic_write_text(out.parent / f"{out.stem}.{name}", (pre / name).read_text())
         _write_new(out, json.dumps(plans, indent=2) + "\n", overwrite)
         return plans
     finally:

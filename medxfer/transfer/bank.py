@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -29,6 +27,7 @@ from typing import Iterator, Mapping
 import torch
 import yaml
 
+from medxfer.atomic import atomic_write_bytes, atomic_write_text
 from medxfer.transfer.weights import CheckpointError, read_checkpoint, strip_prefixes
 
 __all__ = ["BankError", "BankEntry", "ModelBank", "sha256_file", "MANIFEST"]
@@ -128,14 +127,11 @@ class ModelBank:
         return cls(root, entries, data.get("description", ""))
 
     def save(self) -> None:
-        """Write the manifest atomically (a crash never leaves half a manifest)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write the manifest atomically (:func:`medxfer.atomic.atomic_write_text`): a crash or a
+        full disk leaves the previous manifest, never half of one (error: :class:`medxfer.atomic.WriteError`)."""
         data = {"description": self.description, "format": "medxfer model bank v1",
                 "entries": [e.to_dict() for e in self._entries.values()]}
-        fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".yaml", dir=self.root)
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(tmp, self.manifest)
+        atomic_write_text(self.manifest, yaml.safe_dump(data, sort_keys=False))
 
     # --- entries --------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -165,6 +161,10 @@ class ModelBank:
         """Save ``network``'s state dict (wrappers unwrapped, tensors on CPU) and record it.
 
         An existing ``name`` is an error unless ``overwrite`` (a bank is never changed silently).
+        The checkpoint is written atomically, then the manifest: a failure (full disk, kill)
+        leaves the previous checkpoint and manifest, and the entry is not added. A failed manifest
+        write after the checkpoint was replaced can leave a checkpoint whose sha256 no longer
+        matches its (old) entry; :meth:`verify` then refuses it rather than load the wrong weights.
         """
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"invalid bank entry name {name!r}")
@@ -173,22 +173,25 @@ class ModelBank:
         state = network.state_dict() if isinstance(network, torch.nn.Module) else network
         state = {k: v.detach().cpu().clone() for k, v in strip_prefixes(state).items()}
         rel = f"checkpoints/{name}.pt"
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
+        atomic_write_bytes(self.root / rel, buffer.getvalue())
         entry = BankEntry(name=name, arch=str(arch), checkpoint=rel, sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
                           in_channels=int(in_channels), out_channels=int(out_channels),
                           patch_size=[int(p) for p in patch_size], arch_kwargs=_plain(dict(arch_kwargs or {})),
                           source=[str(s) for s in source], epoch=None if epoch is None else int(epoch),
                           iterations=None if iterations is None else int(iterations),
                           preprocessing=_plain(dict(preprocessing or {})), notes=notes)
+        previous = self._entries.get(name)
         self._entries[name] = entry
-        self.save()
+        try:
+            self.save()
+        except BaseException:  # the manifest on disk is unchanged: so is this object
+            if previous is None:
+                del self._entries[name]
+            else:
+                self._entries[name] = previous
+            raise
         return entry
 
     def verify(self, name: str) -> Path:

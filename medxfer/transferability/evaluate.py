@@ -30,6 +30,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import scipy.stats
 
+from medxfer.atomic import atomic_path
 from medxfer.data.problems import DatasetError, read_json
 from medxfer.jsonfile import write_json
 
@@ -246,14 +247,13 @@ def table_from_files(scores_file: str | Path, dice_file: str | Path, target: str
 
 def write_report(result: Mapping, out_dir: str | Path, name: str = "te_evaluation") -> dict[str, Path]:
     """Write :func:`evaluate_estimators`'s result as ``<name>.json`` (NaN -> ``null``) and
-    ``<name>.csv`` (one row per target and estimator, then ``scope=mean`` rows; NaN -> ``nan``).
-    Returns ``{"json": path, "csv": path}``."""
+    ``<name>.csv`` (one row per target and estimator, then ``scope=mean`` rows; NaN -> ``nan``),
+    each atomically (:mod:`medxfer.atomic`). Returns ``{"json": path, "csv": path}``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
     write_json(json_path, dict(result))
     fields = ["scope", "target", "estimator", *METRICS, "picked", "n_models", "n_scored"]
-    with csv_path.open("w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for t in result["targets"]:
@@ -309,6 +309,6 @@ def plot_scores(table: Iterable[Mapping], out_png: str | Path, estimators: Seque
     if names and targets:
         axes[0].legend(fontsize=7, title="target", title_fontsize=7)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     return out_png

@@ -55,6 +55,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from medxfer.atomic import atomic_write_text
 from medxfer.data.problems import DatasetError, read_json
 
 __all__ = ["Box", "lesion_box", "crop", "paste_back", "save_boxes", "load_boxes", "OFFSET_SPACES", "PASTE_MODES"]
@@ -339,9 +340,9 @@ def paste_back(crop_mask, box: Box, image_size: Sequence[int], *, mode: str = "n
 
 
 def save_boxes(boxes: Mapping, path) -> None:
-    """Write ``{image id: Box}`` as JSON (the crops of stages 2-3 are reproducible from it)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({k: b.to_dict() for k, b in boxes.items()}, indent=1) + "\n")
+    """Write ``{image id: Box}`` as JSON (the crops of stages 2-3 are reproducible from it),
+    atomically: a later stage never reads half a box file."""
+    atomic_write_text(path, json.dumps({k: b.to_dict() for k, b in boxes.items()}, indent=1) + "\n")
 
 
 def load_boxes(path) -> dict:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import shutil
 from dataclasses import dataclass, field
 from os import PathLike
 
@@ -54,6 +53,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from medxfer.data.isic import ISIC_LAYOUTS
+from medxfer.data.synth.staging import staged_output
 
 __all__ = [
     "ISIC_ATTRIBUTES",
@@ -482,6 +482,10 @@ def generate_isic(
             anew (so no image of an earlier, larger set is left behind); the other year's
             folders and any other file in ``out_dir`` are left in place.
 
+    The set is written into a hidden staging folder and published by renames when complete
+    (:func:`medxfer.data.synth.staging.staged_output`): a full disk, an error or a kill leaves
+    the previous folders (or none), never a half-written set.
+
     Images are RGB JPEG (quality 95); masks are 8-bit single-channel PNG with values 0/255;
     every attribute mask of the year is written, all-zero when the image lacks it.
 
@@ -498,18 +502,24 @@ def generate_isic(
         raise ValueError(f"size_jitter must be in [0, 1), got {size_jitter}")
     layout = ISIC_LAYOUTS[year]
     out = pathlib.Path(out_dir)
-    folders = [out / layout.image_dir, out / layout.task1_dir, out / layout.task2_dir]
+    names = [layout.image_dir, layout.task1_dir, layout.task2_dir]
     if not overwrite:
-        for folder in folders:
+        for folder in (out / n for n in names):
             if folder.is_dir() and any(p.name.startswith("ISIC_") for p in folder.iterdir()):
                 raise FileExistsError(
                     f"{folder} already holds ISIC {year} files; pass overwrite=True to replace them"
                 )
-    for folder in folders:
-        if overwrite and folder.is_dir():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    # overwrite: the year's folders are replaced; else existing ones (without ISIC files) are kept
+    with staged_output(out, replace=names, merge=() if overwrite else names) as stage:
+        folders = [stage / n for n in names]
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        _write_cases(folders, layout, year, num_images, size, size_jitter, seed, first_id)
+    return out
 
+
+def _write_cases(folders, layout, year, num_images, size, size_jitter, seed, first_id) -> None:
+    """The images and masks of :func:`generate_isic` in ``folders`` (image, task 1, task 2)."""
     for index, attrs in enumerate(assign_attributes(num_images, year, seed)):
         number = first_id + index
         case_id = f"ISIC_{number:07d}"
@@ -521,4 +531,3 @@ def generate_isic(
         Image.fromarray(case.lesion.astype(np.uint8) * 255).save(folders[1] / layout.lesion_name(case_id))
         for name, mask in case.attributes.items():
             Image.fromarray(mask.astype(np.uint8) * 255).save(folders[2] / layout.attribute_name(case_id, name))
-    return out

@@ -49,7 +49,6 @@ spacing=(1.5, 1.5, 4)`` gives a 48 mm miniature of the same task, with exactly t
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +56,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage
+
+from medxfer.atomic import atomic_directory
 
 __all__ = ["MSDProfile", "MSD_PROFILES", "generate_msd_task", "generate_msd", "render_case", "RenderedCase",
            "TISSUES"]
@@ -519,7 +520,13 @@ def generate_msd_task(out_dir, profile: str = "spleen", num_training: int = 6, n
         seed: case ``i`` uses ``SeedSequence([seed, task_id, i])``: the same arguments give the same
             arrays, and adding cases does not change existing ones.
         overwrite: replace an existing non-empty task folder (otherwise ``FileExistsError``); only
-            that task folder is removed.
+            that task folder is replaced.
+
+    The task is written into a hidden temporary folder beside ``TaskNN_Name`` and renamed to it
+    when complete (:func:`medxfer.atomic.atomic_directory`): a full disk, an error or a kill leaves
+    no task folder (or the previous one, untouched, with ``overwrite``), never one without
+    ``dataset.json``. Write errors come as :class:`medxfer.atomic.WriteError` (one line, path and
+    cause, e.g. ``no space left on device``).
     """
     if profile not in MSD_PROFILES:
         raise ValueError(f"unknown MSD profile {profile!r}; choose from {sorted(MSD_PROFILES)}")
@@ -529,14 +536,17 @@ def generate_msd_task(out_dir, profile: str = "spleen", num_training: int = 6, n
         raise ValueError(f"spacing_jitter must be in [0, 1), got {spacing_jitter}")
     prof = MSD_PROFILES[profile]
     task_dir = Path(out_dir) / prof.folder
-    if task_dir.exists() and (not task_dir.is_dir() or any(task_dir.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{task_dir}: task folder exists and is not empty; pass overwrite=True "
-                                  "(--overwrite on the command line) to replace it")
-        if task_dir.is_dir():
-            shutil.rmtree(task_dir)
-        else:
-            task_dir.unlink()
+    if task_dir.exists() and (not task_dir.is_dir() or any(task_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{task_dir}: task folder exists and is not empty; pass overwrite=True "
+                              "(--overwrite on the command line) to replace it")
+    with atomic_directory(task_dir, overwrite=True) as tmp:  # an empty folder is replaced silently
+        _write_task(tmp, prof, num_training, num_test, shape, spacing, spacing_jitter, seed)
+    return task_dir
+
+
+def _write_task(task_dir: Path, prof: MSDProfile, num_training: int, num_test: int, shape, spacing,
+                spacing_jitter: float, seed: int) -> None:
+    """The files of :func:`generate_msd_task` in ``task_dir`` (``dataset.json`` last)."""
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (task_dir / sub).mkdir(parents=True, exist_ok=True)
 
@@ -573,7 +583,6 @@ def generate_msd_task(out_dir, profile: str = "spleen", num_training: int = 6, n
         "test": test,
     }
     (task_dir / "dataset.json").write_text(json.dumps(meta, indent=4) + "\n")
-    return task_dir
 
 
 def generate_msd(out_dir, profiles: list[str] | None = None, **kwargs) -> list[Path]:

@@ -40,14 +40,15 @@ datasets (K = 1) are written as 0/255 masks, others as 0..K. Image sizes jitter 
 
 Both generators fix every byte by ``seed`` (image ``i`` uses its own ``SeedSequence``, so adding
 images leaves the others unchanged) and refuse to write into a non-empty folder unless
-``overwrite=True``.
+``overwrite=True``. They write into a hidden staging folder and publish it by renames when
+complete (:func:`medxfer.data.synth.staging.staged_output`): a full disk, an error or a kill
+leaves the previous set (or none), never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -57,6 +58,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medxfer.data.image_folder import is_ignored
+from medxfer.data.synth.staging import staged_output
 
 __all__ = [
     "CLASS_KINDS",
@@ -236,21 +238,14 @@ def render_seg2d_case(rng: np.random.Generator, height: int, width: int, num_cla
 
 
 # --------------------------------------------------------------------------- writing
-def _prepare(out: Path, owned: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless ``overwrite``; then remove the entries named ``owned``."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite`` (the owned entries are replaced when the new
+    set is complete, by :func:`staged_output`)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(not is_ignored(p.name) for p in out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out}: folder is not empty; pass overwrite=True (--overwrite on the command "
-                                  "line) to replace the generated data")
-        for name in owned:
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(not is_ignored(p.name) for p in out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: folder is not empty; pass overwrite=True (--overwrite on the command "
+                              "line) to replace the generated data")
 
 
 def _write_readme(out: Path, function: str, command: str, params: dict, layout: str, reader: str) -> None:
@@ -293,17 +288,18 @@ def generate_classification_folder(out_dir: str | PathLike, num_classes: int = 4
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
     out = Path(out_dir)
-    _prepare(out, _ALL_KINDS + (README,), overwrite)
-    for k, kind in enumerate(CLASS_KINDS[:num_classes]):
-        folder = out / kind
-        folder.mkdir()
-        for i in range(images_per_class):
-            rng = np.random.default_rng(np.random.SeedSequence([seed, _CLASS_TAG, k, i]))
-            _save_png(render_shape_image(rng, int(size), kind, grey).image, folder / f"{kind}_{i:04d}.png")
-    params = dict(num_classes=num_classes, images_per_class=images_per_class, size=size, seed=seed, grey=grey)
-    _write_readme(out, "generate_classification_folder", "medxfer synth classes", params,
-                  "<class>/<class>_NNNN.png, one folder per class (" + ", ".join(CLASS_KINDS[:num_classes]) + ")",
-                  "medxfer.data.image_folder.load_image_folder")
+    _check_out(out, overwrite)
+    with staged_output(out, replace=_ALL_KINDS + (README,)) as stage:
+        for k, kind in enumerate(CLASS_KINDS[:num_classes]):
+            folder = stage / kind
+            folder.mkdir()
+            for i in range(images_per_class):
+                rng = np.random.default_rng(np.random.SeedSequence([seed, _CLASS_TAG, k, i]))
+                _save_png(render_shape_image(rng, int(size), kind, grey).image, folder / f"{kind}_{i:04d}.png")
+        params = dict(num_classes=num_classes, images_per_class=images_per_class, size=size, seed=seed, grey=grey)
+        _write_readme(stage, "generate_classification_folder", "medxfer synth classes", params,
+                      "<class>/<class>_NNNN.png, one folder per class (" + ", ".join(CLASS_KINDS[:num_classes]) + ")",
+                      "medxfer.data.image_folder.load_image_folder")
     return out
 
 
@@ -342,7 +338,15 @@ def generate_seg2d(out_dir: str | PathLike, num_images: int = 20, size: tuple[in
     if not 0 <= size_jitter < 1:
         raise ValueError(f"size_jitter must be in [0, 1), got {size_jitter}")
     out = Path(out_dir)
-    _prepare(out, ("images", "masks", "labels.json", README), overwrite)
+    _check_out(out, overwrite)
+    with staged_output(out, replace=("images", "masks", "labels.json", README)) as stage:
+        _write_seg2d(stage, num_images, height, width, num_classes, grey, seed, size_jitter)
+    return out
+
+
+def _write_seg2d(out: Path, num_images: int, height: int, width: int, num_classes: int, grey: bool, seed: int,
+                 size_jitter: float) -> None:
+    """The files of :func:`generate_seg2d` in ``out``."""
     (out / "images").mkdir()
     (out / "masks").mkdir()
     for i in range(num_images):
@@ -360,4 +364,3 @@ def generate_seg2d(out_dir: str | PathLike, num_images: int = 20, size: tuple[in
     _write_readme(out, "generate_seg2d", "medxfer synth seg2d", params,
                   f"images/case_NNNN.png ({'grey' if grey else 'RGB'}), masks/case_NNNN.png ({masks}), labels.json",
                   "medxfer.data.seg2d.load_seg2d")
-    return out
