@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medxfer.resources import bundle_path, bundles_root, is_installed_copy
+from medxfer.workflows.errors import root_cause
 
 __all__ = ["BUNDLES_DIR", "OUTPUT_IDS", "bundle_dir", "bundle_configs", "run_bundle"]
 
@@ -127,10 +128,8 @@ def run_bundle(name: str, configs: Sequence[str], run: bool = True, quiet: bool 
             workflow.run()
             workflow.finalize()
     except RuntimeError as err:  # MONAI wraps errors of config expressions: surface ours (they name the file)
-        root = err
-        while root.__cause__ is not None:
-            root = root.__cause__
-        if isinstance(root, (ValueError, FileExistsError, FileNotFoundError)) and root is not err:
+        root = root_cause(err)  # the same unwrapping as the one-line report of `python -m monai.bundle run`
+        if root is not err:
             raise root from err
         raise
     finally:
