@@ -15,15 +15,22 @@
 
 Every medxfer module is imported at the top (the package's layer rule, ``tests/test_layers.py``),
 so even ``medxfer --help`` pays for importing torch and MONAI.
+
+Errors: bad input gives one line ``error: <file>: <problem>``; an OS error (full disk, no
+permission, read-only file system, ...) gives one line ``medxfer: <path>: <reason>``; both exit
+with code 1 and no traceback (``MEDXFER_DEBUG=1`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
+from medxfer.atomic import WriteError
 from medxfer.data.isic import convert_isic2017_superpixels, detect_isic_year, load_isic
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
@@ -33,8 +40,10 @@ from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
 from medxfer.data.synth.shapes2d import generate_classification_folder, generate_seg2d
 from medxfer.data.validate import check_dataset
 from medxfer.demo import run_demo
+from medxfer.jsonfile import write_json
 from medxfer.planning import plan_task
 from medxfer.transfer.bank import BankError, ModelBank
+from medxfer.transfer.weights import CheckpointError
 from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, table_from_files, write_report
 from medxfer.transferability.features import SamplingConfig
 from medxfer.transferability.score import DEFAULT_ESTIMATORS, score_bank, write_scores
@@ -111,8 +120,7 @@ def _cmd_check_data(args) -> int:
             print(f"  {p}")
         n_problems += len(report.problems)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+        write_json(args.json, [r.to_dict() for r in reports])
     return 1 if n_problems else 0
 
 
@@ -332,9 +340,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OS errors that say something about the machine (space, permissions), not about a bug: reported in
+# one line also when a library wrapped them in another exception (``raise ... from err``)
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """``err`` if it is an OSError, else the first machine OSError (:data:`_MACHINE_ERRNOS`) among
+    its causes (``__cause__``, or ``__context__`` unless suppressed)."""
+    if isinstance(err, OSError):
+        return err
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _MACHINE_ERRNOS:
+            return err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OS error: ``medxfer: <path>: <reason> (<ERRNO NAME>)``."""
+    if isinstance(err, WriteError):
+        return f"medxfer: {err}"
+    if err.strerror:
+        name = errno.errorcode.get(err.errno or 0)
+        reason = err.strerror[:1].lower() + err.strerror[1:] + (f" ({name})" if name else "")
+    else:
+        reason = str(err)
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return "medxfer: " + (f"{' -> '.join(paths)}: " if paths else "") + " ".join(reason.splitlines()[:1])
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Expected failures are one line on stderr and exit code 1, never a traceback: bad data or
+    checkpoints (:class:`DatasetError`, :class:`medxfer.transfer.weights.CheckpointError`) as
+    ``error: <file>: <problem>``; OS errors, :class:`medxfer.atomic.WriteError` included (full
+    disk, permissions), as ``medxfer: <path>: <reason>``. ``MEDXFER_DEBUG=1`` re-raises instead.
+    """
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, CheckpointError) as e:
+        if os.environ.get("MEDXFER_DEBUG"):
+            raise
+        return _error(e)
+    except Exception as e:  # noqa: BLE001 -- only OS errors are turned into one line, see below
+        found = _os_error_in(e)
+        if found is None or os.environ.get("MEDXFER_DEBUG"):
+            raise
+        print(_os_error_line(found), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ estimator predicted the fine-tuning ranking best::
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
+from medxfer.atomic import atomic_write_text
 from medxfer.data.isic import load_isic
 from medxfer.data.msd import load_task
 from medxfer.data.splits import make_kfold_splits, save_splits
@@ -34,6 +34,7 @@ from medxfer.data.summary import save_preview, summarize_isic, summarize_task
 from medxfer.data.synth.isic import generate_isic
 from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
 from medxfer.data.validate import check_dataset
+from medxfer.jsonfile import write_json
 from medxfer.study import StudyConfig, run_study
 
 __all__ = ["run_demo", "DEMO_MARKER"]
@@ -47,7 +48,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out}: folder is not empty and was not made by `medxfer demo`; "
                               "choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("made by medxfer demo; its contents are regenerated on every run\n")
+    atomic_write_text(out / DEMO_MARKER, "made by medxfer demo; its contents are regenerated on every run\n")
 
 
 def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_training: int = 6,
@@ -70,7 +71,7 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
 
     print("[2/4] validating (same checks as `medxfer check-data`)")
     reports = check_dataset(out / "data")
-    (out / "check_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+    write_json(out / "check_report.json", [r.to_dict() for r in reports])
     problems = [p for r in reports for p in r.problems]
     for p in problems:
         print(f"  {p}")
@@ -94,7 +95,7 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
     }
     save_preview(tasks, isic_sets, out / "preview.png")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
 
     print(f"\n{'task':18s} {'train':>5s} {'test':>4s} {'ch':>2s}  {'shape (min..max)':27s} {'spacing mm (min..max)':35s} orientations / labels")
     for s in summary["msd"]:

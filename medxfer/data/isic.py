@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medxfer.atomic import atomic_path
 from medxfer.data.problems import DatasetError, Problem, raise_if_problems
 
 __all__ = [
@@ -456,6 +457,7 @@ def convert_isic2017_superpixels(root: str | PathLike, overwrite: bool = False) 
             if out.exists() and not overwrite:
                 raise FileExistsError(f"{out}: mask exists; pass overwrite=True (--overwrite) to replace it")
             mask = (marks[index] > 0).astype(np.uint8) * 255
-            Image.fromarray(mask).save(out)
+            with atomic_path(out) as tmp:  # a kill or a full disk never leaves half a mask
+                Image.fromarray(mask).save(tmp, format="PNG")
             written.append(out)
     return written

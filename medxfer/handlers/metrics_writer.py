@@ -10,6 +10,7 @@ from typing import Mapping
 import torch
 from ignite.engine import Engine, Events
 
+from medxfer.atomic import atomic_path
 from medxfer.jsonfile import write_json
 from medxfer.metrics.segmentation import case_metrics, summarize_cases
 
@@ -83,7 +84,7 @@ class SegmentationMetricsWriter:
     def _write(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = summarize_cases(self.rows)
-        with open(self.output_dir / f"{self.name}.csv", "w", newline="") as f:
+        with atomic_path(self.output_dir / f"{self.name}.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["case"])
             writer.writeheader()
             writer.writerows(self.rows)

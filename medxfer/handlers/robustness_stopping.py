@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from medxfer.atomic import atomic_torch_save
 from medxfer.jsonfile import write_json
 from medxfer.transferability.robustness import first_local_maximum, module_robustness
 
@@ -126,4 +127,4 @@ class RobustnessEarlyStopping:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.output_dir / "robustness.json", self.summary())
         if self.selected_state is not None:
-            torch.save(self.selected_state, self.output_dir / "robust_selected.pt")
+            atomic_torch_save(self.selected_state, self.output_dir / "robust_selected.pt")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 from ignite.engine import Engine, Events
+
+from medxfer.jsonfile import write_json
 
 __all__ = ["StepTimer"]
 
@@ -59,5 +60,4 @@ class StepTimer:
         summary = self.summary()
         logging.getLogger("medxfer.timing").info("step timing: %s", summary)
         if self.output_file is not None:
-            self.output_file.parent.mkdir(parents=True, exist_ok=True)
-            self.output_file.write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.output_file, summary)

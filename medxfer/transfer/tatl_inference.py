@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
+from medxfer.atomic import atomic_path
 from medxfer.transfer.tatl import segment_net_box
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, dermoscopy_transforms
 from medxfer.transforms.lesion_crop import Box, paste_back
@@ -166,9 +167,11 @@ def write_prediction(prediction: TatlPrediction, image_path, output_dir, case_id
         for path in [*planned, overlay_path]:
             if path.exists():
                 raise FileExistsError(f"{path}: exists; pass overwrite=True to replace the predictions")
-    for path, mask in planned.items():
-        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
+    for path, mask in planned.items():  # each file atomically: never half a mask under its name
+        with atomic_path(path) as tmp:
+            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
     with Image.open(image_path) as img:
         rgb = np.asarray(img.convert("RGB"))
-    Image.fromarray(overlay_image(rgb, prediction)).save(overlay_path)
+    with atomic_path(overlay_path) as tmp:
+        Image.fromarray(overlay_image(rgb, prediction)).save(tmp, format="PNG")
     return [*planned, overlay_path]

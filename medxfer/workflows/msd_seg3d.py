@@ -16,6 +16,7 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, MapLabelValued
 
+from medxfer.atomic import atomic_write_text
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
 from medxfer.data.splits import fold_records
@@ -197,8 +198,7 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
     report = init_from_checkpoint(network, state, mode, bank_entry.arch, source=str(bank.checkpoint_path(entry)))
     report.position_embeddings_resized = resized
     if report_file:
-        Path(report_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_file).write_text(json.dumps({"entry": entry, **report.to_dict()}, indent=2) + "\n")
+        atomic_write_text(report_file, json.dumps({"entry": entry, **report.to_dict()}, indent=2) + "\n")
     return network
 
 
@@ -215,6 +215,5 @@ def save_run_plans(plans: dict, output_dir) -> Path:
     text = json.dumps(plans, indent=2) + "\n"
     if out.exists() and json.loads(out.read_text()) != json.loads(text):
         raise FileExistsError(f"{out}: this output_dir holds a run with different plans; choose another output_dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(out, text)  # a kill or a full disk never leaves half a plans file
     return out

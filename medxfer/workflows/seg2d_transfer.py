@@ -31,6 +31,7 @@ from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import convert_to_tensor
 from PIL import Image
 
+from medxfer.atomic import atomic_path, atomic_write_text
 from medxfer.data.image_folder import image_files, load_image_folder
 from medxfer.data.problems import DatasetError, read_json
 from medxfer.data.seg2d import load_seg2d, read_mask
@@ -197,7 +198,7 @@ def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
         result = evaluate_estimators(table_from_files(output_dir / "scores.json", dice_csv), list(estimators))
         write_report(result, output_dir)
         selection["tis"] = {e: result["mean"][e]["tis"] for e in estimators if e in result.get("mean", {})}
-    (output_dir / "selection.json").write_text(json.dumps(selection, indent=1, default=float) + "\n")
+    atomic_write_text(output_dir / "selection.json", json.dumps(selection, indent=1, default=float) + "\n")
     return selection
 
 
@@ -272,7 +273,7 @@ def evaluate_seg2d(run_dir, data_root, output_dir=None, fold: int = 0, device=No
     out = Path(output_dir) if output_dir else run.run_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize_cases(rows)
-    with open(out / "metrics.csv", "w", newline="") as f:
+    with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -296,5 +297,6 @@ def predict_folder(run_dir, input_path, output_dir, device=None, overwrite: bool
     output_dir.mkdir(parents=True, exist_ok=True)
     scale = 255 if is_binary(run.labels) else 1
     for image, target in zip(images, targets):
-        Image.fromarray(run.predict(image) * scale, mode="L").save(target)
+        with atomic_path(target) as tmp:  # never half a mask under the final name
+            Image.fromarray(run.predict(image) * scale, mode="L").save(tmp, format="PNG")
     return targets
