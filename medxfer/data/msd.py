@@ -27,13 +27,19 @@ from pathlib import Path
 import numpy as np
 
 from .problems import DatasetError, Problem, raise_if_problems, read_json
-from .volumes import read_volume
+from .volumes import read_header, read_volume
 
 __all__ = [
     "SegTask",
     "scan_task",
     "load_task",
     "check_case",
+    "inspect_case",
+    "voxel_spacing",
+    "plausibility_problems",
+    "SPACING_RANGE_MM",
+    "MAX_AXIS_VOXELS",
+    "MAX_FILE_VOXELS",
     "load_msd_datalist",
     "is_hidden",
     "image_files",
@@ -45,6 +51,17 @@ MSD_REQUIRED_KEYS = ("name", "tensorImageSize", "modality", "labels", "numTraini
 NNUNET_REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3
+
+#: Plausible voxel spacing per axis, mm (inclusive). Clinical CT / MR lie within 0.2-10 mm, micro-CT
+#: reaches 0.01 mm; a voxel coarser than 5 cm cannot resolve an organ. A header written in metres
+#: (1 mm -> 0.001) or with spacing x1000 (1.5 mm -> 1500: resampling to the plans' spacing would
+#: ask for petabytes) falls outside and is refused before any voxel is read.
+SPACING_RANGE_MM = (0.01, 50.0)
+#: Largest length of one spatial axis, voxels: whole-body CT at 0.5 mm is ~4000 slices.
+MAX_AXIS_VOXELS = 8192
+#: Largest voxel count of one file (spatial x channels): 2**31 - 1, the int32 index limit of many
+#: torch / CUDA kernels (8 GiB as float32).
+MAX_FILE_VOXELS = 2**31 - 1
 
 
 def is_hidden(name: str) -> bool:
@@ -349,36 +366,102 @@ def _geometry_problems(path: str, shape, affine, ref_path: str, ref_shape, ref_a
     return []
 
 
-def check_case(task: SegTask, record: dict) -> list[Problem]:
-    """Open every file of one record of ``task`` and check it (as ``medxfer check-data``): readable,
-    image and label shapes and affines agree (``rtol=1e-4``, ``atol=1e-3`` mm, as nnU-Net's integrity
-    check), label values within the declared labels, finite intensities, channel count of 4D /
-    multi-file images. Volumes are read with :func:`medxfer.data.volumes.read_volume`."""
+def voxel_spacing(affine) -> tuple[float, float, float]:
+    """Voxel size (mm) along the file's three spatial axes: the norms of the affine's columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
+def plausibility_problems(path: str, shape, affine) -> list[Problem]:
+    """Header plausibility of one volume: spacing per axis within :data:`SPACING_RANGE_MM`, every
+    spatial axis at most :data:`MAX_AXIS_VOXELS`, at most :data:`MAX_FILE_VOXELS` voxels."""
+    lo, hi = SPACING_RANGE_MM
+    spacing = voxel_spacing(affine)
+    if not all(np.isfinite(spacing)) or any(not lo <= s <= hi for s in spacing):
+        shown = ", ".join(f"{s:.6g}" for s in spacing)
+        return [Problem(path, f"voxel spacing ({shown}) mm is outside the plausible {lo:g}-{hi:g} mm per axis; "
+                              "the header is wrong (units? a factor of 1000?): fix its pixdim / affine")]
+    spatial = tuple(int(s) for s in shape[:3])
+    if any(s > MAX_AXIS_VOXELS for s in spatial):
+        return [Problem(path, f"shape {tuple(shape)} has an axis longer than {MAX_AXIS_VOXELS} voxels")]
+    if int(np.prod([int(s) for s in shape], dtype=np.float64)) > MAX_FILE_VOXELS:
+        return [Problem(path, f"shape {tuple(shape)} holds more than {MAX_FILE_VOXELS} voxels (int32 index limit)")]
+    return []
+
+
+def inspect_case(record: dict, labels: dict[int, str] | None = None, expect_channels: int | None = None,
+                 any_channels: bool = False) -> tuple[list[Problem], dict | None]:
+    """Open every file of one record and check it; return ``(problems, facts)``.
+
+    Checks (as ``medxfer check-data``): headers plausible (:func:`plausibility_problems`, before the
+    voxels are read), readable (a truncated ``.nii.gz`` fails here), image and label shapes and affines
+    agree (``rtol=1e-4``, ``atol=1e-3`` mm, as nnU-Net's integrity check), label values within ``labels``,
+    finite intensities, channel count: ``expect_channels`` channels last (MSD 4D), else one 3D volume
+    per file; ``any_channels`` accepts both (images of unknown tasks, for inference).
+
+    ``facts`` (``None`` when there are problems): ``{"shape": spatial shape, "spacing": mm per axis,
+    "channels": image channels, "foreground": label has a non-zero voxel (``None`` without label)}``,
+    what the door checks of a run need later (memory, all-background) without reading again.
+    """
     files = image_files(record)
-    expect_channels = task.num_channels if task.four_d else None
     problems: list[Problem] = []
     volumes = []
+    channels = 0
     for f in files:
+        try:
+            header_shape, header_affine = read_header(f)
+        except DatasetError as e:
+            problems.append(e.problem)
+            continue
+        found = plausibility_problems(f, header_shape, header_affine)
+        if found:  # do not read (and allocate) the voxels of an implausible header
+            problems += found
+            continue
         try:
             image, affine = read_volume(f)
         except DatasetError as e:
             problems.append(e.problem)
             continue
-        problems += _image_problems(f, image, expect_channels)
+        if any_channels and image.ndim in (3, 4):
+            problems += _image_problems(f, image, None if image.ndim == 3 else image.shape[3])
+        else:
+            problems += _image_problems(f, image, expect_channels)
+        channels += image.shape[3] if image.ndim == 4 else 1
         volumes.append((f, image.shape, affine))
     label_path = record.get("label")
+    foreground = None
     if label_path is not None:
         try:
+            label_shape, label_affine = read_header(label_path)
+            found = plausibility_problems(label_path, label_shape, label_affine)
+            if found:
+                return problems + found, None
             label, label_affine = read_volume(label_path)
         except DatasetError as e:
-            return problems + [e.problem]
-        problems += _label_problems(label_path, label, task.labels)
+            return problems + [e.problem], None
+        if labels is not None:
+            problems += _label_problems(label_path, label, labels)
+        foreground = bool(np.any(label != 0))
         volumes.insert(0, (label_path, label.shape, label_affine))
     if volumes:
         ref = volumes[0]
         for f, shape, affine in volumes[1:]:
             problems += _geometry_problems(f, shape, affine, *ref)
-    return problems
+    if problems or not volumes:
+        return problems, None
+    first = volumes[1] if label_path is not None else volumes[0]
+    facts = {"shape": [int(s) for s in first[1][:3]], "spacing": list(voxel_spacing(first[2])),
+             "channels": int(channels), "foreground": foreground}
+    return problems, facts
+
+
+def check_case(task: SegTask, record: dict) -> list[Problem]:
+    """Open every file of one record of ``task`` and check it (as ``medxfer check-data``): header
+    spacing and shape plausible (:data:`SPACING_RANGE_MM`, :data:`MAX_AXIS_VOXELS`,
+    :data:`MAX_FILE_VOXELS`), readable, image and label shapes and affines agree (``rtol=1e-4``,
+    ``atol=1e-3`` mm, as nnU-Net's integrity check), label values within the declared labels, finite
+    intensities, channel count of 4D / multi-file images (:func:`inspect_case`). Volumes are read with
+    :func:`medxfer.data.volumes.read_volume`."""
+    return inspect_case(record, task.labels, task.num_channels if task.four_d else None)[0]
 
 
 def load_task(path, check_files: bool = False) -> SegTask:

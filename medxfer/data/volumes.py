@@ -9,7 +9,7 @@ import numpy as np
 
 from .problems import DatasetError
 
-__all__ = ["read_volume"]
+__all__ = ["read_volume", "read_header"]
 
 
 def read_volume(path) -> tuple[np.ndarray, np.ndarray]:
@@ -43,3 +43,35 @@ def read_volume(path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e:  # nibabel/gzip/zlib/ITK raise many types for a broken file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DatasetError(path, f"cannot read image ({type(e).__name__}: {msg})") from None
+
+
+def read_header(path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape ``(X, Y, Z[, C])`` and 4x4 voxel-to-world affine (mm) of an image file, from its header
+    only (no voxel is read: cheap, and safe before reading a file whose header may be wrong).
+    Same conventions as :func:`read_volume`; raises :class:`DatasetError` naming the file."""
+    path = Path(path)
+    try:
+        if path.name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = tuple(int(s) for s in reader.GetSize())
+        ndim = reader.GetDimension()
+        dim = 3 if ndim >= 3 else ndim
+        direction = np.asarray(reader.GetDirection()).reshape(ndim, ndim)[:dim, :dim]
+        affine = np.eye(4)
+        affine[:dim, :dim] = direction * np.asarray(reader.GetSpacing()[:dim])
+        affine[:dim, 3] = reader.GetOrigin()[:dim]
+        affine[:2] *= -1  # LPS -> RAS
+        return size, affine
+    except FileNotFoundError:
+        raise DatasetError(path, "file not found") from None
+    except Exception as e:  # nibabel/gzip/ITK raise many types for a broken header
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetError(path, f"cannot read image header ({type(e).__name__}: {msg})") from None

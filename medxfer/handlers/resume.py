@@ -16,6 +16,8 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from medxfer.handlers.finite_loss import NonFiniteLossError
+
 __all__ = ["ResumeFromLatest", "ResumableCheckpointSaver", "latest_checkpoint"]
 
 _EPOCH = re.compile(r"epoch=(\d+)\.pt$")
@@ -71,3 +73,11 @@ class ResumableCheckpointSaver(CheckpointSaver):
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
         super().attach(engine)
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        """MONAI saves the final checkpoint on any exception (deleting the previous one first); a
+        :class:`~medxfer.handlers.finite_loss.NonFiniteLossError` means NaN / inf weights: re-raised,
+        nothing saved or deleted, the last good epoch checkpoint stays."""
+        if isinstance(e, NonFiniteLossError):
+            raise e
+        super().exception_raised(engine, e)
