@@ -72,6 +72,7 @@ def _publish(stage: Path, out: Path, replace: Iterable[str], merge: Iterable[str
 def staged_output(out: str | PathLike, replace: Iterable[str] = (), merge: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a folder to write a generator's entries of ``out`` into; when the block ends without
     error they are published in ``out``, else the staging folder is deleted (``out`` untouched).
+    OS errors come as :class:`medxfer.atomic.WriteError` naming the file or ``out``.
 
     Args:
         out: the generator's output folder (created, complete, if it does not exist).
@@ -92,5 +93,7 @@ def staged_output(out: str | PathLike, replace: Iterable[str] = (), merge: Itera
     try:
         yield stage
         _publish(stage, out, replace, merge)
+    except OSError as e:
+        raise write_error(out, e) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
