@@ -41,6 +41,7 @@ from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
 from medxfer.data.msd import load_task
+from medxfer.data.preflight import check_seg2d_records, check_task_records
 from medxfer.data.problems import DatasetError
 from medxfer.data.seg2d import load_seg2d
 from medxfer.device import resolve_device
@@ -157,12 +158,14 @@ def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids
     RAS, spacing, crop, normalisation), as ``{"id", "image": (C, ...), "label": (1, ...)}``;
     ``split_ids`` restricts them (e.g. the fine-tuning fold's training cases), ``max_cases`` keeps
     the first ones."""
-    records = load_task(data_root).training
+    task = load_task(data_root)
+    records = task.training
     if split_ids is not None:
         wanted = set(split_ids)
         records = [r for r in records if r["id"] in wanted]
     if max_cases:
         records = records[:max_cases]
+    check_task_records(task, records, plans=plans)  # the check-data checks (cached), memory, not all background
     chain = msd_transforms(plans, mode="eval")
     out = []
     for r in records:
@@ -178,6 +181,7 @@ def seg2d_target(data_root, image_size, max_cases: int | None = 16) -> ScoringTa
     robustness score under colour jitter, normalised like an ImageNet-style pretraining (thesis ch. 4)."""
     size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
     records, labels = load_seg2d(data_root)  # read once: labelled cases and raw images for robustness
+    check_seg2d_records(data_root, records[:max_cases] if max_cases else records)  # decoded once (cached)
     chain = seg2d_transforms("eval", size, labels)
     cases = []
     for r in records[:max_cases] if max_cases else records:

@@ -18,6 +18,7 @@ from monai.transforms import Compose, MapLabelValued
 
 from medxfer.atomic import atomic_write_text
 from medxfer.data.msd import load_task
+from medxfer.data.preflight import check_task_records, check_volume_records
 from medxfer.data.problems import DatasetError
 from medxfer.data.splits import fold_records
 from medxfer.networks import build_network, fit_patch
@@ -76,31 +77,44 @@ def task_plans(data_root, plans_file: str | None = None, patch_size: Sequence[in
     return plans
 
 
-def fold_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None) -> tuple[list, list]:
+def fold_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, splits_file=None,
+                   plans: dict | None = None) -> tuple[list, list]:
     """``(train, val)`` records of one fold of the task's training cases.
 
     The folds come from ``splits_file`` when it exists (our JSON or nnU-Net's ``splits_final.json``);
     otherwise seeded k-fold splits are made and saved there, so every later run (resume, evaluate,
-    other folds) uses the same cases.
+    other folds) uses the same cases. Both lists pass the door checks first
+    (:func:`medxfer.data.preflight.check_task_records`: the ``check-data`` checks, cached; with
+    ``plans`` also the resampled size against the memory; not every training case background).
     """
-    return fold_records(load_task(data_root).training, fold, n_folds, seed, splits_file)
+    task = load_task(data_root)
+    train, val = fold_records(task.training, fold, n_folds, seed, splits_file)
+    check_task_records(task, train + val, plans=plans, train_records=train)
+    return train, val
 
 
 def inference_datalist(input_path) -> list[dict]:
     """Images to segment: an MSD/nnU-Net task folder (its ``test`` list), a folder of ``.nii(.gz)``
-    files, or a single file. Returns ``[{"image": path}]``."""
+    files, or a single file. Returns ``[{"image": path}]``, checked at the door (readable, plausible
+    header, finite: :mod:`medxfer.data.preflight`)."""
     path = Path(input_path)
     if path.is_file():
-        return [{"image": str(path)}]
+        records = [{"image": str(path)}]
+        check_volume_records(path.parent, records)
+        return records
     if (path / "dataset.json").exists():
         task = load_task(path)
-        return [{"image": r["image"]} for r in task.test]
+        records = [{"image": r["image"]} for r in task.test]
+        check_task_records(task, records, train_records=[])
+        return records
     if not path.is_dir():
         raise DatasetError(path, "input not found (expected a task folder, a folder of NIfTI files or one file)")
     files = sorted(p for p in path.iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("._"))
     if not files:
         raise DatasetError(path, "no .nii/.nii.gz images in this folder")
-    return [{"image": str(p)} for p in files]
+    records = [{"image": str(p)} for p in files]
+    check_volume_records(path, records)
+    return records
 
 
 def class_names(plans: dict) -> dict[int, str]:
@@ -164,7 +178,7 @@ def source_datasets(source_roots: Sequence, mode: str, patch_size: Sequence[int]
     for task in tasks:
         plans = task_plans(task.root, patch_size=patch_size)
         split_file = Path(splits_dir) / f"splits_{task.root.name}.json" if splits_dir else None
-        train, val = fold_datalists(task.root, fold, n_folds, seed, split_file)
+        train, val = fold_datalists(task.root, fold, n_folds, seed, split_file, plans=plans)
         chain = msd_transforms(plans, mode=mode, num_samples=num_samples)
         if len(tasks) > 1:
             fg = sorted(k for k in task.labels if k != 0)

@@ -33,6 +33,7 @@ from PIL import Image
 
 from medxfer.atomic import atomic_path, atomic_write_text
 from medxfer.data.image_folder import image_files, load_image_folder
+from medxfer.data.preflight import check_image_records, check_seg2d_records
 from medxfer.data.problems import DatasetError, read_json
 from medxfer.data.seg2d import load_seg2d, read_mask
 from medxfer.data.splits import fold_records, holdout_split
@@ -67,6 +68,7 @@ def classification_datalists(data_root, val_fraction: float = 0.1, seed: int = 0
 
     records, classes = load_image_folder(data_root)
     train, val = holdout_split(records, val_fraction, seed, stream=2, what="validation (val_fraction)")
+    check_image_records(data_root, train + val)  # every image decoded once (cached): no truncated JPEG mid-run
     return {"train": train, "val": val, "classes": classes}
 
 
@@ -76,6 +78,7 @@ def seg2d_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, s
 
     records, labels = load_seg2d(data_root)
     train, val = fold_records(records, fold, n_folds, seed, splits_file)
+    check_seg2d_records(data_root, train + val)  # every image decoded once (cached)
     return {"train": train, "val": val, "labels": labels}
 
 

@@ -48,6 +48,7 @@ import torch
 
 from medxfer.data.image_folder import image_files
 from medxfer.data.isic import ISIC_LAYOUTS, check_mask_sizes, detect_isic_year, load_isic
+from medxfer.data.preflight import check_isic_records
 from medxfer.data.problems import DatasetError, raise_if_problems, read_json
 from medxfer.data.splits import fold_records, holdout_split
 from medxfer.device import resolve_device
@@ -104,6 +105,7 @@ def tatl_datalists(data_root, fold: int = 0, n_folds: int = 5, seed: int = 0, sp
     """
     records = load_isic(data_root, task=2)
     raise_if_problems(check_mask_sizes(records))
+    check_isic_records(data_root, records)  # every file of the folds decoded and checked (cached)
     train, test = fold_records(records, fold, n_folds, seed, splits_file)
     train, tune = holdout_split(train, tune_fraction, seed, stream=1, what="early-stopping (tune_fraction)")
     lists = {"train": train, "tune": tune, "test": test}
