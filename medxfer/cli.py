@@ -184,7 +184,7 @@ def _cmd_bank_list(args) -> int:
                 bank.verify(entry.name)
                 status = "ok"
             except BankError as e:
-                status, bad = f"BROKEN: {e.reason}", bad + 1
+                status, bad = f"BROKEN: {e}", bad + 1  # names the file
             source = "+".join(entry.source) or "scratch"
             print(f"{entry.name:40s} {entry.arch:10s} {source:24s} epoch {entry.epoch}  {status}")
     except BankError as e:

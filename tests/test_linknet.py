@@ -163,15 +163,20 @@ def test_unrelated_weights_file_raises_a_clear_error_naming_the_file(tmp_path):
         _build("link", weights_file=tmp_path / "absent.pth")
 
 
-def test_single_channel_network_reports_the_stem_mismatch_and_strict_raises(tmp_path):
+def test_single_channel_network_refuses_the_stem_mismatch_unless_partial_is_allowed(tmp_path, caplog):
     path = tmp_path / "rgb_encoder.pt"
     torch.save(_build("unet").encoder.state_dict(), path)  # MONAI encoder naming, 3 input channels
-    with pytest.warns(UserWarning, match="shape mismatch 1"):
-        report = load_encoder_weights(_build("link", in_channels=1), path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: transfer encoder_only loaded")
+                       + r".*encoder\._conv_stem\.weight \(32,3,3,3\) vs \(32,1,3,3\)"):
+        load_encoder_weights(_build("link", in_channels=1), path)
+    with caplog.at_level("WARNING", logger="medxfer.transfer"):
+        report = load_encoder_weights(_build("link", in_channels=1), path, allow_partial=True)
+    assert [r.levelname for r in caplog.records if r.name == "medxfer.transfer"] == ["WARNING"]
+    assert "shape mismatch 1" in caplog.text
     assert list(report.shape_mismatch) == ["encoder._conv_stem.weight"]
     assert report.shape_mismatch["encoder._conv_stem.weight"] == [[32, 3, 3, 3], [32, 1, 3, 3]]
     with pytest.raises(ValueError, match="strict"):
-        _build("unet", in_channels=1, weights_file=path, strict_weights=True)
+        load_encoder_weights(_build("unet", in_channels=1), path, strict=True, allow_partial=True)
 
 
 def test_pretrained_true_never_downloads(monkeypatch, tmp_path):
@@ -242,9 +247,11 @@ def test_layout_partitions_parameters_and_names_real_modules(kind, arch):
     assert seen["f"].shape == (1, 112, H // 16, W // 16)
 
 
-def test_frozen_encoder_transfer_from_u_to_link_loads_exactly_the_encoder():
+def test_decoder_only_transfer_from_u_to_link_loads_exactly_the_encoder_and_frozen_encoder_is_refused():
     unet, link = _build("unet", seed=1), _build("link", seed=2)
-    report = init_from_checkpoint(link, unet.state_dict(), "frozen_encoder", effb0_layout("linknet_effb0"))
+    with pytest.raises(ValueError, match="transfer frozen_encoder loaded"):  # it requires the decoder too
+        init_from_checkpoint(link, unet.state_dict(), "frozen_encoder", effb0_layout("linknet_effb0"))
+    report = init_from_checkpoint(link, unet.state_dict(), "decoder_only", effb0_layout("linknet_effb0"))
     assert sorted(report.loaded) == sorted(_encoder_state(unet))
     assert all(not p.requires_grad for n, p in link.named_parameters() if n.startswith(ENCODER_PREFIX))
     assert all(p.requires_grad for n, p in link.named_parameters() if not n.startswith(ENCODER_PREFIX))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from medxfer.networks.registry import build_network
-from medxfer.transfer.weights import (TRANSFER_MODES, TransferReport, init_from_checkpoint, parse_mode,
-                                       trainable_parameters)
+from medxfer.transfer.weights import (TRANSFER_MODES, PartialTransferError, TransferReport, init_from_checkpoint,
+                                       parse_mode, trainable_parameters)
 
 UNET_KWARGS = {"channels": (4, 8, 16), "strides": (2, 2)}
 ROI = [16, 16, 16]
@@ -76,12 +76,16 @@ def test_full_with_the_same_classes_loads_the_head_too():
     assert report.initialised == [] and report.skipped_by_mode == [] and report.shape_mismatch == {}
 
 
-def test_full_with_other_classes_reports_the_head_shape_mismatches():
+def test_full_with_other_classes_is_refused_unless_partial_is_allowed_then_reports_the_head_mismatches():
     state = _source_state(out_channels=3)
     net, init = _target(out_channels=2)
-    report = init_from_checkpoint(net, state, "full", "unet")
     mismatched = {k: [list(state[k].shape), list(init[k].shape)] for k in init if state[k].shape != init[k].shape}
     assert mismatched and all(k.startswith(HEAD_PREFIX) for k in mismatched)
+    with pytest.raises(PartialTransferError, match=f"loaded {len(init) - len(mismatched)} of {len(init)} required"):
+        init_from_checkpoint(net, state, "full", "unet")  # full = every tensor, the head too
+    assert all(torch.equal(v, init[k]) for k, v in net.state_dict().items())  # refused before loading
+    report = init_from_checkpoint(net, state, "full", "unet", allow_partial=True)
+    assert sorted(report.missing) == sorted(mismatched) and not report.complete
     assert report.shape_mismatch == mismatched
     _assert_loaded_exactly(net, init, state, set(init) - set(mismatched))
     assert report.initialised == sorted(mismatched)
@@ -142,10 +146,12 @@ def test_scratch_loads_nothing():
     assert report.initialised == sorted(init)
 
 
-def test_source_with_other_input_channels_mismatches_the_first_convs_and_loads_the_rest():
+def test_source_with_other_input_channels_mismatches_the_first_convs_and_loads_the_rest_if_allowed():
     state = _source_state(out_channels=3, in_channels=2)
     net, init = _target(out_channels=2)
-    report = init_from_checkpoint(net, state, "all_but_head", "unet")
+    with pytest.raises(PartialTransferError, match=r"model\.0\.conv\.unit0\.conv\.weight \(4,2,3,3,3\) vs \(4,1,3,3,3\)"):
+        init_from_checkpoint(net, state, "all_but_head", "unet")
+    report = init_from_checkpoint(net, state, "all_but_head", "unet", allow_partial=True)
     reads_input = {"model.0.conv.unit0.conv.weight", "model.0.residual.weight"}  # the convs on the image
     assert report.shape_mismatch == {k: [list(state[k].shape), list(init[k].shape)] for k in reads_input}
     assert report.shape_mismatch["model.0.conv.unit0.conv.weight"] == [[4, 2, 3, 3, 3], [4, 1, 3, 3, 3]]
@@ -175,9 +181,11 @@ def test_invalid_modes_are_refused_and_leave_the_network_untouched(mode, match):
 
 def test_report_counts_match_the_lists():
     report = init_from_checkpoint(_target(2)[0], {**_source_state(3, in_channels=2), "extra": torch.zeros(1)},
-                            "frozen_encoder", "unet")
+                                  "frozen_encoder", "unet", allow_partial=True)
     d = report.to_dict()
-    fields = ["loaded", "skipped_by_mode", "shape_mismatch", "not_in_network", "initialised", "frozen"]
+    fields = ["loaded", "skipped_by_mode", "shape_mismatch", "not_in_network", "initialised", "frozen", "required",
+              "missing"]
+    assert d["allow_partial"] is True and d["complete"] is False
     assert d["mode"] == "frozen_encoder"
     assert set(d["counts"]) == set(fields)
     for f in fields:

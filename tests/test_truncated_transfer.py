@@ -166,7 +166,11 @@ def test_torchvision_densenet_keys_and_shape_mismatch_are_handled():
     assert len(report.loaded) == sum(k.startswith(KEPT["densenet121"][1]) for k in state)
 
     gray = TruncatedClassifier("resnet50", 1, num_classes=2, in_channels=1)
-    assert list(truncated_encoder_weights(gray, _shifted_state("resnet50")).shape_mismatch) == ["encoder.conv1.weight"]
+    # an RGB encoder on grey-scale images: the stem cannot load, an error unless a partial transfer is allowed
+    with pytest.raises(ValueError, match=r"encoder\.conv1\.weight \(64,3,7,7\) vs \(64,1,7,7\)"):
+        truncated_encoder_weights(gray, _shifted_state("resnet50"))
+    report = truncated_encoder_weights(gray, _shifted_state("resnet50"), allow_partial=True)
+    assert list(report.shape_mismatch) == ["encoder.conv1.weight"] and report.missing == ["encoder.conv1.weight"]
 
 
 # --- (c) parameter counts ---------------------------------------------------------------------

@@ -194,8 +194,12 @@ class ModelBank:
             raise
         return entry
 
-    def verify(self, name: str) -> Path:
-        """Check the checkpoint of ``name`` exists and matches its recorded sha256; returns its path."""
+    def verify(self, name: str, read_weights: bool = True) -> Path:
+        """Check the checkpoint of ``name``: it exists, matches its recorded sha256 and (``read_weights``)
+        reads as a plain state dict with ``torch.load(weights_only=True)``
+        (:func:`medxfer.transfer.weights.read_checkpoint`), so a file holding pickled Python objects
+        is reported here (``bank list``), not only when a fine-tuning run loads it. Returns its path;
+        every problem is a :class:`BankError` naming the file."""
         entry = self.get(name)
         path = self.root / entry.checkpoint
         if not path.is_file():
@@ -204,12 +208,17 @@ class ModelBank:
         if digest != entry.sha256:
             raise BankError(path, f"sha256 mismatch for bank entry {name!r}: manifest says {entry.sha256[:16]}..., "
                                   f"file has {digest[:16]}... (file changed or corrupted; do not use it)")
+        if read_weights:
+            try:
+                read_checkpoint(path)
+            except CheckpointError as e:
+                raise BankError(e.path, f"bank entry {name!r}: {e.reason}") from None
         return path
 
     def load_state_dict(self, name: str, map_location="cpu") -> dict[str, torch.Tensor]:
         """Verified (sha256), weights-only state dict of entry ``name``, wrapper prefixes stripped
         (:func:`medxfer.transfer.weights.read_checkpoint`; its errors come as :class:`BankError`)."""
-        path = self.verify(name)
+        path = self.verify(name, read_weights=False)  # read once, below
         try:
             return read_checkpoint(path, map_location=map_location)
         except CheckpointError as e:

@@ -40,41 +40,45 @@ TATL_MODES = ("freeze", "non_freeze")
 
 
 def init_from_stage2(network: torch.nn.Module, stage2_state: Mapping[str, torch.Tensor], arch: str,
-                     mode: str = "non_freeze") -> TransferReport:
+                     mode: str = "non_freeze", *, source: str = "", allow_partial: bool = False) -> TransferReport:
     """Initialise a stage-3 target segmenter from the stage-2 network's weights (SPEC section 6).
 
     Every tensor of the stage-2 state dict is loaded (encoder, decoder and head: transfer mode
-    ``full`` of :func:`medxfer.transfer.weights.init_from_checkpoint`); ``mode="freeze"`` also
-    freezes every encoder parameter (``requires_grad=False``) and keeps the encoder's batch-norm
-    layers in inference mode (running statistics unchanged), so only decoder and head train. Build
-    the optimizer afterwards with :func:`medxfer.transfer.weights.trainable_parameters`.
+    ``full`` of :func:`medxfer.transfer.weights.init_from_checkpoint`, whose contract requires every
+    tensor: stage 2 and stage 3 have the same shape and channels, so anything less is a wrong
+    checkpoint); ``mode="freeze"`` also freezes every encoder parameter (``requires_grad=False``)
+    and keeps the encoder's batch-norm layers in inference mode (running statistics unchanged), so
+    only decoder and head train. Build the optimizer afterwards with
+    :func:`medxfer.transfer.weights.trainable_parameters`.
 
     Args:
         network: a freshly built stage-3 network of the same shape as the stage-2 one.
         stage2_state: the stage-2 network's state dict.
         arch: ``"unet_effb0"`` or ``"linknet_effb0"`` (its layout says which keys are encoder).
         mode: ``"freeze"`` or ``"non_freeze"``.
+        source: the stage-2 file, named by errors and the report.
+        allow_partial: accept a stage-2 checkpoint that fits only in part (logged at WARNING);
+            default: :class:`~medxfer.transfer.weights.PartialTransferError` naming the first
+            mismatched keys.
     """
     if mode not in TATL_MODES:
         raise ValueError(f"TATL stage-3 mode must be one of {TATL_MODES}, got {mode!r}")
-    report = init_from_checkpoint(network, stage2_state, "full", arch_layout(arch, network), freeze=mode == "freeze",
-                                  batchnorm_inference=True)
-    if report.shape_mismatch:
-        raise ValueError(f"stage-2 weights do not fit the stage-3 {arch}: {sorted(report.shape_mismatch)[:3]} ... "
-                         "(stage 2 and stage 3 must have the same shape and channels)")
-    return report
+    return init_from_checkpoint(network, stage2_state, "full", arch_layout(arch, network), freeze=mode == "freeze",
+                                batchnorm_inference=True, source=source or f"stage-2 {arch} state dict",
+                                allow_partial=allow_partial)
 
 
 def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_mode: str = "freeze",
-                  output_dir=None) -> torch.nn.Module:
+                  output_dir=None, allow_partial: bool = False) -> torch.nn.Module:
     """The network one TATL ``train.yaml`` run trains: a 3-channel-in, 1-logit-out EfficientNet-b0
     segmenter of shape ``arch`` (``unet_effb0`` / ``linknet_effb0``, from the registry).
 
     ``init_checkpoint`` None: encoder from ``imagenet_weights`` (ImageNet ``efficientnet-b0`` weights
     on disk, :func:`medxfer.transfer.weights.load_encoder_weights`) or random, decoder random
     (stages 1 and 2, and stage 3 without stage 2). Otherwise a stage-2 ``model.pt``: stage 3
-    initialised from it with ``tatl_mode`` (:func:`init_from_stage2`). The per-key report goes to
-    ``output_dir/transfer_report.json``.
+    initialised from it with ``tatl_mode`` (:func:`init_from_stage2`). Either transfer must load
+    every tensor its mode requires unless ``allow_partial`` (the bundle's ``allow_partial`` id).
+    The per-key report goes to ``output_dir/transfer_report.json``.
     """
     if arch not in TATL_ARCHS:
         raise ValueError(f"arch must be one of {TATL_ARCHS}, got {arch!r}")
@@ -84,9 +88,10 @@ def stage_network(arch: str, imagenet_weights=None, init_checkpoint=None, tatl_m
         if not Path(init_checkpoint).is_file():
             raise FileNotFoundError(f"{init_checkpoint}: stage-2 checkpoint not found (train the attribute-agnostic "
                                     "segmenter first, or leave init_checkpoint null)")
-        report = init_from_stage2(network, read_checkpoint(init_checkpoint), arch, tatl_mode)
+        report = init_from_stage2(network, read_checkpoint(init_checkpoint), arch, tatl_mode,
+                                  source=str(init_checkpoint), allow_partial=allow_partial)
     elif imagenet_weights is not None:
-        report = load_encoder_weights(network, imagenet_weights)
+        report = load_encoder_weights(network, imagenet_weights, allow_partial=allow_partial)
     if output_dir is not None and init_checkpoint is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(output_dir) / "transfer_report.json", report.to_dict())

@@ -23,8 +23,8 @@ from medxfer.data.problems import DatasetError
 from medxfer.data.splits import fold_records
 from medxfer.networks import build_network, fit_patch
 from medxfer.planning.nnunet import load_plans, plan_task
-from medxfer.transfer.bank import ModelBank
-from medxfer.transfer.weights import init_from_checkpoint, parse_mode, resize_position_embeddings
+from medxfer.transfer.bank import BankError, ModelBank
+from medxfer.transfer.weights import NoMatchingWeights, init_from_checkpoint, parse_mode, resize_position_embeddings
 from medxfer.transforms.msd import msd_transforms
 
 __all__ = ["default_num_workers", "task_plans", "fold_datalists", "inference_datalist", "class_names",
@@ -192,12 +192,18 @@ def source_datasets(source_roots: Sequence, mode: str, patch_size: Sequence[int]
 # --- fine-tuning from a bank entry -----------------------------------------------------------
 
 def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int, patch_size: Sequence[int],
-                      mode: str = "all_but_head", report_file=None) -> torch.nn.Module:
+                      mode: str = "all_but_head", report_file=None, allow_partial: bool = False) -> torch.nn.Module:
     """Network of model-bank ``entry`` (its arch and arch kwargs) for the target task's channels and
     patch, initialised with a transfer mode (SPEC section 4).
 
-    ``mode="scratch"`` takes only the architecture from the entry. Every loaded, skipped and
-    shape-mismatched key is logged and, with ``report_file``, saved as JSON.
+    ``mode="scratch"`` takes only the architecture from the entry. The mode's contract is checked
+    (:func:`medxfer.transfer.weights.init_from_checkpoint`): a shortfall, e.g. a 2-channel entry
+    on a 1-channel task, is a one-line error listing the first mismatched keys unless
+    ``allow_partial`` (the bundle's ``allow_partial`` id; then logged at WARNING); weights of which
+    nothing fits (``bank.yaml``'s arch / arch_kwargs are not those of the weights) are always a
+    :class:`~medxfer.transfer.bank.BankError`. The one-line report is logged and, with
+    ``report_file``, every key saved as JSON. (A UNETR entry fine-tuned at another patch gets its
+    position embeddings resampled first, so they load in full.)
     """
     parse_mode(mode)
     bank = ModelBank.open(bank_root)
@@ -209,7 +215,12 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
         vit_patch = int(network.patch_size[0]) if hasattr(network, "patch_size") else 16
         state, resized = resize_position_embeddings(state, [p // vit_patch for p in bank_entry.patch_size],
                                                     [p // vit_patch for p in patch_size])
-    report = init_from_checkpoint(network, state, mode, bank_entry.arch, source=str(bank.checkpoint_path(entry)))
+    try:
+        report = init_from_checkpoint(network, state, mode, bank_entry.arch, source=str(bank.checkpoint_path(entry)),
+                                      allow_partial=allow_partial)
+    except NoMatchingWeights as e:
+        raise BankError(e.path, f"bank.yaml says entry {entry!r} is arch {bank_entry.arch!r} with arch_kwargs "
+                                f"{bank_entry.arch_kwargs}; the weights look like a different network ({e.reason})") from None
     report.position_embeddings_resized = resized
     if report_file:
         atomic_write_text(report_file, json.dumps({"entry": entry, **report.to_dict()}, indent=2) + "\n")

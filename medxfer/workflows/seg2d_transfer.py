@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -94,7 +95,7 @@ def seg_out_channels(labels) -> int:
 
 def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, bank_root=None,
                   init_checkpoint=None, transfer_mode: str = "encoder_only", output_dir=None,
-                  arch_kwargs: dict | None = None) -> torch.nn.Module:
+                  arch_kwargs: dict | None = None, allow_partial: bool = False) -> torch.nn.Module:
     """The downstream segmentation network (any registered 2D arch), initialised from a pretrained encoder.
 
     The encoder comes from bank entry ``init_entry`` of ``bank_root`` or from a checkpoint file
@@ -103,7 +104,11 @@ def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, 
     the encoder loaded, every layer trained), ``decoder_only`` (encoder loaded and frozen), ``full``
     (every matching key, head included), ``scratch`` (nothing loaded). Truncated ResNet50 /
     DenseNet121 segmenters read the encoder with their own key naming (levels the cut dropped are
-    skipped and listed). The per-key report goes to ``output_dir/transfer_report.json``.
+    skipped and listed). A pretraining encoder classifier's ``classifier`` is skipped by design.
+    The mode's contract is checked (every encoder tensor for ``encoder_only`` / ``decoder_only``,
+    every tensor for ``full``): a shortfall is a one-line error listing the first mismatched keys
+    unless ``allow_partial`` (the bundle's ``allow_partial`` id; then logged at WARNING). The
+    per-key report goes to ``output_dir/transfer_report.json``.
     """
     if transfer_mode not in SEG2D_TRANSFER_MODES:
         raise ValueError(f"transfer_mode must be one of {list(SEG2D_TRANSFER_MODES)}, got {transfer_mode!r}")
@@ -119,19 +124,19 @@ def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, 
         if arch == "truncated_resnet50" and entry.arch != "resnet50_attention_unet":
             raise ValueError(f"bank entry {init_entry!r} is a {entry.arch} encoder; truncated_resnet50 needs a "
                              "ResNet50 (resnet50_attention_unet) encoder")
-        weights = bank.load_state_dict(init_entry)
+        weights, source = bank.load_state_dict(init_entry), str(bank.checkpoint_path(init_entry))
     elif init_checkpoint is not None:
-        weights = init_checkpoint
+        weights, source = init_checkpoint, str(init_checkpoint)
     else:
         raise ValueError(f"transfer_mode {transfer_mode!r} needs init_entry (with bank_root) or init_checkpoint; "
                          "use transfer_mode 'scratch' to train from random weights")
     if truncated:
-        report = truncated_encoder_weights(network, weights, transfer_mode)
+        report = truncated_encoder_weights(network, weights, transfer_mode, allow_partial=allow_partial, source=source)
     else:
-        report = load_pretrained(network, weights, arch_layout(arch, network), transfer_mode)
-        if report.shape_mismatch:
-            raise ValueError(f"{init_entry or init_checkpoint}: encoder weights do not fit the {arch}: "
-                             f"{sorted(report.shape_mismatch)[:3]}")
+        layout = arch_layout(arch, network)
+        # the classifier of a pretraining EncoderClassifier entry is dropped by design, not unknown
+        layout = replace(layout, cut_off=[*layout.cut_off, "classifier"])
+        report = load_pretrained(network, weights, layout, transfer_mode, allow_partial=allow_partial, source=source)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(output_dir) / "transfer_report.json", report.to_dict())
