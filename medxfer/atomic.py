@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import io
 import os
 import shutil
@@ -165,4 +166,7 @@ def atomic_directory(path: str | PathLike, overwrite: bool = False) -> Iterator[
         raise write_error(path, e) from None
     finally:
         if tmp.exists():
+            # a writer that failed (nibabel on ENOSPC) may still hold its file open until collected:
+            # collect first so removing the folder really frees the space in a long-running process
+            gc.collect()
             shutil.rmtree(tmp, ignore_errors=True)
