@@ -19,8 +19,9 @@ from monai.transforms import Compose, MapLabelValued
 from medxfer.atomic import atomic_write_text
 from medxfer.data.msd import load_task
 from medxfer.data.preflight import check_task_records, check_volume_records
-from medxfer.data.problems import DatasetError
+from medxfer.data.problems import DatasetError, read_json
 from medxfer.data.splits import fold_records
+from medxfer.jsonfile import json_safe, write_json
 from medxfer.networks import build_network, fit_patch
 from medxfer.planning.nnunet import load_plans, plan_task
 from medxfer.transfer.bank import BankError, ModelBank
@@ -29,7 +30,8 @@ from medxfer.transforms.msd import msd_transforms
 
 __all__ = ["default_num_workers", "task_plans", "fold_datalists", "inference_datalist", "class_names",
            "source_datasets", "joint_labels", "load_bank_network", "ensure_empty_output",
-           "preprocessing_summary", "sources_preprocessing", "bank_entry_name", "save_run_plans"]
+           "preprocessing_summary", "sources_preprocessing", "bank_entry_name", "save_run_plans", "RUN_FILE",
+           "save_run_record", "read_run_record", "run_setting", "check_run_overrides", "bank_entry_network"]
 
 logger = logging.getLogger("medxfer.workflows")
 
@@ -242,3 +244,155 @@ def save_run_plans(plans: dict, output_dir) -> Path:
         raise FileExistsError(f"{out}: this output_dir holds a run with different plans; choose another output_dir")
     atomic_write_text(out, text)  # a kill or a full disk never leaves half a plans file
     return out
+
+
+# --- the run record (run.json) ---------------------------------------------------------------
+
+#: File of a training run folder that describes it (beside plans.json, model.pt, splits.json).
+RUN_FILE = "run.json"
+
+#: Record fields that define the trained network: a run folder holding another value is refused.
+NETWORK_FIELDS = ("arch", "arch_kwargs", "in_channels", "out_channels", "patch_size", "labels", "transfer")
+
+#: Settings whose paths are recorded absolute (a run is evaluated from another working folder).
+_PATH_SETTINGS = ("data_root", "source_roots", "bank_root", "init_checkpoint", "plans_file")
+
+
+def _plain(obj):
+    """JSON form of ``obj`` (tuples -> lists, numpy scalars -> numbers), for comparisons with a file."""
+    return json.loads(json.dumps(json_safe(obj)))
+
+
+def _absolute(value):
+    if isinstance(value, (list, tuple)):
+        return [_absolute(v) for v in value]
+    return str(Path(str(value)).resolve()) if isinstance(value, (str, Path)) and value else value
+
+
+def read_run_record(run_dir) -> dict | None:
+    """``<run_dir>/run.json`` (``None`` when the folder has none: a run of an older version, or a
+    model folder assembled by hand); :class:`DatasetError` naming the file when it is unreadable."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():
+        return None
+    return read_json(path)
+
+
+def _transfer_record(transfer) -> dict | None:
+    """The transfer source as recorded: bank root (absolute), entry, mode, plus the entry's arch,
+    epoch and sha256 from the bank manifest; or an init checkpoint (absolute path)."""
+    if not transfer:
+        return None
+    record = {k: v for k, v in dict(transfer).items() if v is not None}
+    for key in ("bank_root", "init_checkpoint"):
+        if key in record:
+            record[key] = _absolute(record[key])
+    if record.get("bank_root") and record.get("bank_entry"):
+        entry = ModelBank.open(record["bank_root"]).get(record["bank_entry"])
+        record.update(entry_arch=entry.arch, entry_arch_kwargs=_plain(entry.arch_kwargs), entry_epoch=entry.epoch,
+                      entry_source=list(entry.source), entry_sha256=entry.sha256)
+    return _plain(record)
+
+
+def _check_rebuilds(record: dict, network: torch.nn.Module, path: Path) -> None:
+    """ValueError when ``record``'s arch / kwargs / channels / patch would not rebuild ``network``
+    (same tensor names and shapes): the record must describe the network that is trained. Built
+    on the meta device (no memory, no random draws); networks that cannot be built there are not
+    checked."""
+    trained = {k: tuple(v.shape) for k, v in getattr(network, "module", network).state_dict().items()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            rebuilt = build_network(record["arch"], record["in_channels"], record["out_channels"],
+                                    record["patch_size"], **record["arch_kwargs"])
+    except Exception as e:  # noqa: BLE001 - e.g. SwinUNETR calls .item() while building: not checkable on meta
+        logger.debug("run record not checked against the network (%s: %s)", type(e).__name__, e)
+        return
+    rebuilt = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if rebuilt != trained:
+        diff = sorted(set(rebuilt) ^ set(trained)) or sorted(k for k in trained if rebuilt[k] != trained[k])
+        raise ValueError(f"{path}: arch {record['arch']!r} with arch_kwargs {record['arch_kwargs']} does not rebuild "
+                         f"the network this run trains (first differing tensors: {diff[:3]}); the arch / arch_kwargs "
+                         "passed contradict the network (a bank entry's architecture is the entry's)")
+
+
+def save_run_record(output_dir, arch: str, arch_kwargs: dict | None, in_channels: int, out_channels: int,
+                    roi_size: Sequence[int], plans: dict, class_names: dict, transfer: dict | None = None,
+                    settings: dict | None = None, network: torch.nn.Module | None = None,
+                    workflow: str = "msd_seg3d/train") -> Path:
+    """Write ``<output_dir>/run.json``, which makes the run folder self-describing.
+
+    It holds what evaluate / inference / export need to rebuild the network without repeating
+    any option: ``arch``, ``arch_kwargs``, ``in_channels``, ``out_channels``, ``patch_size``, the
+    plans (``plans.json`` beside it, with task and spacing repeated here), ``labels``, the
+    ``transfer`` source (bank root + entry + mode with the entry's arch and sha256, or an init
+    checkpoint; ``null`` from scratch) and the ``settings`` that define the run (data root, fold,
+    seed, epochs, ...). With ``network`` the record is checked to rebuild it (tensor names and
+    shapes). A folder holding a run of another network is refused (FileExistsError, one line);
+    the same run (a resume, a longer ``max_epochs``) updates its settings. Written atomically.
+    """
+    path = Path(output_dir) / RUN_FILE
+    record = {"workflow": workflow, "arch": arch, "arch_kwargs": _plain(dict(arch_kwargs or {})),
+              "in_channels": int(in_channels), "out_channels": int(out_channels),
+              "patch_size": [int(p) for p in roi_size], "labels": {str(k): v for k, v in dict(class_names).items()},
+              "transfer": _transfer_record(transfer), "plans_file": "plans.json", "task": plans.get("task"),
+              "target_spacing": _plain(plans.get("target_spacing")),
+              "settings": _plain({k: _absolute(v) if k in _PATH_SETTINGS else v for k, v in dict(settings or {}).items()}),
+              "model": "model.pt: best validation checkpoint (network state dict; model.json says which epoch, or "
+                       "that it holds the final weights when no validation ran)"}
+    if network is not None:
+        _check_rebuilds(record, network, path)
+    existing = read_run_record(output_dir)
+    if existing is not None:
+        changed = [k for k in NETWORK_FIELDS if existing.get(k) != record[k]]
+        if changed:
+            k = changed[0]
+            raise FileExistsError(f"{path}: this output_dir holds a run with {k} {existing.get(k)!r}, not {record[k]!r}; "
+                                  "choose another output_dir")
+    write_json(path, record)
+    return path
+
+
+def run_setting(run_dir, key: str, default=None):
+    """``key`` of ``<run_dir>/run.json`` (a network field or one of its ``settings``), or
+    ``default`` when the folder has no run.json. The configs use it as the default of ``arch``,
+    ``arch_kwargs``, ``fold``, ... so that a trained run is evaluated with what it was trained with."""
+    record = read_run_record(run_dir)
+    if record is None:
+        return default
+    if key in record:
+        return record[key]
+    return record.get("settings", {}).get(key, default)
+
+
+def check_run_overrides(run_dir, yield_to_record: dict | None = None, **values) -> dict:
+    """The network settings to use with a trained run: ``values`` (``arch``, ``arch_kwargs``,
+    ``patch_size``, ``fold``, ...) checked against ``<run_dir>/run.json``.
+
+    ``None`` means "not given" and takes the recorded value. A value that differs from the record
+    is refused with a one-line ValueError naming run.json — unless it equals ``yield_to_record[key]``,
+    the config's own default (``inference.yaml``'s ``arch: unet`` is the fallback for a model folder
+    without run.json, not a choice). Without run.json the values are returned as given.
+    Returns ``{key: value to use}``.
+    """
+    record = read_run_record(run_dir)
+    if record is None:
+        return dict(values)
+    path = Path(run_dir) / RUN_FILE
+    resolved = {}
+    for key, value in values.items():
+        recorded = record[key] if key in record else record.get("settings", {}).get(key)
+        given = _plain(value)
+        if given is None or given == _plain(recorded) or (yield_to_record and key in yield_to_record
+                                                          and given == _plain(yield_to_record[key])):
+            resolved[key] = recorded
+        else:
+            raise ValueError(f"{path}: the run was trained with {key}={recorded!r}, but {key}={given!r} was passed; "
+                             "drop the override (run.json describes the trained network)")
+    return resolved
+
+
+def bank_entry_network(bank_root, entry: str) -> dict:
+    """``{"arch", "arch_kwargs"}`` of model-bank ``entry``: a fine-tuning run trains (and records)
+    the entry's architecture, so that the patch is fitted to it and run.json describes it."""
+    bank_entry = ModelBank.open(bank_root).get(entry)
+    return {"arch": bank_entry.arch, "arch_kwargs": dict(bank_entry.arch_kwargs)}
