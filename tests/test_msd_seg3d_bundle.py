@@ -171,9 +171,17 @@ def test_pretrain_adds_intermediate_and_final_checkpoints_with_their_sha256(bank
 
 @pytest.mark.parametrize("mode", ["all_but_head", "frozen_encoder", "full", "truncated:2", "scratch"])
 def test_finetune_runs_every_transfer_mode_and_reports_every_key(bank, tasks, tmp_path, mode):
+    if mode == "full":  # full = every tensor; 3 source classes vs 2 target classes: the head cannot load
+        from medxfer.transfer.weights import PartialTransferError
+
+        with pytest.raises(PartialTransferError, match=r"transfer full loaded 59 of 63 required tensors.*"
+                                                       r"model\.2\.0\.conv\.weight \(32,3,3,3,3\) vs \(32,2,3,3,3\)"):
+            run_bundle("msd_seg3d", ["train", "finetune"], data_root=str(tasks["spleen"]), bank_root=str(bank),
+                       bank_entry="unet_Task03_Liver_e2", transfer_mode=mode, output_dir=str(tmp_path / "refused"),
+                       max_epochs=1, val_interval=1, **FAST)
     wf = run_bundle("msd_seg3d", ["train", "finetune"], data_root=str(tasks["spleen"]), bank_root=str(bank),
                     bank_entry="unet_Task03_Liver_e2", transfer_mode=mode, output_dir=str(tmp_path / "ft"),
-                    max_epochs=1, val_interval=1, **FAST)
+                    max_epochs=1, val_interval=1, allow_partial=mode == "full", **FAST)  # full: accepted explicitly
     report = json.loads((tmp_path / "ft" / "transfer_report.json").read_text())
     source = ModelBank.open(bank).load_state_dict("unet_Task03_Liver_e2")
     net = wf.parser.get_parsed_content("network")
