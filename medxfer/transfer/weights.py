@@ -18,7 +18,7 @@ mode                loaded from the checkpoint                                 t
 ``all_but_head``    every key except the head (CC-FV protocol, Yang et al.      everything
                     2023: "all but the last conv")
 ``frozen_encoder``  every key except the head                                   decoder + head only
-``full``            every key whose shape matches, head included (TATL-NF)      everything
+``full``            every key, head included (TATL-NF: same classes)            everything
 ``truncated:k``     encoder levels 1..k only; deeper levels, decoder and head   everything
                     keep their fresh initialisation (truncated TL)
 ``encoder_only``    the encoder (every level); decoder and head stay fresh      everything
@@ -70,7 +70,8 @@ from medxfer.networks import ArchLayout, arch_layout
 from medxfer.networks.effnet_unet import ENCODER_PREFIX, lukemelas_key
 from medxfer.networks.truncated import truncated_key
 
-__all__ = ["CheckpointError", "CheckpointNotFound", "PartialTransferError", "NoMatchingWeights", "required_keys", "WRAPPER_PREFIXES", "CONTAINER_KEYS", "TRANSFER_MODES", "strip_prefixes",
+__all__ = ["CheckpointError", "CheckpointNotFound", "PartialTransferError", "NoMatchingWeights", "required_keys",
+           "WRAPPER_PREFIXES", "CONTAINER_KEYS", "TRANSFER_MODES", "strip_prefixes",
            "read_checkpoint", "as_state_dict", "TransferReport", "parse_mode", "init_from_checkpoint",
            "freeze_encoder", "load_pretrained", "load_encoder_weights", "effb0_key_map", "truncated_encoder_weights", "resize_position_embeddings",
            "trainable_parameters"]
