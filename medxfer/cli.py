@@ -8,8 +8,8 @@
     medxfer split PATH --out splits.json [--folds 5] [--seed 0]
     medxfer plan TASK [--out plans.json]          # nnU-Net v2 planning -> spacing, patch, normalisation
     medxfer convert-isic2017 ROOT                 # released superpixel JSON -> attribute PNGs
-    medxfer bank build --data D --target Task09_Spleen --out bank   # CC-FV leave-one-task-out bank
-    medxfer rank --bank BANK --data TASK [--dice dice.csv] # score every bank model with every estimator
+    medxfer bank build --data D --target Task09_Spleen --out bank [--overwrite]  # CC-FV leave-one-task-out bank (resumes)
+    medxfer rank --bank BANK --data TASK [--dice dice.csv] # score every bank model with every estimator (resumes)
     medxfer bank list BANK                        # entries of a bank manifest, sha256 checked
     medxfer demo --out runs/demo          # the README's main job on generated data
 
@@ -46,7 +46,7 @@ from medxfer.transfer.bank import BankError, ModelBank
 from medxfer.transfer.weights import CheckpointError
 from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, table_from_files, write_report
 from medxfer.transferability.features import SamplingConfig
-from medxfer.transferability.score import DEFAULT_ESTIMATORS, score_bank, write_scores
+from medxfer.transferability.score import DEFAULT_ESTIMATORS, clear_scores, score_bank_into
 from medxfer.workflows.bank_build import build_ccfv_bank, load_bank_config
 from medxfer.workflows.msd_seg3d import task_plans
 
@@ -164,13 +164,18 @@ def _cmd_bank_build(args) -> int:
                                    f"(defined: {sorted(config['archs'])})")
             config["archs"] = {a: config["archs"][a] for a in args.archs}
         summary = build_ccfv_bank(args.data, args.target, args.out, config, device=args.device, seed=args.seed,
-                                  num_workers=args.num_workers)
+                                  num_workers=args.num_workers, overwrite=args.overwrite)
     except (DatasetError, BankError, FileExistsError, ValueError) as e:
         return _error(e)
     for item in summary["entries"]:
-        print(f"{item['arch']:10s} {item['source'] or 'scratch':20s} {', '.join(item['entries'])}")
+        done = "  (already done, kept)" if item.get("already_done") else ""
+        print(f"{item['arch']:10s} {item['source'] or 'scratch':20s} {', '.join(item['entries'])}{done}")
     for item in summary["skipped_sources"]:
         print(f"skipped {item['task']}: {item['reason']}")
+    if summary["already_done"]:
+        n_runs = sum(1 for item in summary["entries"] if item["source"] is not None)
+        print(f"resumed: {len(summary['already_done'])} of {n_runs} pretraining run(s) were already done and kept "
+              f"({', '.join(summary['already_done'])})")
     print(f"bank: {Path(args.out) / 'bank.yaml'}")
     return 0
 
@@ -196,12 +201,13 @@ def _cmd_rank(args) -> int:
     out = Path(args.out)
     estimators = args.estimators or list(DEFAULT_ESTIMATORS)
     try:
-        if (out / "scores.json").exists() and not args.overwrite:
-            raise FileExistsError(f"{out / 'scores.json'}: exists; choose another --out or pass --overwrite")
+        if args.overwrite:
+            clear_scores(out)
         plans = task_plans(args.data)
-        rows = score_bank(args.bank, args.data, plans, estimators, SamplingConfig(seed=args.seed), device=args.device,
-                          max_cases=args.max_cases)
-        write_scores(rows, out, {"bank": str(args.bank), "target": str(args.data), "estimators": estimators})
+        rows, already_done = score_bank_into(out, args.bank, args.data, plans, estimators, SamplingConfig(seed=args.seed),
+                                             device=args.device, max_cases=args.max_cases,
+                                             meta={"bank": str(args.bank), "target": str(args.data),
+                                                   "estimators": estimators})
         if args.dice:
             table = table_from_files(out / "scores.json", args.dice)
             result = evaluate_estimators(table)
@@ -209,6 +215,8 @@ def _cmd_rank(args) -> int:
             plot_scores(table, out / "scores_vs_dice.png", result=result)
     except (DatasetError, BankError, FileExistsError, ValueError) as e:
         return _error(e)
+    if already_done:
+        print(f"{out / 'scores.json'}: scored before with these settings (kept, not scored again)")
     print(f"{'estimator':15s} best model by this estimator")
     for name in estimators:
         scored = [r for r in rows if r[name] == r[name]]  # NaN != NaN: undefined scores left out
@@ -313,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     build.add_argument("--num-workers", type=int, default=0)
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--overwrite", action="store_true",
+                       help="rebuild everything (a bank of other settings in --out is otherwise refused; "
+                            "a killed build of the same settings resumes, finished runs kept)")
     build.set_defaults(func=_cmd_bank_build)
     lst = bank_sub.add_parser("list", help="entries of a bank with their sha256 checked (exit 1 if any is broken)")
     lst.add_argument("bank")
@@ -327,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--max-cases", type=int, help="score on the first N labelled cases only")
     rank.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     rank.add_argument("--seed", type=int, default=0)
-    rank.add_argument("--overwrite", action="store_true")
+    rank.add_argument("--overwrite", action="store_true",
+                      help="score everything again (scores of other settings in --out are otherwise refused; "
+                           "the same settings' finished scores are kept, a killed scoring resumes)")
     rank.set_defaults(func=_cmd_rank)
 
     demo = sub.add_parser("demo", help="the main job on generated data (README quick start)")

@@ -29,3 +29,60 @@ def isic_roots(tmp_path_factory):
 
     return {year: generate_isic(tmp_path_factory.mktemp(f"isic{year}"), year=year, num_images=12, seed=0)
             for year in (2018, 2017)}
+
+
+#: Volumes of the quick CC-FV study's data (tests/test_study.py, tests/test_faults_resume.py).
+STUDY_TINY = dict(shape=(32, 32, 12), spacing=(9.6, 9.6, 24.0), num_test=0, seed=4)
+
+
+@pytest.fixture(scope="session")
+def study_data(tmp_path_factory):
+    """Planned tiny MSD tasks for the quick study: spleen (the target, 6 cases), liver and lung
+    (3 cases), prostate (2 channels: never a source for the 1-channel target). Planning is the slow
+    part, so it runs once per session: the spleen task with nnU-Net, and liver and lung reuse its
+    plans (same generator grid; task and labels adapted, as a user would edit them). Plans live in
+    each task folder (``medxfer_plans.json``): copy the folder (``shutil.copytree``) to get planned
+    tasks. Do not modify."""
+    import json
+
+    from medxfer.data.msd import load_task
+    from medxfer.data.synth.msd import generate_msd_task
+    from medxfer.workflows.msd_seg3d import task_plans
+
+    data = tmp_path_factory.mktemp("study_data") / "msd"
+    spleen = generate_msd_task(data, "spleen", num_training=6, **STUDY_TINY)
+    for profile in ("liver", "lung", "prostate"):
+        generate_msd_task(data, profile, num_training=3, **STUDY_TINY)
+    plans = task_plans(spleen)
+    for name in ("Task03_Liver", "Task06_Lung"):
+        task = load_task(data / name)
+        edited = dict(plans, task=name, source=str(task.root), labels={str(k): v for k, v in task.labels.items()})
+        (task.root / "medxfer_plans.json").write_text(json.dumps(edited, indent=2) + "\n")
+    return data
+
+
+@pytest.fixture(scope="session")
+def quick_study(study_data, tmp_path_factory):
+    """The quick-preset study (``StudyConfig.quick()``, CPU, one torch thread) run once,
+    uninterrupted, on a copy of ``study_data``: ``{"data", "out", "config", "summary", "log"}``.
+    The reference the resume tests compare with: they run the study with one thread too (the
+    thread count changes the last bits of CPU convolutions; one thread is also several times
+    faster on a shared, loaded 2-core machine). Do not modify."""
+    import shutil
+
+    import torch
+
+    from medxfer.study import StudyConfig, run_study
+
+    root = tmp_path_factory.mktemp("quick_study")
+    shutil.copytree(study_data, root / "msd")
+    config = StudyConfig.quick()
+    config.device = "cpu"
+    log: list[str] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = run_study(root / "msd", root / "study", config, progress=False, log=log.append)
+    finally:
+        torch.set_num_threads(threads)
+    return {"data": root / "msd", "out": root / "study", "config": config, "summary": summary, "log": log}

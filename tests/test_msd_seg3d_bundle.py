@@ -245,7 +245,13 @@ def test_bank_build_cli_leaves_the_target_out_and_adds_scratch_baselines(trained
     summary = json.loads((out / "build_summary.json").read_text())
     assert summary["skipped_sources"] == [{"task": "Task05_Prostate", "reason": "2 channel(s), target has 1"}]
     assert main(["bank", "list", str(out)]) == 0
+    digests = {e.name: e.sha256 for e in ModelBank.open(out)}
+    capsys.readouterr()
+    # the same command again: finished pretraining is kept, not redone (tests/test_faults_resume.py: after a kill)
     assert main(["bank", "build", "--data", str(tasks["root"]), "--target", "Task09_Spleen", "--out", str(out),
-                 "--archs", "unet", "--epochs", "1", "--patch", *map(str, PATCH), "--device", "cpu"]) == 1
-    assert "exists" in capsys.readouterr().err
-    assert ModelBank.open(out).names() == ["unet_Task03_Liver_e1", "unet_scratch"]
+                 "--archs", "unet", "--epochs", "1", "--patch", *map(str, PATCH), "--device", "cpu"]) == 0
+    assert "unet_Task03_Liver_e1  (already done, kept)" in capsys.readouterr().out
+    assert main(["bank", "build", "--data", str(tasks["root"]), "--target", "Task09_Spleen", "--out", str(out),
+                 "--archs", "unet", "--epochs", "2", "--patch", *map(str, PATCH), "--device", "cpu"]) == 1
+    assert "built with other settings" in capsys.readouterr().err  # another bank: refused unless --overwrite
+    assert {e.name: e.sha256 for e in ModelBank.open(out)} == digests

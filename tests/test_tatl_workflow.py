@@ -187,3 +187,32 @@ def test_metric_history_records_rounds_and_the_best(tmp_path):
         hist(SimpleNamespace(state=SimpleNamespace(metrics={"val_score": score})))
     data = json.loads((tmp_path / "h.json").read_text())
     assert data["best"] == {"epoch": 2, "val_score": 0.5} and data["epochs_run"] == 3
+
+
+def test_a_network_is_trained_again_unless_its_done_marker_records_the_same_inputs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    runs = []
+
+    def train(bundle_root, configs, quiet=False, output_dir=None, **overrides):  # stands in for configs/train.yaml
+        runs.append(output_dir)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.pt").write_bytes(b"weights %d" % len(runs))
+
+    monkeypatch.setattr(ts, "run_bundle", train)
+    init = tmp_path / "agnostic_unet_effb0" / "model.pt"
+    init.parent.mkdir()
+    init.write_bytes(b"stage 2")
+    net = tmp_path / "target_streaks_unet_effb0"
+    overrides = {"fold": 0, "arch": "unet_effb0", "target": "streaks", "init_checkpoint": str(init),
+                 "device": "cpu", "cache_progress": False}
+    first = ts._train_one("tatl_skin", net, overrides, quiet=True)
+    assert len(runs) == 1 and first["for"]["init_checkpoint"] == {"sha256": ts._sha256(init)}
+    assert ts._train_one("tatl_skin", net, {**overrides, "device": "cuda"}, True) == first  # device: not an input
+    (net / "stale.txt").write_text("left by a killed run")
+    (net / "done.json").write_text('{"for": {"fold"')  # a torn or foreign marker is not trusted
+    ts._train_one("tatl_skin", net, overrides, True)
+    assert len(runs) == 2 and not (net / "stale.txt").exists()  # retrained from scratch, in an emptied folder
+    init.write_bytes(b"stage 2, retrained")  # what it was trained from changed
+    ts._train_one("tatl_skin", net, overrides, True)
+    assert len(runs) == 3 and json.loads((net / "done.json").read_text())["for"]["init_checkpoint"]["sha256"] == ts._sha256(init)

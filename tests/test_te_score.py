@@ -94,8 +94,12 @@ def test_score_and_evaluate_bundle_configs_and_rank_cli_agree(setup, tmp_path, c
     printed = capsys.readouterr().out
     assert "ccfv" in printed and "w. tau" in printed
     assert (cli_out / "te_evaluation.csv").is_file()
+    rank = ["rank", "--bank", str(setup["bank"]), "--data", str(setup["task"]), "--out", str(cli_out),
+            "--dice", str(dice), "--device", "cpu", "--estimators", "ccfv", "logme", "leep"]
+    assert main(rank) == 0  # the same command again: the finished scores are read back, not scored again
+    assert "scored before with these settings" in capsys.readouterr().out
     assert main(["rank", "--bank", str(setup["bank"]), "--data", str(setup["task"]), "--out", str(cli_out)]) == 1
-    assert "exists" in capsys.readouterr().err
+    assert "exists, scored with other settings (estimators)" in capsys.readouterr().err
 
 
 def test_dice_file_that_does_not_match_the_scored_models_names_both_files(setup, tmp_path):
@@ -143,3 +147,45 @@ def test_a_single_labelled_target_case_gets_a_defined_score_from_every_estimator
     rows = score_bank(setup["bank"], setup["task"], PLANS, sampling=SAMPLING, device="cpu", progress=False,
                       max_cases=1, entries=["unet_0"])
     assert all(math.isfinite(rows[0][e]) for e in DEFAULT_ESTIMATORS), {e: rows[0][e] for e in DEFAULT_ESTIMATORS} | rows[0]["errors"]
+
+
+def test_an_interrupted_scoring_resumes_at_the_next_model_and_a_finished_one_is_read_back(setup, tmp_path, monkeypatch):
+    from medxfer.transferability import score as sc
+
+    kw = dict(estimators=["ccfv", "logme", "leep"], sampling=SAMPLING, device="cpu", progress=False,
+              entries=["unet_0", "unet_1"])
+    reference, done = sc.score_bank_into(tmp_path / "reference", setup["bank"], setup["task"], PLANS, **kw)
+    assert not done
+    built, real = [], sc.build_network
+
+    def killed_at_the_second_model(arch, *args, **kwargs):
+        built.append(arch)
+        if len(built) == 2:
+            raise KeyboardInterrupt  # stands in for the kill
+        return real(arch, *args, **kwargs)
+
+    monkeypatch.setattr(sc, "build_network", killed_at_the_second_model)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        sc.score_bank_into(run, setup["bank"], setup["task"], PLANS, **kw)
+    assert [p.name for p in (run / sc.ROWS_DIR).iterdir()] == ["unet_0.json"] and not (run / "scores.json").exists()
+    kept = (run / sc.ROWS_DIR / "unet_0.json").stat().st_mtime_ns
+    built.clear()
+    monkeypatch.setattr(sc, "build_network", lambda arch, *a, **k: built.append(arch) or real(arch, *a, **k))
+    rows, done = sc.score_bank_into(run, setup["bank"], setup["task"], PLANS, **kw)  # the same call again
+    assert not done and built == ["unet"]  # only unet_1: the model scored before the kill is not scored again
+    assert (run / sc.ROWS_DIR / "unet_0.json").stat().st_mtime_ns == kept
+
+    def values(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
+
+    assert values(rows) == values(reference)  # the rows of an uninterrupted scoring
+    built.clear()
+    again, done = sc.score_bank_into(run, setup["bank"], setup["task"], PLANS, **kw)
+    assert done and built == [] and again == rows
+    other = {**kw, "estimators": ["ccfv"], "entries": ["unet_0"]}
+    with pytest.raises(FileExistsError, match=r"scored with other settings \(entries, estimators\)"):
+        sc.score_bank_into(run, setup["bank"], setup["task"], PLANS, **other)
+    replaced, done = sc.score_bank_into(run, setup["bank"], setup["task"], PLANS, **other, overwrite=True)
+    assert not done and [r["ccfv"] for r in replaced] == [rows[0]["ccfv"]]
+    assert [sorted(r) for r in json.loads((run / "scores.json").read_text())["rows"]] == [sorted(replaced[0])]

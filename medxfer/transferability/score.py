@@ -21,16 +21,25 @@ every estimator then works on those samples:
 
 Higher is better for every score. Per entry the seconds spent in the forward passes and in the
 estimator math are recorded, so a benchmark can compare them with bare forward passes.
+
+Scoring a large bank takes long, so it resumes (:func:`score_into`, used by ``medxfer rank``, the
+``transferability`` bundle's ``score`` config, the study and 2D checkpoint selection): each model's
+row is kept as soon as it is scored, with what it was scored for, and the folder's state marker
+``scores.state.json`` is written last; a killed scoring run again scores only the models not done,
+a finished one is read back, and scores of other settings are never silently mixed in.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
+import json
 import logging
 import math
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,12 +49,13 @@ from monai.transforms import ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
+from medxfer.atomic import atomic_path
 from medxfer.data.msd import load_task
 from medxfer.data.preflight import check_seg2d_records, check_task_records
 from medxfer.data.problems import DatasetError
 from medxfer.data.seg2d import load_seg2d
 from medxfer.device import resolve_device
-from medxfer.jsonfile import write_json
+from medxfer.jsonfile import json_safe, write_json
 from medxfer.networks import arch_layout, build_network
 from medxfer.transfer.bank import ModelBank
 from medxfer.transferability.ccfv import ccfv_score
@@ -61,7 +71,9 @@ from medxfer.transforms.msd import msd_transforms
 from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "SOURCE_HEAD_ESTIMATORS", "ScoringTarget", "run_estimators",
-           "robustness_windows", "target_cases", "seg2d_target", "score_bank", "score_target", "write_scores"]
+           "robustness_windows", "target_cases", "seg2d_target", "score_bank", "score_target", "write_scores",
+           "target_digest", "ROWS_DIR", "STATE_FILE", "scoring_key", "finished_scores", "clear_scores", "score_into",
+           "task_key", "seg2d_key", "score_bank_into"]
 
 logger = logging.getLogger("medxfer.transferability")
 
@@ -195,19 +207,63 @@ def seg2d_target(data_root, image_size, max_cases: int | None = 16) -> ScoringTa
 def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None, device: str | None = None,
                max_cases: int | None = None, split_ids: Sequence[str] | None = None, progress: bool = True,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, cache_dir=None) -> list[dict]:
     """Scores of every bank entry (or ``entries``) on an MSD / nnU-Net target task (:func:`target_cases`
-    with the target's ``plans``); :func:`score_target` does the work."""
+    with the target's ``plans``); :func:`score_target` does the work (``cache_dir``: see there)."""
     cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
     if not cases:
         raise ValueError(f"{data_root}: no labelled target cases to score on")
     return score_target(bank_root, ScoringTarget(str(data_root), cases), estimators, sampling, entries, device,
-                        progress, seed)
+                        progress, seed, cache_dir=cache_dir)
+
+
+def _plain_key(obj):
+    """``obj`` as plain, key-sorted JSON values: a recorded and a recomputed key compare equal."""
+    return json.loads(json.dumps(json_safe(obj), sort_keys=True, default=str))
+
+
+def _read_json(path: Path):
+    """The JSON in ``path``, ``None`` if missing or unreadable (a marker that cannot be read is not trusted)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _as_array(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def target_digest(target: ScoringTarget) -> str:
+    """sha256 of what a score depends on besides the model: every case's id, image and label
+    values (as preprocessed), the robustness images and the target's settings. A cached per-model
+    row (:func:`score_target`'s ``cache_dir``) is reused only for the same digest."""
+    h = hashlib.sha256()
+
+    def add(array) -> None:
+        a = np.ascontiguousarray(_as_array(array))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+
+    for case in target.cases:
+        h.update(str(case["id"]).encode())
+        add(case["image"])
+        add(case["label"])
+    if target.robustness_images is not None:
+        add(target.robustness_images)
+    h.update(json.dumps([target.roi, target.robustness_mode, target.normalize, target.robustness_batch],
+                        default=str).encode())
+    return h.hexdigest()
+
+
+def _restore_nan(row: dict, estimators: Sequence[str]) -> dict:
+    """JSON stores an undefined score (NaN) as ``null``: back to NaN for the numeric columns."""
+    return {k: (math.nan if v is None and (k in estimators or k.startswith("seconds")) else v) for k, v in row.items()}
 
 
 def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                  sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None,
-                 device: str | None = None, progress: bool = True, seed: int = 0) -> list[dict]:
+                 device: str | None = None, progress: bool = True, seed: int = 0, cache_dir=None) -> list[dict]:
     """THE scoring loop (2D and 3D): every bank entry (or ``entries``) is built from the registry with
     its own channels and classes, loaded (sha256-checked, weights only; the whole network, head
     included, since LEEP / NCE read the source head), its features sampled once at the layout's
@@ -216,6 +272,12 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
 
     Rows: ``{"model", "arch", "source", "epoch", <estimator>: score, ..., "errors": {...},
     "seconds_forward", "seconds_estimators", "seconds_<estimator>"}``.
+
+    ``cache_dir``: each model's row is also written there (``<model>.json``, atomically, with
+    what it is for: the entry's sha256, estimators, sampling, seed, :func:`target_digest`) as
+    soon as it is scored, and a row recorded there for the same key is reused instead of scored
+    again: a killed scoring of a large bank resumes at the next model. Every model is scored
+    with its own seeds, so a resumed scoring gives the rows of an uninterrupted one.
     """
     unknown = [e for e in estimators if e != "robustness" and e not in ESTIMATORS]
     if unknown:
@@ -227,9 +289,20 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
     if not target.cases:
         raise ValueError(f"{target.name}: no labelled target cases to score on")
     dev = resolve_device(device)
+    digest = target_digest(target) if cache_dir is not None else None
     rows = []
     for name in tqdm(names, desc="scoring bank models", disable=not progress):
         entry = bank.get(name)
+        cached_file = key = None
+        if cache_dir is not None:
+            cached_file = Path(cache_dir) / f"{name}.json"
+            key = _plain_key({"model": name, "sha256": entry.sha256, "arch": entry.arch, "estimators": list(estimators),
+                              "sampling": asdict(sampling or SamplingConfig()), "seed": seed, "target": digest})
+            cached = _read_json(cached_file)
+            if isinstance(cached, dict) and cached.get("for") == key and isinstance(cached.get("row"), dict):
+                logger.info("%s: scored before (%s), not scored again", name, cached_file)
+                rows.append(_restore_nan(cached["row"], estimators))
+                continue
         roi = target.roi or entry.patch_size
         net = build_network(entry.arch, entry.in_channels, entry.out_channels, roi, **entry.arch_kwargs)
         net.load_state_dict(bank.load_state_dict(name))
@@ -254,24 +327,27 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
                 error = None
             except ValueError as e:  # e.g. a single target case: no negative image
                 value, error = float("nan"), f"ValueError: {e}"
-            results["robustness"] = {"score": value, "seconds": time.perf_counter() - t1, "error": error}
+            results["robustness"] = {"score": float(value), "seconds": time.perf_counter() - t1, "error": error}
             results = {k: results[k] for k in estimators}
         row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
         row.update({k: v["score"] for k, v in results.items()})
         row.update({"seconds_forward": t_forward, "seconds_estimators": sum(v["seconds"] for v in results.values())})
         row.update({f"seconds_{k}": v["seconds"] for k, v in results.items()})
         row["errors"] = {k: v["error"] for k, v in results.items() if v["error"]}
+        if cached_file is not None:
+            write_json(cached_file, {"for": key, "row": row})
         rows.append(row)
         del net
     return rows
 
 
 def write_scores(rows: list[dict], out_dir, meta: dict | None = None) -> tuple[Path, Path]:
-    """``scores.csv`` (one row per model; NaN written empty) and ``scores.json`` (rows + ``meta``)."""
+    """``scores.csv`` (one row per model; NaN written empty) and ``scores.json`` (rows + ``meta``),
+    each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = [k for k in rows[0] if k != "errors"] if rows else ["model"]
-    with open(out / "scores.csv", "w", newline="") as f:
+    with atomic_path(out / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -280,3 +356,128 @@ def write_scores(rows: list[dict], out_dir, meta: dict | None = None) -> tuple[P
     payload = {"meta": meta or {}, "higher_is_better": True, "rows": rows}
     write_json(out / "scores.json", payload, default=str)
     return out / "scores.csv", out / "scores.json"
+
+
+# --- resumable scoring into a folder ---------------------------------------------------------
+
+#: Per-model rows of a scoring in progress (:func:`score_target`'s ``cache_dir``) and the state
+#: marker of a scored folder: ``{"for": key, "done": false}`` while scoring, ``done: true`` last.
+ROWS_DIR = "scores.partial"
+STATE_FILE = "scores.state.json"
+
+
+def scoring_key(bank_root, entries: Sequence[str] | None, estimators: Sequence[str],
+                sampling: SamplingConfig | None, seed: int, target: dict) -> dict:
+    """What a folder of scores is for: every scored entry's sha256, the estimators, the sampling,
+    the seed and ``target`` (a description of the target data and its preprocessing)."""
+    bank = ModelBank.open(bank_root)
+    names = list(entries) if entries else bank.names()
+    return _plain_key({"entries": {n: bank.get(n).sha256 for n in names}, "estimators": list(estimators),
+                       "sampling": asdict(sampling or SamplingConfig()), "seed": seed, "target": target})
+
+
+def finished_scores(out_dir, key: dict) -> list[dict] | None:
+    """The rows of ``out_dir/scores.json`` when its state marker says it was finished for ``key``
+    (undefined scores back as NaN); ``None`` otherwise."""
+    out = Path(out_dir)
+    state = _read_json(out / STATE_FILE)
+    if not (isinstance(state, dict) and state.get("done") and state.get("for") == _plain_key(key)):
+        return None
+    payload = _read_json(out / "scores.json")
+    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
+        return None
+    return [_restore_nan(r, key["estimators"]) for r in payload["rows"]]
+
+
+def clear_scores(out_dir) -> None:
+    """Remove the scores, the state marker and the per-model rows of ``out_dir`` (nothing else)."""
+    out = Path(out_dir)
+    for name in ("scores.csv", "scores.json", STATE_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / ROWS_DIR, ignore_errors=True)
+
+
+def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], target_key: dict,
+               estimators: Sequence[str] = DEFAULT_ESTIMATORS, sampling: SamplingConfig | None = None,
+               entries: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
+               seed: int = 0, meta: dict | None = None, overwrite: bool = False) -> tuple[list[dict], bool]:
+    """Score a bank into ``out_dir`` (``scores.csv`` / ``scores.json``), resumably; returns
+    ``(rows, already_done)``.
+
+    * finished before for the same :func:`scoring_key` (``target_key`` describes the target):
+      the rows are read back, nothing is scored (``already_done``);
+    * interrupted (state marker ``done: false`` for the same key): the models scored before are
+      read from ``scores.partial/`` (:func:`score_target`'s cache), the others scored;
+    * ``out_dir`` holds scores of other settings, or scores without a state marker: refused
+      (:class:`FileExistsError`, one line) unless ``overwrite``, which replaces them.
+
+    ``make_target`` builds the :class:`ScoringTarget` only when something is scored. The state
+    marker is written last, after both score files.
+    """
+    out = Path(out_dir)
+    key = scoring_key(bank_root, entries, estimators, sampling, seed, target_key)
+    rows = finished_scores(out, key)
+    if rows is not None:
+        logger.info("%s: scored before with these settings, not scored again", out / "scores.json")
+        return rows, True
+    state = _read_json(out / STATE_FILE)
+    ours = isinstance(state, dict) and state.get("for") == key
+    if not ours and (state is not None or (out / "scores.json").exists()):
+        if not overwrite:
+            changed = sorted(k for k in key if not isinstance(state, dict) or (state.get("for") or {}).get(k) != key[k])
+            what = f"other settings ({', '.join(changed)})" if isinstance(state, dict) else "unknown settings"
+            raise FileExistsError(f"{out / 'scores.json'}: exists, scored with {what}; choose another output folder "
+                                  "or pass overwrite (medxfer rank --overwrite)")
+        clear_scores(out)
+    write_json(out / STATE_FILE, {"for": key, "done": False})
+    t0 = time.perf_counter()
+    rows = score_target(bank_root, make_target(), estimators, sampling, entries, device, progress, seed,
+                        cache_dir=out / ROWS_DIR)
+    write_scores(rows, out, meta)
+    write_json(out / STATE_FILE, {"for": key, "done": True, "seconds": time.perf_counter() - t0})
+    return finished_scores(out, key), False
+
+
+def _files_digest(paths: Sequence) -> str:
+    """sha256 of file names and sizes (cheap: no volume decoded); a changed case list or a
+    rewritten file of another size changes it."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        h.update(f"{p.name}:{p.stat().st_size if p.exists() else -1};".encode())
+    return h.hexdigest()
+
+
+def task_key(data_root, plans: dict, max_cases: int | None = None, split_ids: Sequence[str] | None = None) -> dict:
+    """The ``target_key`` of an MSD / nnU-Net target for :func:`score_into`: the task's name,
+    ``dataset.json`` and case files (:func:`_files_digest`), the plans and the case selection."""
+    task = load_task(data_root)
+    files = [task.root / "dataset.json"]
+    for r in task.training:
+        files += ([r["image"]] if isinstance(r["image"], str) else list(r["image"])) + [r["label"]]
+    return {"task": task.root.name, "files": _files_digest(files), "plans": plans, "max_cases": max_cases,
+            "split_ids": None if split_ids is None else list(split_ids)}
+
+
+def seg2d_key(data_root, image_size, max_cases: int | None = 16) -> dict:
+    """The ``target_key`` of a 2D segmentation folder (:func:`seg2d_target`) for :func:`score_into`."""
+    records, labels = load_seg2d(data_root)
+    files = [p for r in records for p in (r["image"], r["label"])]
+    return {"data": Path(data_root).name, "files": _files_digest(files), "labels": {str(k): v for k, v in labels.items()},
+            "image_size": image_size, "max_cases": max_cases}
+
+
+def score_bank_into(out_dir, bank_root, data_root, plans: dict, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+                    sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None,
+                    device: str | None = None, max_cases: int | None = None, split_ids: Sequence[str] | None = None,
+                    progress: bool = True, seed: int = 0, meta: dict | None = None,
+                    overwrite: bool = False) -> tuple[list[dict], bool]:
+    """:func:`score_bank` into ``out_dir``, resumable (:func:`score_into`); returns ``(rows, already_done)``."""
+    def make_target() -> ScoringTarget:
+        cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
+        if not cases:
+            raise ValueError(f"{data_root}: no labelled target cases to score on")
+        return ScoringTarget(str(data_root), cases)
+
+    return score_into(out_dir, bank_root, make_target, task_key(data_root, plans, max_cases, split_ids), estimators,
+                      sampling, entries, device, progress, seed, meta, overwrite)

@@ -8,30 +8,55 @@ target's are skipped (and listed) unless ``same_channels_only`` is false.
 
 Writes the bank (``bank.yaml`` + ``checkpoints/``) and ``build_summary.json`` (entries, skipped
 tasks, seconds per entry) into ``out``; pretraining runs go to ``out/runs/<a>_<S>``.
+
+**Resumable.** A killed build, run again with the same command, continues where it stopped:
+
+* ``out/bank_build.json`` records the build's settings (bank definition, sources, seed) when the
+  build starts; a folder holding a bank built with other settings (or a bank not made by a build)
+  is refused in one line unless ``overwrite`` (``medxfer bank build --overwrite``: rebuild
+  everything);
+* each pretraining run ``(a, S)`` is done when its marker ``out/pretraining/<a>_<S>.json``
+  (:mod:`medxfer.handlers.bank_saver`) says ``done`` for the same settings and inputs (source
+  ``dataset.json`` and plans) and its entries are in the manifest with the recorded sha256:
+  then it is skipped and listed as already done. Otherwise it is half-finished (or was never
+  started): its entries, stray checkpoint files and run folder are removed and it is redone from
+  scratch, so the bank equals that of an uninterrupted build (the runs are seeded);
+* scratch entries are rebuilt from their seed and kept when the bytes match;
+* ``build_summary.json`` is written last.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import yaml
 
+from medxfer.atomic import atomic_write_text
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
+from medxfer.handlers.bank_saver import (MARKER_DIR, changed_keys, finished_pretraining, marker_key,
+                                         pretraining_entries, purge_pretraining, write_pretraining_marker)
+from medxfer.jsonfile import write_json
 from medxfer.networks.registry import build_network
 from medxfer.resources import config_path
-from medxfer.transfer.bank import ModelBank
+from medxfer.transfer.bank import MANIFEST, BankError, ModelBank, sha256_file
 from medxfer.workflows.bundle import run_bundle
+from medxfer.workflows.msd_seg3d import bank_entry_name
 
-__all__ = ["DEFAULT_BANK_CONFIG", "load_bank_config", "source_tasks", "build_ccfv_bank", "pretrain_bank", "ccfv_entries"]
+__all__ = ["DEFAULT_BANK_CONFIG", "BUILD_FILE", "PretrainJob", "load_bank_config", "source_tasks", "build_ccfv_bank",
+           "pretrain_bank", "pretrain_jobs", "job_done", "task_digest", "ccfv_entries"]
 
 #: configs/ of the checkout, or the copy shipped in the wheel
 DEFAULT_BANK_CONFIG = config_path("bank_ccfv.yaml")
+#: The settings of the build that made a bank folder (written when the build starts).
+BUILD_FILE = "bank_build.json"
 logger = logging.getLogger("medxfer.bank")
 
 
@@ -63,13 +88,14 @@ def source_tasks(data_dir, target: str) -> list[Path]:
 
 def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, device: str | None = None,
                     num_workers: int = 0, seed: int = 0, progress: bool = True,
-                    source_names: Sequence[str] | None = None, quiet: bool = False) -> dict:
+                    source_names: Sequence[str] | None = None, quiet: bool = False, overwrite: bool = False) -> dict:
     """Pretrain the leave-one-task-out bank for ``target``; returns the build summary (also saved).
 
     Args:
         data_dir: folder holding the MSD task folders (``TaskNN_Name``).
         target: the target task's folder name (never used for pretraining).
-        out: bank folder (created; an existing bank with the same entry names is an error).
+        out: bank folder (created). A killed build resumes (module docstring); a bank built
+            with other settings is refused unless ``overwrite`` (everything rebuilt).
         config: the bank definition (:func:`load_bank_config`).
         device: ``"cpu"``, ``"cuda"``; ``None`` = the bundle default (cuda when available).
         source_names: source task folder names to use (default: every other task in ``data_dir``).
@@ -94,25 +120,123 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
     return pretrain_bank(data_dir, sources, out, config, (target_task.num_channels, len(target_task.labels)),
                          device=device, num_workers=num_workers, seed=seed, progress=progress, quiet=quiet,
                          description=f"CC-FV leave-one-task-out bank for target {target_task.root.name}",
-                         summary_extra={"target": target_task.root.name, "skipped_sources": skipped})
+                         summary_extra={"target": target_task.root.name, "skipped_sources": skipped},
+                         overwrite=overwrite)
+
+
+def _sha256_of(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+def task_digest(task_dir) -> dict:
+    """What a pretraining or scoring marker records about a task's data: the sha256 of its
+    ``dataset.json`` (the case list) and of its plans ``medxfer_plans.json`` (spacing, patch,
+    normalisation; ``None`` before planning). Cheap (two small files), unlike hashing the volumes."""
+    task_dir = Path(task_dir)
+    return {"task": task_dir.name, "dataset_json": _sha256_of(task_dir / "dataset.json"),
+            "plans": _sha256_of(task_dir / "medxfer_plans.json")}
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """One pretraining run of a bank build: ``arch`` on the task ``source``."""
+
+    arch: str
+    source: Path
+    name: str                     # entry prefix <arch>_<Task>
+    entries: tuple[str, ...]      # the bank entries it adds: <name>_e<epoch>
+
+    def settings(self, config: dict, seed: int) -> dict:
+        """What the run is for (its marker's key): arch, kwargs, the bundle overrides that shape
+        the result and the source's :func:`task_digest`. Device and worker count are left out."""
+        n_folds = max(2, min(int(config.get("n_folds", 5)), len(load_task(self.source).training)))
+        return {"arch": self.arch, "arch_kwargs": dict(config["archs"][self.arch] or {}), "source": self.source.name,
+                "data": task_digest(self.source), "configs": _bundle_configs(config), "n_folds": n_folds,
+                "seed": int(seed), "patch_size": [int(p) for p in config["patch_size"]],
+                "max_epochs": int(config["epochs"]), "bank_epochs": sorted(int(e) for e in config.get("bank_epochs") or []),
+                "learning_rate": None if config.get("learning_rate") is None else float(config["learning_rate"])}
+
+
+def _bundle_configs(config: dict) -> list[str]:
+    return ["train"] + (["adamw"] if config.get("optimizer", "adamw") == "adamw" else []) + ["pretrain"]
+
+
+def pretrain_jobs(sources: Sequence[Path], config: dict) -> list[PretrainJob]:
+    """The pretraining runs of a bank: every arch of ``config`` on every task of ``sources``."""
+    epochs = sorted({int(e) for e in config.get("bank_epochs") or []} | {int(config["epochs"])})
+    jobs = []
+    for arch in config["archs"]:
+        for src in sources:
+            name = bank_entry_name(arch, [src])
+            jobs.append(PretrainJob(arch, Path(src), name, tuple(f"{name}_e{e}" for e in epochs)))
+    return jobs
+
+
+def job_done(bank_root, job: PretrainJob, config: dict, seed: int) -> dict | None:
+    """The trusted ``done`` marker of ``job`` in the bank (:func:`medxfer.handlers.bank_saver.finished_pretraining`)."""
+    return finished_pretraining(bank_root, job.name, job.settings(config, seed))
+
+
+def _build_settings(sources, config: dict, scratch_channels, seed: int) -> dict:
+    return marker_key({"config": config, "sources": [Path(s).name for s in sources],
+                       "scratch_channels": [int(c) for c in scratch_channels], "seed": int(seed)})
+
+
+def _clear_bank(out: Path) -> None:
+    """Remove what a build writes (the manifest, checkpoints, runs, markers, summaries), nothing else."""
+    for name in (MANIFEST, BUILD_FILE, "build_summary.json"):
+        (out / name).unlink(missing_ok=True)
+    for folder in ("checkpoints", "runs", MARKER_DIR):
+        shutil.rmtree(out / folder, ignore_errors=True)
+
+
+def _claim_bank(out: Path, settings: dict, overwrite: bool) -> None:
+    """Resume a build of the same settings; refuse (one line) a bank of other settings or origin."""
+    claim = out / BUILD_FILE
+    if overwrite:
+        _clear_bank(out)
+    else:
+        try:
+            existing = json.loads(claim.read_text()) if claim.exists() else None
+        except (OSError, ValueError):
+            existing = {}
+        if existing is not None and (not isinstance(existing, dict) or existing.get("for") != settings):
+            names = {"config": "bank definition", "sources": "source tasks"}
+            changed = [names.get(k, k) for k in changed_keys(existing.get("for") if isinstance(existing, dict) else None, settings)]
+            raise FileExistsError(f"{claim}: this bank was built with other settings ({', '.join(changed)}); rebuild "
+                                  "it with overwrite (medxfer bank build --overwrite) or choose another output folder")
+        if existing is None and (out / MANIFEST).exists():
+            try:
+                entries = ModelBank.open(out).names()
+            except BankError:
+                entries = ["(unreadable manifest)"]
+            if entries:
+                raise FileExistsError(f"{out / MANIFEST}: holds a bank not made by this build ({len(entries)} entries, "
+                                      "no bank_build.json); rebuild it with overwrite (medxfer bank build --overwrite) "
+                                      "or choose another output folder")
+    atomic_write_text(claim, json.dumps({"made_by": "medxfer bank build", "for": settings}, indent=1) + "\n")
 
 
 def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_channels: tuple[int, int],
                   device: str | None = None, num_workers: int = 0, seed: int = 0, progress: bool = True,
-                  quiet: bool = False, description: str = "", summary_extra: dict | None = None) -> dict:
+                  quiet: bool = False, description: str = "", summary_extra: dict | None = None,
+                  overwrite: bool = False) -> dict:
     """Pretrain every arch of ``config`` on every task of ``sources`` (one task each) into the bank
     ``out``, and add one seeded, untrained ``<arch>_scratch`` entry per arch with
     ``scratch_channels = (in, out)``. Writes ``build_summary.json`` (with ``summary_extra`` merged
-    in); returns it.
+    in) last; returns it. Resumable (module docstring): finished runs are skipped and listed with
+    ``already_done: true`` (and in ``summary["already_done"]``), half-finished ones redone.
 
     A bank pretrained on all tasks serves every leave-one-task-out target: see :func:`ccfv_entries`.
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_bank(out, _build_settings(sources, config, scratch_channels, seed), overwrite)
     bank = ModelBank.open(out, create=True, description=description)
-    configs = ["train"] + (["adamw"] if config.get("optimizer", "adamw") == "adamw" else []) + ["pretrain"]
-    overrides = {"num_workers": num_workers, "n_folds": int(config.get("n_folds", 5)), "seed": seed,
+    configs = _bundle_configs(config)
+    overrides = {"num_workers": num_workers, "seed": seed,
                  "patch_size": [int(p) for p in config["patch_size"]], "max_epochs": int(config["epochs"]),
                  "val_interval": int(config["epochs"]), "bank_epochs": list(config.get("bank_epochs") or []),
                  "bank_root": str(out)}
@@ -120,30 +244,64 @@ def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_
         overrides["learning_rate"] = float(config["learning_rate"])
     if device is not None:
         overrides["device"] = device
-    jobs = [(arch, Path(src)) for arch in config["archs"] for src in sources]
     summary = {"data_dir": str(Path(data_dir).resolve()), "bank": str(out.resolve()), "config": config,
-               "sources": [Path(s).name for s in sources], **(summary_extra or {}), "entries": []}
-    for arch, src in tqdm(jobs, desc="pretraining bank entries", disable=not progress):
+               "sources": [Path(s).name for s in sources], **(summary_extra or {}), "entries": [], "already_done": []}
+    for job in tqdm(pretrain_jobs(sources, config), desc="pretraining bank entries", disable=not progress):
+        settings = job.settings(config, seed)
+        marker = finished_pretraining(out, job.name, settings)
+        if marker is not None:
+            logger.info("%s: pretraining finished before (marker %s/%s.json), kept", job.name, MARKER_DIR, job.name)
+            summary["entries"].append({"arch": job.arch, "source": job.source.name, "entries": list(marker["entries"]),
+                                       "seconds": marker.get("seconds"), "already_done": True})
+            summary["already_done"].append(job.name)
+            continue
+        removed = purge_pretraining(out, job.name)  # a half-finished run: redone from scratch
+        run_dir = out / "runs" / job.name
+        if removed or run_dir.exists():
+            logger.warning("%s: unfinished pretraining (killed?) redone from scratch%s", job.name,
+                           f"; removed its entries {removed}" if removed else "")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        write_pretraining_marker(out, job.name, settings, "running")
         t0 = time.perf_counter()
-        n_folds = max(2, min(overrides["n_folds"], len(load_task(src).training)))
-        run_bundle("msd_seg3d", configs, output_dir=str(out / "runs" / f"{arch}_{src.name}"), source_roots=[str(src)],
-                   arch=arch, arch_kwargs=dict(config["archs"][arch] or {}), resume=False, quiet=quiet,
-                   **{**overrides, "n_folds": n_folds})
-        added = [e.name for e in bank.open(out) if e.arch == arch and e.source == [src.name]]
-        summary["entries"].append({"arch": arch, "source": src.name, "entries": added, "seconds": time.perf_counter() - t0})
+        run_bundle("msd_seg3d", configs, output_dir=str(run_dir), source_roots=[str(job.source)],
+                   arch=job.arch, arch_kwargs=dict(config["archs"][job.arch] or {}), resume=False, quiet=quiet,
+                   **{**overrides, "n_folds": settings["n_folds"]})
+        seconds = time.perf_counter() - t0
+        bank = ModelBank.open(out)
+        added = {n: bank.get(n).sha256 for n in pretraining_entries(bank, job.name)}
+        if not added:
+            raise RuntimeError(f"{run_dir}: pretraining finished without adding a bank entry {job.name}_e*")
+        # the marker last, with the settings recomputed: the run planned the source on first use
+        write_pretraining_marker(out, job.name, job.settings(config, seed), "done", added, seconds)
+        summary["entries"].append({"arch": job.arch, "source": job.source.name, "entries": list(added),
+                                   "seconds": seconds, "already_done": False})
     bank = ModelBank.open(out)
     in_ch, out_ch = scratch_channels
     for arch, kwargs in config["archs"].items():  # scratch baseline: the architecture's seeded initialisation
         torch.manual_seed(seed)
         net = build_network(arch, in_ch, out_ch, config["patch_size"], **(kwargs or {}))
         name = f"{arch}_scratch"
-        bank.add(name, net, arch=arch, arch_kwargs=kwargs or {}, in_channels=in_ch, out_channels=out_ch,
-                 patch_size=config["patch_size"], source=[], epoch=0, iterations=0,
-                 notes=f"untrained initialisation (torch seed {seed}): the no-transfer baseline")
-        summary["entries"].append({"arch": arch, "source": None, "entries": [name], "seconds": 0.0})
-    (out / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    logger.info("bank %s: %d entries", out, len(bank))
+        meta = dict(arch=arch, arch_kwargs=kwargs or {}, in_channels=in_ch, out_channels=out_ch,
+                    patch_size=config["patch_size"], source=[], epoch=0, iterations=0,
+                    notes=f"untrained initialisation (torch seed {seed}): the no-transfer baseline")
+        done = name in bank and _same_weights(bank, name, net)
+        if not done:
+            bank.add(name, net, overwrite=True, **meta)
+        summary["entries"].append({"arch": arch, "source": None, "entries": [name], "seconds": 0.0, "already_done": done})
+    write_json(out / "build_summary.json", summary, default=str)
+    logger.info("bank %s: %d entries (%d pretraining run(s) already done before)", out, len(bank),
+                len(summary["already_done"]))
     return summary
+
+
+def _same_weights(bank: ModelBank, name: str, net: torch.nn.Module) -> bool:
+    """Whether entry ``name`` holds exactly ``net``'s tensors (file present, sha256 as recorded)."""
+    try:
+        state = bank.load_state_dict(name)
+    except BankError:
+        return False
+    mine = net.state_dict()
+    return set(state) == set(mine) and all(torch.equal(state[k], mine[k].cpu()) for k in mine)
 
 
 def ccfv_entries(bank, target: str) -> list[str]:

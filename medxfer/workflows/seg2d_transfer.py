@@ -20,8 +20,10 @@ Workflow of checkpoint selection for 2D segmentation transfer:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +41,8 @@ from medxfer.data.problems import DatasetError, read_json
 from medxfer.data.seg2d import load_seg2d, read_mask
 from medxfer.data.splits import fold_records, holdout_split
 from medxfer.device import resolve_device
-from medxfer.handlers import RobustnessEarlyStopping
+from medxfer.handlers import BankCheckpointer, RobustnessEarlyStopping
+from medxfer.handlers.bank_saver import finished_pretraining
 from medxfer.jsonfile import write_json
 from medxfer.metrics.segmentation import case_metrics, summarize_cases
 from medxfer.networks import arch_layout, build_network
@@ -48,12 +51,13 @@ from medxfer.transfer.bank import ModelBank
 from medxfer.transfer.weights import load_pretrained, read_checkpoint, truncated_encoder_weights
 from medxfer.transferability.evaluate import evaluate_estimators, table_from_files, write_report
 from medxfer.transferability.features import SamplingConfig
-from medxfer.transferability.score import score_target, seg2d_target, write_scores
+from medxfer.transferability.score import score_into, score_target, seg2d_key, seg2d_target
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 
 __all__ = ["SEG2D_TRANSFER_MODES", "classification_datalists", "seg2d_datalists", "is_binary", "seg_out_channels",
-           "seg2d_network", "target_images", "online_selection_handlers", "score_checkpoints", "select_checkpoint",
+           "seg2d_network", "target_images", "online_selection_handlers", "pretraining_settings", "run_pretraining",
+           "score_checkpoints", "select_checkpoint",
            "discrete_postprocessing", "save_run_info", "Seg2DRun", "evaluate_seg2d", "predict_folder"]
 
 logger = logging.getLogger("medxfer.workflows")
@@ -163,6 +167,32 @@ def online_selection_handlers(enabled: bool, network, arch: str, target_root, im
                                     output_dir=output_dir, seed=seed, mode="color")]
 
 
+def pretraining_settings(datalists: dict, **settings) -> dict:
+    """What an encoder pretraining is for (the marker key of
+    :class:`medxfer.handlers.BankCheckpointer`): ``settings`` (arch, epochs, ...) plus the
+    pretraining images: the classes and the sha256 of the sorted relative image paths of the
+    training and validation lists (cheap: no image read, even for an ImageNet copy)."""
+    paths = sorted(str(r["image"]) for part in ("train", "val") for r in datalists[part])
+    common = os.path.commonpath(paths) if paths else ""
+    digest = hashlib.sha256("\n".join(os.path.relpath(p, common) for p in paths).encode()).hexdigest()
+    return {**settings, "data": {"classes": list(datalists["classes"]), "images": digest, "n": len(paths)}}
+
+
+def run_pretraining(trainer, bank_saver: BankCheckpointer) -> None:
+    """``trainer.run()`` unless this pretraining finished before with the same settings: its bank
+    entries and marker (:func:`medxfer.handlers.bank_saver.finished_pretraining`) say so; then
+    nothing is trained again. A half-finished one (killed) is redone from scratch by the
+    ``bank_saver`` (its entries removed at the start); ``overwrite_bank`` redoes a finished one."""
+    saver = bank_saver
+    if not saver.overwrite and saver.settings is not None:
+        marker = finished_pretraining(saver.bank_root, saver.name, saver.settings)
+        if marker is not None:
+            logger.info("pretraining %s finished before with these settings (entries %s): not trained again",
+                        saver.name, ", ".join(marker["entries"]))
+            return
+    trainer.run()
+
+
 def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators: Sequence[str] = (
         "robustness", "ccfv", "logme", "gbc", "transrate"), entries: Sequence[str] | None = None, device=None,
         max_cases: int | None = 16, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -183,17 +213,22 @@ def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
                       estimators: Sequence[str] = ("robustness", "ccfv", "logme", "gbc", "transrate"),
                       select_by: str = "robustness", start_epoch: int = 1, dice_csv=None, device=None,
                       max_cases: int | None = 16, seed: int = 0) -> dict:
-    """Score the bank (:func:`score_checkpoints`), pick the checkpoint with the highest ``select_by``
+    """Score the bank (as :func:`score_checkpoints`), pick the checkpoint with the highest ``select_by``
     score among epochs ``>= start_epoch`` (random init excluded, thesis section 4.2), write
     ``scores.csv`` / ``scores.json`` / ``selection.json``; with ``dice_csv`` (``model,dice`` of
-    fine-tuned checkpoints) also the estimators' weighted tau and TIS (``te_evaluation.*``)."""
+    fine-tuned checkpoints) also the estimators' weighted tau and TIS (``te_evaluation.*``).
+
+    The scoring resumes (:func:`medxfer.transferability.score.score_into`): a killed selection run
+    again scores only the checkpoints not scored yet; scores of other settings in ``output_dir``
+    are replaced. ``selection.json`` is written last."""
     if select_by not in estimators:
         raise ValueError(f"select_by {select_by!r} must be one of the estimators {list(estimators)}")
-    rows = score_checkpoints(bank_root, target_root, image_size, estimators, device=device, max_cases=max_cases,
-                             seed=seed)
     output_dir = Path(output_dir)
-    write_scores(rows, output_dir, meta={"bank_root": str(bank_root), "target": str(target_root),
-                                         "estimators": list(estimators)})
+    # resumable (score_into): models scored before for the same inputs are read back, not scored again
+    rows, _ = score_into(output_dir, bank_root, lambda: seg2d_target(target_root, image_size, max_cases),
+                         seg2d_key(target_root, image_size, max_cases), estimators, SamplingConfig(seed=seed),
+                         device=device, seed=seed, overwrite=True,
+                         meta={"bank_root": str(bank_root), "target": str(target_root), "estimators": list(estimators)})
     eligible = [r for r in rows if (r["epoch"] or 0) >= start_epoch and np.isfinite(r.get(select_by, np.nan))]
     if not eligible:
         raise ValueError(f"no checkpoint from epoch {start_epoch} on has a finite {select_by} score")

@@ -27,18 +27,24 @@ Run layout (``output_dir``)::
 
     tatl_run.json                 settings of the run (a rerun with other settings is refused)
     splits.json                   the folds
-    fold_<k>/segment_net/model.pt, boxes.json
+    fold_<k>/segment_net/model.pt, boxes.json (+ boxes_done.json)
     fold_<k>/agnostic_<arch>/model.pt
     fold_<k>/target_<attribute>_<arch>/model.pt   (+ transfer_report.json, metrics, done.json)
-    fold_<k>/scores.json          per attribute TP / FP / FN, Jaccard, Dice on the test fold
+    fold_<k>/scores.json          per attribute TP / FP / FN, Jaccard, Dice on the test fold (+ scores_done.json)
     cv_scores.json / .csv / .png  mean and std over folds (ISIC 2018 Task 2 rule)
+
+A killed run resumes (:func:`run_cross_validation`): the ``done.json`` / ``*_done.json`` markers
+are written atomically after what they mark and record what it was made from (settings and the
+sha256 of the input files), so finished units are kept and half-finished ones redone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +52,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from medxfer.atomic import atomic_path, atomic_write_text
 from medxfer.data.image_folder import image_files
 from medxfer.data.isic import ISIC_LAYOUTS, check_mask_sizes, detect_isic_year, load_isic
 from medxfer.data.preflight import check_isic_records
@@ -232,30 +239,79 @@ class TatlSettings:
 
 
 def _claim_run_dir(output_dir: Path, settings: TatlSettings) -> None:
-    """Write ``tatl_run.json``, or check that an existing run has the same settings (resume)."""
+    """Write ``tatl_run.json`` (atomically), or check that an existing run has the same settings (resume)."""
     path = output_dir / "tatl_run.json"
     wanted = settings.to_json()
     if path.exists():
-        existing = json.loads(path.read_text())
+        existing = read_json(path, "not a TATL settings file")
         if existing != wanted:
             changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
             raise FileExistsError(f"{path}: this folder holds a TATL run with other settings ({', '.join(changed)}); "
                                   "choose another output_dir")
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(wanted, indent=1) + "\n")
+
+
+# --- markers: a unit of the cross-validation is done when its marker says so for the same inputs ---
+
+def _sha256(path) -> str | None:
+    """sha256 of a file's bytes (``None`` when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _marker(path: Path, key) -> dict | None:
+    """The JSON marker at ``path`` if it records ``key`` (under ``"for"``), else ``None``: a marker
+    from other settings or inputs, or one that cannot be read, is not trusted."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("for") == _plain(key) else None
+
+
+def _network_key(overrides: dict) -> dict:
+    """What one network's ``done.json`` is for: the training overrides (device and progress bars
+    left out) with every input file of the run folder replaced by the sha256 of its bytes (the
+    splits, the Segment-Net boxes, the stage-2 checkpoint a stage-3 network starts from), so a
+    network is retrained when anything it was trained from changed."""
+    key = {k: v for k, v in overrides.items() if k not in ("device", "cache_progress")}
+    for name in ("splits_file", "boxes_file", "init_checkpoint"):
+        if key.get(name) is not None:
+            key[name] = {"sha256": _sha256(key[name])}
+    return _plain(key)
 
 
 def _train_one(bundle_root, net_dir: Path, overrides: dict, quiet: bool) -> dict:
-    """Run ``configs/train.yaml`` for one network unless ``net_dir/done.json`` says it is done."""
+    """Run ``configs/train.yaml`` for one network unless ``net_dir/done.json`` says it is done for
+    the same :func:`_network_key`. A folder without a valid ``done.json`` (a killed training, or
+    one of other inputs) is emptied first: the network is trained from scratch, as in an
+    uninterrupted run. ``done.json`` is written atomically, last."""
     done = net_dir / "done.json"
-    if done.exists() and (net_dir / "model.pt").exists():
-        return json.loads(done.read_text())
+    key = _network_key(overrides)
+    marker = _marker(done, key)
+    if marker is not None and (net_dir / "model.pt").exists():
+        return marker
+    if net_dir.exists():
+        logger.warning("%s: unfinished network (killed?) trained again from scratch", net_dir)
+        shutil.rmtree(net_dir)
     run_bundle(str(bundle_root), ["train"], quiet=quiet, output_dir=str(net_dir), **overrides)
-    summary = {"checkpoint": str(net_dir / "model.pt"), **_training_summary(net_dir)}
     if not (net_dir / "model.pt").exists():
         raise RuntimeError(f"{net_dir}: training finished without a model.pt checkpoint")
-    done.write_text(json.dumps(summary, indent=1) + "\n")
+    summary = {"for": _network_key(overrides), "checkpoint": str(net_dir / "model.pt"), "sha256": _sha256(net_dir / "model.pt"),
+               **_training_summary(net_dir)}
+    atomic_write_text(done, json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -270,16 +326,40 @@ def _training_summary(net_dir: Path) -> dict:
 
 def _adopt_segment_net(checkpoint, net_dir: Path, device) -> None:
     """Copy a given trained Segment-Net into the fold (the run folder stays self-contained); it must
-    load as a U-shape effb0 (checked before copying)."""
-    import shutil
-
-    if (net_dir / "done.json").exists() and (net_dir / "model.pt").exists():
+    load as a U-shape effb0 (checked before copying). Copied atomically; ``done.json`` (recording
+    the source file's sha256) last."""
+    key = {"copied_from": {"sha256": _sha256(checkpoint)}}
+    if _marker(net_dir / "done.json", key) is not None and (net_dir / "model.pt").exists():
         return
     load_trained("unet_effb0", checkpoint, device)  # a wrong file fails here, naming it
     net_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint, net_dir / "model.pt")
-    (net_dir / "done.json").write_text(json.dumps({"checkpoint": str(net_dir / "model.pt"), "copied_from": str(checkpoint)},
-                                                  indent=1) + "\n")
+    with atomic_path(net_dir / "model.pt") as tmp:
+        shutil.copyfile(checkpoint, tmp)
+    atomic_write_text(net_dir / "done.json", json.dumps({"for": _plain(key), "checkpoint": str(net_dir / "model.pt"),
+                                                         "copied_from": str(checkpoint)}, indent=1) + "\n")
+
+
+def _boxes_key(net_dir: Path, settings: TatlSettings, splits_file: Path) -> dict:
+    """What ``boxes.json`` is for: the Segment-Net's bytes, the folds and the box settings."""
+    return {"segment_net": _sha256(net_dir / "model.pt"), "splits": _sha256(splits_file),
+            "working_size": list(settings.working_size), "offset": settings.offset, "threshold": settings.threshold,
+            "mean": list(settings.mean), "std": list(settings.std)}
+
+
+def _fold_key(fold_dir: Path, settings: TatlSettings, data_root, splits_file: Path) -> dict:
+    """What a fold's ``scores.json`` is for: the bytes of every network of the fold (and its
+    boxes), the folds and the scoring settings."""
+    nets = sorted(p for p in fold_dir.iterdir() if p.is_dir() and (p / "model.pt").exists())
+    return {"networks": {p.name: _sha256(p / "model.pt") for p in nets}, "boxes": _sha256(fold_dir / "boxes.json"),
+            "splits": _sha256(splits_file), "data_root": str(Path(data_root).absolute()),
+            "settings": settings.to_json()}
+
+
+def _fold_scores(fold_dir: Path) -> dict:
+    """The per-attribute scores a finished fold evaluation wrote (JSON null back to NaN)."""
+    data = read_json(fold_dir / "scores.json", "fold scores not found")
+    return {a: {k: (math.nan if v is None and k in ("jaccard", "dice") else v) for k, v in s.items()}
+            for a, s in data["attributes"].items()}
 
 
 def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSettings | dict,
@@ -289,8 +369,12 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
     Args:
         bundle_root: the ``tatl_skin`` bundle folder (its ``configs/train.yaml`` trains each network).
         data_root: ISIC 2017 or 2018 training set in the published layout.
-        output_dir: run folder (layout in the module docstring); a killed run resumes: networks
-            with ``done.json`` are not retrained.
+        output_dir: run folder (layout in the module docstring). A killed run, run again,
+            resumes: every unit whose marker was written for the same inputs is skipped -- a
+            network (``done.json``), a fold's Segment-Net boxes (``boxes_done.json``), a fold's
+            evaluation (``scores_done.json``) -- and a half-finished one is redone from scratch
+            (seeded, so the result equals an uninterrupted run). Markers are written atomically,
+            after what they mark; the report (``cv_scores.*``) is always rewritten last.
         settings: :class:`TatlSettings` (or its fields as a dict).
         folds: folds to run (default all ``settings.n_folds``).
         device: torch device for training and evaluation (default cuda if available).
@@ -307,14 +391,17 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
     _claim_run_dir(output_dir, settings)
     device = resolve_device(device)
     folds = list(range(settings.n_folds)) if folds is None else [int(f) for f in folds]
+    splits_file = output_dir / "splits.json"
     common = {
-        "data_root": str(Path(data_root).absolute()), "splits_file": str(output_dir / "splits.json"),
+        "data_root": str(Path(data_root).absolute()), "splits_file": str(splits_file),
         "n_folds": settings.n_folds, "seed": settings.seed, "tune_fraction": settings.tune_fraction,
         "working_size": list(settings.working_size), "max_epochs": settings.max_epochs,
         "patience": settings.patience, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
         "momentum": settings.momentum, "mean": list(settings.mean), "std": list(settings.std),
         "imagenet_weights": settings.imagenet_weights, "device": str(device), "cache_progress": not quiet,
     }
+    # the folds first (saved in splits.json): every marker records the sha256 of the split it used
+    tatl_datalists(data_root, folds[0], settings.n_folds, settings.seed, splits_file, None, settings.tune_fraction)
     plan = []  # (fold, stage, arch, attribute) in training order
     for fold in folds:
         if 1 in settings.stages:
@@ -341,16 +428,23 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
                 _adopt_segment_net(settings.segment_net, net_dir, device)
             else:
                 _train_one(bundle_root, net_dir, overrides, quiet)
-            if stage == "segment_net" and not boxes_file.exists():
-                lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, output_dir / "splits.json",
-                                       None, settings.tune_fraction)
-                segment_net = load_trained("unet_effb0", net_dir / "model.pt", device)
-                records = lists["train"] + lists["tune"] + lists["test"]
-                boxes = segment_net_boxes(segment_net, records, settings.working_size, settings.offset,
-                                          threshold=settings.threshold, mean=settings.mean, std=settings.std)
-                save_boxes(boxes, boxes_file)
+            if stage == "segment_net":
+                boxes_key = _boxes_key(net_dir, settings, splits_file)
+                if not (boxes_file.exists() and _marker(fold_dir / "boxes_done.json", boxes_key) is not None):
+                    lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, splits_file, None,
+                                           settings.tune_fraction)
+                    segment_net = load_trained("unet_effb0", net_dir / "model.pt", device)
+                    records = lists["train"] + lists["tune"] + lists["test"]
+                    boxes = segment_net_boxes(segment_net, records, settings.working_size, settings.offset,
+                                              threshold=settings.threshold, mean=settings.mean, std=settings.std)
+                    save_boxes(boxes, boxes_file)  # atomic; then its marker
+                    atomic_write_text(fold_dir / "boxes_done.json", json.dumps({"for": _plain(boxes_key)}, indent=1) + "\n")
             progress.update(1)
-        fold_scores[fold] = evaluate_fold(output_dir, fold, settings, data_root, device)
+        fold_key = _fold_key(fold_dir, settings, data_root, splits_file)
+        if _marker(fold_dir / "scores_done.json", fold_key) is None or not (fold_dir / "scores.json").exists():
+            evaluate_fold(output_dir, fold, settings, data_root, device)
+            atomic_write_text(fold_dir / "scores_done.json", json.dumps({"for": _plain(fold_key)}, indent=1) + "\n")
+        fold_scores[fold] = _fold_scores(fold_dir)  # read back in both cases: a resumed report equals an uninterrupted one
     progress.close()
     return write_cv_report(output_dir, fold_scores, settings)
 
@@ -424,7 +518,7 @@ def write_cv_report(run_dir, fold_scores: dict, settings: TatlSettings) -> dict:
               "imagenet": settings.imagenet_weights is not None, "year": settings.year,
               "folds": {str(f): s for f, s in sorted(fold_scores.items())}, "summary": summary}
     write_json(run_dir / "cv_scores.json", report)
-    with open(run_dir / "cv_scores.csv", "w", newline="") as f:
+    with atomic_path(run_dir / "cv_scores.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["attribute", "jaccard_mean", "jaccard_std", "dice_mean", "dice_std", "folds"])
         for name in attributes + ["mean"]:
@@ -460,7 +554,8 @@ def _plot_cv(path: Path, summary: dict, attributes: list[str], settings: TatlSet
     ax.set_title(f"TATL stages {stages} ({settings.tatl_mode}), ISIC {settings.year}: mean ± std over folds")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
