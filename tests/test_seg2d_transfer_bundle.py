@@ -105,12 +105,19 @@ def test_train_from_a_bank_checkpoint_full_or_decoder_only(pretrained, data, tmp
     assert json.loads((out / "transfer_report.json").read_text())["counts"]["loaded"] == sum(
         1 for k in source if k.startswith("encoder."))
     assert json.loads((out / "history.json").read_text())["epochs_run"] == 2
+    transfer = json.loads((out / "run.json").read_text())["transfer"]
+    assert (transfer["init_entry"], transfer["mode"], transfer["entry_sha256"]) == (entry, mode, bank.get(entry).sha256)
 
 
 def test_multiclass_grey_scratch_training_evaluation_and_inference(data, tmp_path):
     run = tmp_path / "run"
     _cli("configs/train.yaml", tmp_path, *COMMON, "--data_root", str(data["multi"]), "--transfer_mode", "scratch",
-         "--output_dir", str(run), "--max_epochs", "1", "--batch_size", "4", "--n_folds", "3")
+         "--output_dir", str(run), "--max_epochs", "1", "--val_interval", "2", "--batch_size", "4", "--n_folds", "3")
+    # shorter than val_interval: model.pt holds the final weights, and says so; run.json describes the run
+    assert json.loads((run / "model.json").read_text())["note"] == "model.pt = final weights, no validation ran"
+    record = json.loads((run / "run.json").read_text())
+    assert (record["arch"], record["arch_kwargs"], record["transfer"]) == ("unet2d", {"channels": [8, 16, 32, 64, 128]}, None)
+    assert (record["settings"]["max_epochs"], record["settings"]["fold"]) == (1, 0)
     _cli("configs/evaluate.yaml", tmp_path, "--bundle_root", ".", "--run_dir", str(run), "--data_root",
          str(data["multi"]), "--device", "cpu")
     metrics = json.loads((run / "evaluation" / "metrics.json").read_text())

@@ -255,13 +255,55 @@ def discrete_postprocessing(labels):
     return Compose([AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=[n, n])])
 
 
-def save_run_info(output_dir, arch: str, labels, image_size, arch_kwargs: dict | None = None) -> Path:
-    """``run.json`` of a training run (arch, classes, input size): evaluate / inference read it."""
+#: run.json fields that define the trained network: a folder holding other values is another run.
+RUN_NETWORK_FIELDS = ("arch", "arch_kwargs", "labels", "image_size", "transfer")
 
+
+def _transfer_source(transfer: dict | None) -> dict | None:
+    """The transfer source as run.json records it: bank root (absolute) + entry (+ its arch,
+    epoch and sha256 from the manifest) or an init checkpoint (absolute), and the mode;
+    ``None`` for ``scratch``."""
+    transfer = {k: v for k, v in dict(transfer or {}).items() if v is not None}
+    if not transfer or transfer.get("mode") == "scratch":
+        return None
+    if transfer.get("bank_root") and transfer.get("init_entry"):
+        bank = ModelBank.open(transfer["bank_root"])
+        entry = bank.get(transfer["init_entry"])
+        transfer.update(bank_root=str(Path(transfer["bank_root"]).resolve()), entry_arch=entry.arch,
+                        entry_epoch=entry.epoch, entry_sha256=entry.sha256)
+    elif isinstance(transfer.get("init_checkpoint"), (str, Path)):
+        transfer["init_checkpoint"] = str(Path(transfer["init_checkpoint"]).resolve())
+    elif "init_checkpoint" in transfer:  # weights passed in memory
+        transfer["init_checkpoint"] = "<state dict>"
+    return json.loads(json.dumps(transfer))
+
+
+def save_run_info(output_dir, arch: str, labels, image_size, arch_kwargs: dict | None = None,
+                  transfer: dict | None = None, settings: dict | None = None) -> Path:
+    """``run.json`` of a training run: evaluate / inference read it, so they need only the folder.
+
+    Holds the network (``arch``, ``arch_kwargs``, 3 input channels, ``out_channels``,
+    ``image_size``), the classes (``labels``), the ``transfer`` source (``init_entry`` of
+    ``bank_root`` with the entry's sha256, or ``init_checkpoint``, and the mode; ``null`` from
+    scratch) and the run's ``settings`` (data root, fold, seeds, epochs, ...). A folder holding a
+    run of another network is refused (FileExistsError, one line). Written atomically.
+    """
     path = Path(output_dir) / "run.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"arch": arch, "labels": {str(k): v for k, v in dict(labels).items()},
-                      "image_size": image_size, "arch_kwargs": dict(arch_kwargs or {})})
+    record = {"workflow": "seg2d_transfer/train", "arch": arch,
+              "arch_kwargs": json.loads(json.dumps(dict(arch_kwargs or {}))), "in_channels": 3,
+              "out_channels": seg_out_channels(labels), "labels": {str(k): v for k, v in dict(labels).items()},
+              "image_size": json.loads(json.dumps(image_size)), "transfer": _transfer_source(transfer),
+              "settings": json.loads(json.dumps({k: str(Path(v).resolve()) if k == "data_root" and v else v
+                                                 for k, v in dict(settings or {}).items()}, default=str)),
+              "model": "model.pt: best validation checkpoint (network state dict; model.json says which epoch, or "
+                       "that it holds the final weights when no validation ran)"}
+    if path.exists():
+        existing = read_json(path)
+        changed = [k for k in RUN_NETWORK_FIELDS if k in existing and existing[k] != record[k]]
+        if changed:
+            raise FileExistsError(f"{path}: this output_dir holds a run with {changed[0]} {existing[changed[0]]!r}, "
+                                  f"not {record[changed[0]]!r}; choose another output_dir")
+    write_json(path, record)
     return path
 
 
