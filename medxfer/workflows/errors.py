@@ -85,15 +85,21 @@ def root_cause(exc: BaseException) -> BaseException:
 
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    if not lines:
-        return ""
-    if _WORKER.match(lines[0]):  # the worker's own "Type: message" is the last line of its traceback
-        last = lines[-1]
-        match = _QUALIFIED.match(last)
-        if match and match.group(1).startswith("medxfer."):
-            return match.group(2)
-        return last
-    return lines[0]
+    return lines[0] if lines else ""
+
+
+def _worker_error(text: str) -> str | None:
+    """The worker's own error from torch's ``Caught X in DataLoader worker process N.`` message (its
+    last line, ``<module.Type>: <message>``): medxfer's errors as their message, others as
+    ``<Type>: <message>``; ``None`` for any other message."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines or not _WORKER.match(lines[0]):
+        return None
+    match = _QUALIFIED.match(lines[-1])
+    if match is None:
+        return lines[-1]
+    name, message = match.groups()
+    return message if name.startswith("medxfer.") else f"{name.rsplit('.', 1)[-1]}: {message}"
 
 
 def _file_being_read(exc: BaseException) -> str | None:
@@ -136,6 +142,9 @@ def format_error(exc: BaseException) -> str:
     exc = root_cause(exc)
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (KeyboardInterrupt)"
+    worker = _worker_error(str(exc))
+    if worker is not None:
+        return worker
     message = _first_line(str(exc))
     if isinstance(exc, OSError) and not _is_ours(exc) and exc.filename is not None and exc.strerror:
         name = errno.errorcode.get(exc.errno or 0, "")
