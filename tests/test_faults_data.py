@@ -93,6 +93,16 @@ def test_nan_voxel_stops_training_naming_the_image(task, tmp_path):
     assert "1 voxel(s) are NaN" in msg
 
 
+def test_nan_voxel_in_an_unplanned_task_is_named_before_nnunet_planning(task, tmp_path, monkeypatch):
+    (task / "medxfer_plans.json").unlink()
+    monkeypatch.setattr(wf, "plan_task", lambda *a, **k: pytest.fail("planned a task with a broken case"))
+    image, _ = _files(task, 3)
+    _rewrite(image, lambda a: np.where(a > a.mean(), np.inf, a), dtype=np.float32)
+    with pytest.raises(DatasetError) as err:
+        wf.task_plans(task)
+    assert "NaN or infinite" in _one_line(err, image)
+
+
 def test_label_shape_mismatch_once_plans_exist_is_named(task, tmp_path):
     image, label = _files(task, 1)
     _rewrite(label, lambda a: a[:, :, :-1])

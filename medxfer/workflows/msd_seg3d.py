@@ -64,6 +64,8 @@ def task_plans(data_root, plans_file: str | None = None, patch_size: Sequence[in
         raise DatasetError(path, "plans file not found (a trained model keeps the plans.json it was trained with)")
     else:
         logger.info("no plans at %s: planning %s with nnU-Net (written there, edit by hand if needed)", path, data_root)
+        task = load_task(data_root)  # the door check first: a bad case must not surface as a planning error
+        check_task_records(task, task.training)
         try:
             plans = plan_task(data_root, out=path)
         except FileExistsError:  # another process (multi-GPU rank) planned it meanwhile
