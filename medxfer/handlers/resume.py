@@ -23,8 +23,8 @@ equal an uninterrupted one:
   generators and from the ``R`` state of every MONAI ``Randomizable`` transform of the training
   dataset; :class:`RandomStates` saves and restores them (as tensors and lists, so the checkpoint
   loads with ``weights_only=True``). A run killed after epoch *k* and resumed then ends with the
-  same weights as an uninterrupted run (CPU, ``num_workers`` 0; worker processes draw their seeds
-  from torch's generator too).
+  same weights as an uninterrupted run (tested on CPU with ``num_workers`` 0; DataLoader workers
+  are seeded from torch's generator, but persistent workers keep streams a resume does not see).
 
 :class:`ResumableCheckpointSaver` writes these checkpoints atomically
 (:class:`medxfer.handlers.checkpoints.AtomicCheckpointSaver`): a kill or a full disk during a save
