@@ -174,3 +174,22 @@ def test_run_bundle_raises_the_root_cause(tmp_path):
     with pytest.raises(DatasetError, match="nowhere/Task09_Spleen"):
         run_bundle("transferability", ["score"], quiet=True, bank_root=str(tmp_path / "bank"), data_root=str(missing),
                    output_dir=str(tmp_path / "scores"), device="cpu")
+
+
+def test_every_bundle_config_installs_the_hook_first():
+    """A config that runs (``run``) or replaces the ``initialize`` list starts it with the hook;
+    a config that stands alone (``bundle_root``) has the ``debug`` switch (overlays inherit it)."""
+    import yaml
+
+    from medxfer.workflows.bundle import BUNDLES_DIR
+
+    files = sorted(BUNDLES_DIR.glob("*/configs/*.yaml"))
+    assert len(files) > 20
+    for path in files:
+        config = yaml.safe_load(path.read_text())
+        if "run" in config or "initialize" in config:
+            first = config["initialize"][0]
+            assert isinstance(first, dict) and first["_target_"] == "medxfer.workflows.errors.short_errors", path
+            assert first["debug"] == "@debug", path
+        if "bundle_root" in config:
+            assert config.get("debug") is False, path

@@ -28,9 +28,10 @@ The last test checks the short-error path of item 6 with a real ``python -m mona
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import runpy
@@ -162,7 +163,28 @@ def _exit_code(code) -> int:
     return 0 if code is None else code if isinstance(code, int) else 1
 
 
+@contextlib.contextmanager
+def _logging_restored():
+    """The root logger's handlers and level as before: a bundle's ``configs/logging.conf`` (applied by
+    MONAI with ``fileConfig``) would otherwise leave handlers on pytest's closed capture streams."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def _in_process(argv: list[str], cwd: Path, monkeypatch) -> int:
+    with _logging_restored():
+        return _run_in_process(argv, cwd, monkeypatch)
+
+
+def _run_in_process(argv: list[str], cwd: Path, monkeypatch) -> int:
     monkeypatch.chdir(cwd)
     if argv[0] == "medxfer":
         from medxfer.cli import main

@@ -167,7 +167,7 @@ def test_missing_attribute_file_is_named(isic_roots, tmp_path):
     root = _broken_copy(isic_roots, tmp_path)
     gone = root / ISIC2018.task2_dir / "ISIC_0000004_attribute_streaks.png"
     gone.unlink()
-    assert f"DatasetError: {gone}: missing attribute mask 'streaks' of ISIC_0000004" in _train_error(root, tmp_path)
+    assert f"medxfer: {gone}: missing attribute mask 'streaks' of ISIC_0000004" in _train_error(root, tmp_path)
 
 
 def test_mask_of_the_wrong_size_is_named(isic_roots, tmp_path):
