@@ -201,9 +201,10 @@ def _cmd_rank(args) -> int:
     out = Path(args.out)
     estimators = args.estimators or list(DEFAULT_ESTIMATORS)
     try:
-        if args.overwrite:
-            clear_scores(out)
         plans = task_plans(args.data)
+        if args.overwrite:
+            ModelBank.open(args.bank)  # a wrong --bank is an error before the old scores go
+            clear_scores(out)
         rows, already_done = score_bank_into(out, args.bank, args.data, plans, estimators, SamplingConfig(seed=args.seed),
                                              device=args.device, max_cases=args.max_cases,
                                              meta={"bank": str(args.bank), "target": str(args.data),

@@ -17,6 +17,10 @@ The experiment of Yang et al. (MICCAI 2023, section 3.1), small enough for 2 CPU
 
 Nothing is tuned to favour an estimator: the data generator, the budgets and the estimators'
 settings are fixed before the evaluation and reported with it.
+
+The study is resumable (:func:`run_study`): killed and run again with the same command, it skips
+every finished step and redoes the half-finished one, ending with the reports of an uninterrupted
+run.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ names it, so a failure can be replayed). The marker logic itself is tested witho
 the end of the file (fast).
 """
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -118,7 +120,16 @@ def _bank_config(path: Path) -> Path:
 
 # --- medxfer bank build ------------------------------------------------------------------------
 
-def test_killed_bank_build_resumes_without_redoing_finished_runs(quick_study, study_data, tmp_path, capsys):
+def _cli(args) -> tuple[int, str, str]:
+    """``medxfer ARGS`` in this process: (exit code, stdout, stderr). Redirected to buffers that stay
+    open, not pytest's capsys: the bundle runs bind logging handlers to the current stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_killed_bank_build_resumes_without_redoing_finished_runs(quick_study, study_data, tmp_path):
     data, out = tmp_path / "msd", tmp_path / "bank"
     shutil.copytree(study_data, data)
     args = ["bank", "build", "--data", str(data), "--target", "Task09_Spleen", "--out", str(out),
@@ -128,8 +139,8 @@ def test_killed_bank_build_resumes_without_redoing_finished_runs(quick_study, st
                          lambda: first.exists() and json.loads(first.read_text())["state"] == "done", max_delay=1.5)
     why = _why(kill, "the liver pretraining finished")
     finished = _mtimes(_done_pretraining(out))
-    assert main(args) == 0, why
-    printed = capsys.readouterr().out
+    code, printed, _ = _cli(args)
+    assert code == 0, why
     assert "unet_Task03_Liver_e1  (already done, kept)" in printed, (printed, why)
     assert _mtimes(finished) == finished, why  # finished runs: neither retrained nor rewritten
     bank = ModelBank.open(out)
@@ -138,13 +149,21 @@ def test_killed_bank_build_resumes_without_redoing_finished_runs(quick_study, st
     assert {n: reference[n] for n in bank.names()} == _bank_digests(out), why
     summary = json.loads((out / "build_summary.json").read_text())
     assert "unet_Task03_Liver" in summary["already_done"], why
-    assert main(["bank", "list", str(out)]) == 0
+    assert _cli(["bank", "list", str(out)])[0] == 0
 
     # the same command once more: everything is done; other settings are refused in one line
-    assert main(args) == 0 and "resumed: 2 of 2 pretraining run(s) were already done" in capsys.readouterr().out
-    assert main(args + ["--epochs", "2"]) == 1
-    err = capsys.readouterr().err.strip()
+    code, printed, _ = _cli(args)
+    assert code == 0 and "resumed: 2 of 2 pretraining run(s) were already done" in printed
+    code, _, err = _cli(args + ["--epochs", "2"])
+    err = err.strip()
+    assert code == 1
     assert len(err.splitlines()) == 1 and "bank_build.json: this bank was built with other settings" in err, err
+    assert _bank_digests(out) == {n: reference[n] for n in bank.names()}
+    # --overwrite: everything rebuilt (the same bytes: the runs are seeded)
+    markers = _mtimes((out / "pretraining").glob("*.json"))
+    code, printed, _ = _cli(args + ["--overwrite"])
+    assert code == 0 and "(already done, kept)" not in printed
+    assert all(p.stat().st_mtime_ns != t for p, t in markers.items())
     assert _bank_digests(out) == {n: reference[n] for n in bank.names()}
 
 
@@ -216,10 +235,13 @@ def test_killed_tatl_cross_validation_resumes_and_equals_an_uninterrupted_run(tm
     data, bundle = generate_isic(tmp_path / "isic", year=2017, num_images=6, size=(64, 64), seed=0), bundle_dir("tatl_skin")
     run_cross_validation(bundle, data, tmp_path / "reference", TATL, folds=[0], device="cpu")
     run = tmp_path / "run"
-    segment = run / "fold_0" / "segment_net" / "done.json"
+    # the kill comes during the boxes / a target network, the next networks, or the evaluation and report
+    after, marker = RNG.choice([("the Segment-Net finished", "segment_net/done.json"),
+                                ("the boxes were written", "boxes_done.json"),
+                                ("the last network finished", "target_streaks_unet_effb0/done.json")])
     kill = _run_and_kill([sys.executable, "-c", TATL_CODE, str(bundle), str(data), str(run), json.dumps(TATL)],
-                         tmp_path / "killed.log", segment.exists, max_delay=4.0)
-    why = _why(kill, "the Segment-Net finished")
+                         tmp_path / "killed.log", (run / "fold_0" / marker).exists, max_delay=2.0)
+    why = _why(kill, after)
     finished = _mtimes(p for p in [*run.glob("fold_0/*/done.json"), *run.glob("fold_0/*/model.pt"),
                                    *run.glob("fold_0/*_done.json")]
                        if p.name != "model.pt" or (p.parent / "done.json").exists())
