@@ -18,12 +18,21 @@ estimator predicted the fine-tuning ranking best::
     OUT/study/te_evaluation.json|csv  OUT/study/scores_vs_dice.png  OUT/study/study.json
 
 ``study="quick"`` runs it with smoke-test budgets (tests), ``study="none"`` skips it.
+
+A killed demo resumes: run the same command again. The generated data is kept when
+``OUT/data/demo_data.json`` (written after the data was generated and checked) records the same
+seed and sizes — regenerating would give the same bytes but new plans to compute, which the
+study's markers would not trust — and the study resumes from its own markers
+(:func:`medxfer.study.run_study`). ``OUT/study`` is cleared only when it was made with another
+study preset or seed (``OUT/study_config.json``).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from medxfer.atomic import atomic_write_text
@@ -40,6 +49,17 @@ from medxfer.study import StudyConfig, run_study
 __all__ = ["run_demo", "DEMO_MARKER"]
 
 DEMO_MARKER = ".medxfer-demo"
+#: written after the demo's data was generated and checked: what it was generated with
+DATA_MARKER = "demo_data.json"
+#: the study preset of ``OUT/study``: another preset or seed clears that folder first
+STUDY_MARKER = "study_config.json"
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -65,9 +85,16 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
         raise ValueError(f"study must be 'full', 'quick' or 'none', got {study!r}")
     print(f"medxfer demo -> {out}  (seed {seed}; data about 10 s, then the CC-FV study: {study})")
     print(f"[1/4] generating {len(MSD_PROFILES)} MSD task profiles x {num_training} training cases, ISIC 2018 + 2017 x {num_isic} images")
-    task_dirs = generate_msd(out / "data" / "msd", num_training=num_training, seed=seed, overwrite=True)
-    isic_dirs = {year: generate_isic(out / "data" / f"isic{year}", year=year, num_images=num_isic, seed=seed, overwrite=True)
-                 for year in (2018, 2017)}
+    data_key = {"seed": seed, "num_training": num_training, "num_isic": num_isic, "profiles": sorted(MSD_PROFILES)}
+    if _read(out / "data" / DATA_MARKER) == data_key:  # a rerun (e.g. after a kill): same bytes, keep plans
+        task_dirs = sorted(p for p in (out / "data" / "msd").iterdir() if (p / "dataset.json").is_file())
+        isic_dirs = {year: out / "data" / f"isic{year}" for year in (2018, 2017)}
+        print(f"      kept: {out / 'data'} was generated with the same settings ({out / 'data' / DATA_MARKER})")
+    else:
+        (out / "data" / DATA_MARKER).unlink(missing_ok=True)
+        task_dirs = generate_msd(out / "data" / "msd", num_training=num_training, seed=seed, overwrite=True)
+        isic_dirs = {year: generate_isic(out / "data" / f"isic{year}", year=year, num_images=num_isic, seed=seed,
+                                         overwrite=True) for year in (2018, 2017)}
 
     print("[2/4] validating (same checks as `medxfer check-data`)")
     reports = check_dataset(out / "data")
@@ -78,6 +105,7 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in the generated data, see {out / 'check_report.json'}")
         return 1
+    write_json(out / "data" / DATA_MARKER, data_key)
 
     print("[3/4] writing seeded 5-fold splits")
     tasks = [load_task(d) for d in task_dirs]
@@ -112,7 +140,10 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
     print()
     config = StudyConfig.quick() if study == "quick" else StudyConfig()
     config.seed = seed
-    shutil.rmtree(out / "study", ignore_errors=True)  # the demo's own folder: regenerated on every run
+    study_key = json.loads(json.dumps(asdict(config), default=str))
+    if _read(out / STUDY_MARKER) != study_key:  # the demo's own folder, made with another preset: start afresh
+        shutil.rmtree(out / "study", ignore_errors=True)
+        write_json(out / STUDY_MARKER, study_key)
     t1 = time.perf_counter()
     result = run_study(out / "data" / "msd", out / "study", config)
     print(f"study done in {(time.perf_counter() - t1) / 60:.1f} min (estimated {result['estimate_s']['total'] / 60:.1f}); "

@@ -44,8 +44,16 @@ def test_demo_writes_valid_data_splits_summary_and_preview(tmp_path, capsys):
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "splits").glob("*.json"))) == 9
     assert json.loads((out / "check_report.json").read_text())
-    # running again into its own folder is fine; a folder with someone else's files is refused
+    # running again into its own folder is fine and keeps the generated data (a resumed demo);
+    # a folder with someone else's files is refused
+    image = next((out / "data" / "msd").glob("Task*/imagesTr/*.nii.gz"))
+    stamp = image.stat().st_mtime_ns
+    capsys.readouterr()
     assert main(["demo", "--out", str(out), "--study", "none"]) == 0
+    assert "kept:" in capsys.readouterr().out and image.stat().st_mtime_ns == stamp
+    (out / "data" / "demo_data.json").write_text('{"seed": 1}')  # other settings: generated again
+    assert main(["demo", "--out", str(out), "--study", "none"]) == 0
+    assert image.stat().st_mtime_ns != stamp
     other = tmp_path / "mine"
     other.mkdir()
     (other / "results.csv").write_text("precious")
