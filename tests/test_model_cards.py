@@ -46,6 +46,7 @@ from pathlib import Path
 
 import pytest
 
+from medxfer.cli import main as medxfer_main
 from medxfer.workflows.errors import format_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,9 +188,8 @@ def _in_process(argv: list[str], cwd: Path, monkeypatch) -> int:
 def _run_in_process(argv: list[str], cwd: Path, monkeypatch) -> int:
     monkeypatch.chdir(cwd)
     if argv[0] == "medxfer":
-        from medxfer.cli import main
         try:
-            return _exit_code(main(argv[1:]))
+            return _exit_code(medxfer_main(argv[1:]))
         except SystemExit as e:
             return _exit_code(e.code)
     module = argv[2]
@@ -286,7 +286,7 @@ def test_documented_commands_run_as_written(document, tmp_path, monkeypatch, rep
     before = _untracked()
     root = _layout_copy(tmp_path)
     cwd = root / start
-    timings, skipped = [], []
+    timings, skipped, real_runs = [], [], 0
     try:
         for command in commands:
             argv = command.argv
@@ -294,7 +294,8 @@ def test_documented_commands_run_as_written(document, tmp_path, monkeypatch, rep
                 skipped.append((command.text, command.skip or "CI runs it"))
                 continue
             t0, c0 = time.perf_counter(), _cpu_seconds()
-            real = (document, ) == REAL_PROCESS[:1] and REAL_PROCESS[1] in command.text
+            real = document == REAL_PROCESS[0] and REAL_PROCESS[1] in command.text
+            real_runs += real
             if argv[0] == "cd":
                 assert len(argv) == 2, command.text
                 cwd = (cwd / argv[1]).resolve()
@@ -321,6 +322,7 @@ def test_documented_commands_run_as_written(document, tmp_path, monkeypatch, rep
     finally:
         _report(document, timings, skipped, capsys)
     assert _untracked() - before == set(), "a documented command wrote into the checkout"
+    assert real_runs == (document == REAL_PROCESS[0]), "the command run as a real process is not in its document"
 
 
 def test_document_parser_reads_continuations_skips_and_outputs():
