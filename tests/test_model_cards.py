@@ -39,7 +39,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +132,7 @@ def _tree_digest(folder: Path) -> str:
 
 
 @pytest.fixture
-def replay_planning(monkeypatch):
+def replay_planning(monkeypatch, tmp_path_factory):
     """``medxfer.planning.nnunet._run`` (the nnU-Net subprocess) replayed from this session's earlier
     run on the same raw data and arguments; the first run of each is real."""
     import medxfer.planning.nnunet as nnunet
@@ -149,7 +148,7 @@ def replay_planning(monkeypatch):
         out = Path(env["nnUNet_preprocessed"])
         if key not in _PLANNED:
             real(tool, args, env, log)
-            keep = Path(tempfile.mkdtemp(prefix="medxfer-card-plans-")) / "pre"
+            keep = tmp_path_factory.mktemp("nnunet_plans") / "pre"  # pytest's session folder: removed with it
             shutil.copytree(out, keep)
             _PLANNED[key] = keep
         else:
