@@ -29,8 +29,8 @@ from medxfer.handlers import NonFiniteLossError, ResumableCheckpointSaver, StopO
 from medxfer.transferability.score import seg2d_target, target_cases
 from medxfer.workflows import msd_seg3d as wf
 from medxfer.workflows.bundle import bundle_dir, run_bundle
-from medxfer.workflows.seg2d_transfer import classification_datalists, seg2d_datalists
-from medxfer.workflows.tatl_skin import tatl_datalists
+from medxfer.workflows.seg2d_transfer import classification_datalists, predict_folder, seg2d_datalists, target_images
+from medxfer.workflows.tatl_skin import inference_images, tatl_datalists
 
 FAST = {"num_workers": 0, "n_folds": 3, "patch_size": [32, 32, 16], "device": "cpu", "batch_size": 1,
         "num_samples": 1, "max_epochs": 1, "quiet": True, "cache_progress": False}
@@ -318,6 +318,20 @@ def test_pretraining_image_folder_truncated_image_is_named(tmp_path):
     with pytest.raises(DatasetError) as err:
         classification_datalists(root, val_fraction=0.25)
     assert "cannot read image" in _one_line(err, image)
+
+
+def test_2d_inference_inputs_are_checked_before_any_network_loads(tmp_path):
+    root = generate_seg2d(tmp_path / "seg", num_images=4, size=(32, 32), seed=0, grey=False)
+    image = sorted((root / "images").iterdir())[2]
+    _truncate_body(image)
+    # the run folder does not even exist: the inputs are checked first
+    for door in (lambda: predict_folder(tmp_path / "no_run", root / "images", tmp_path / "pred"),
+                 lambda: inference_images(root / "images"),
+                 lambda: target_images(root, 32)):
+        with pytest.raises(DatasetError) as err:
+            door()
+        assert "cannot read image" in _one_line(err, image)
+    assert not (tmp_path / "pred").exists()
 
 
 # --- the documented CLI path -----------------------------------------------------------------------

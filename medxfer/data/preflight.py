@@ -65,7 +65,7 @@ from .problems import Problem, raise_if_problems
 from .seg2d import check_seg2d_files
 
 __all__ = ["CACHE_FILE", "CHECKS_VERSION", "MEMORY_FRACTION", "check_task_records", "check_volume_records",
-           "check_isic_records", "check_seg2d_records", "check_image_records", "physical_memory",
+           "check_isic_records", "check_seg2d_records", "check_image_records", "check_image_files", "physical_memory",
            "resampled_shape", "memory_problems"]
 
 logger = logging.getLogger("medxfer.data")
@@ -108,11 +108,14 @@ def _gib(n: float) -> str:
 class _Cache:
     """``medxfer_checked.json`` of one dataset folder: ``{"version", "entries": {key: {"stat", "facts"}}}``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, enabled: bool = True):
         self.root = root
         self.path = root / CACHE_FILE
         self.entries: dict = {}
         self.changed = False
+        self.enabled = enabled
+        if not enabled:
+            return
         try:
             data = json.loads(self.path.read_text())
             if isinstance(data, dict) and data.get("version") == CHECKS_VERSION and isinstance(data.get("entries"), dict):
@@ -147,7 +150,7 @@ class _Cache:
             self.changed = True
 
     def save(self) -> None:
-        if not self.changed:
+        if not self.changed or not self.enabled:
             return
         try:
             atomic_write_text(self.path, json.dumps({"version": CHECKS_VERSION, "entries": self.entries}) + "\n")
@@ -156,9 +159,11 @@ class _Cache:
 
 
 def _checked(root, kind: str, context, records: Sequence[dict], files_of: Callable[[dict], list[str]],
-             check: Callable[[dict], tuple[list[Problem], dict | None]], what: str) -> tuple[list[Problem], list[dict | None]]:
-    """Run ``check`` on every record not in the cache of ``root``; returns ``(problems, facts per record)``."""
-    cache = _Cache(Path(str(root)).absolute())
+             check: Callable[[dict], tuple[list[Problem], dict | None]], what: str,
+             cache: bool = True) -> tuple[list[Problem], list[dict | None]]:
+    """Run ``check`` on every record not in the cache of ``root``; returns ``(problems, facts per record)``.
+    ``cache=False``: check every record, write no cache file."""
+    cache = _Cache(Path(str(root)).absolute(), enabled=cache)
     prefix = json.dumps([kind, context], sort_keys=True)
     problems: list[Problem] = []
     facts: list[dict | None] = []
@@ -311,3 +316,14 @@ def check_image_records(root, records: Sequence[dict]) -> None:
     cached in ``root``."""
     problems, _ = _checked(root, "image", None, records, lambda r: [str(r["image"])], _decoded, "image(s)")
     raise_if_problems(problems)
+
+
+def check_image_files(paths: Sequence) -> None:
+    """Images to predict (a file or a folder's images, e.g. 2D inference inputs) decoded completely,
+    as :func:`check_image_records`. Not cached: the cache file would land among the user's images,
+    which the 2D loaders refuse as a stray file (and decoding a few inputs is cheap next to predicting)."""
+    paths = [Path(p) for p in paths]
+    if paths:
+        problems, _ = _checked(paths[0].parent, "image", None, [{"image": str(p)} for p in paths],
+                               lambda r: [str(r["image"])], _decoded, "image(s)", cache=False)
+        raise_if_problems(problems)

@@ -36,7 +36,7 @@ from PIL import Image
 
 from medxfer.atomic import atomic_path, atomic_write_text
 from medxfer.data.image_folder import image_files, load_image_folder
-from medxfer.data.preflight import check_image_records, check_seg2d_records
+from medxfer.data.preflight import check_image_files, check_image_records, check_seg2d_records
 from medxfer.data.problems import DatasetError, read_json
 from medxfer.data.seg2d import load_seg2d, read_mask
 from medxfer.data.splits import fold_records, holdout_split
@@ -151,6 +151,7 @@ def target_images(data_root, image_size, max_images: int = 16) -> torch.Tensor:
     """``(N, 3, H, W)`` target images in ``[0, 1]`` for the robustness score (first ``max_images``
     of a 2D segmentation folder, or of a class-per-folder set)."""
     records, _ = load_seg2d(data_root)
+    check_seg2d_records(data_root, records[:max_images])
     return unnormalized_images(records, image_size, max_images)
 
 
@@ -373,6 +374,7 @@ def predict_folder(run_dir, input_path, output_dir, device=None, overwrite: bool
 
 
     images = image_files(input_path)
+    check_image_files(images)  # the door check: an unreadable image is named before any prediction
     output_dir = Path(output_dir)
     targets = [output_dir / f"{p.stem}.png" for p in images]
     existing = [t for t in targets if t.exists()]

@@ -55,7 +55,7 @@ import torch
 from medxfer.atomic import atomic_path, atomic_write_text
 from medxfer.data.image_folder import image_files
 from medxfer.data.isic import ISIC_LAYOUTS, check_mask_sizes, detect_isic_year, load_isic
-from medxfer.data.preflight import check_isic_records
+from medxfer.data.preflight import check_image_files, check_isic_records
 from medxfer.data.problems import DatasetError, raise_if_problems, read_json
 from medxfer.data.splits import fold_records, holdout_split
 from medxfer.device import resolve_device
@@ -568,7 +568,9 @@ def inference_images(input_path) -> list[Path]:
     """RGB image files to predict: one file, or the ``.jpg`` / ``.jpeg`` / ``.png`` files of a folder
     (sorted; mask-like names ``*_segmentation.png`` / ``*_attribute_*.png`` / ``*_union.png`` /
     ``*_overlay.png`` are skipped)."""
-    return image_files(input_path, IMAGE_SUFFIXES, MASK_STEMS)
+    images = image_files(input_path, IMAGE_SUFFIXES, MASK_STEMS)
+    check_image_files(images)  # the door check: an unreadable image is named before any network loads
+    return images
 
 
 def run_inference(run_dir, fold: int, input_path, output_dir, device=None, overwrite: bool = False) -> dict:
