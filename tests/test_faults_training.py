@@ -90,7 +90,7 @@ run_bundle("msd_seg3d", ["train"], **json.loads(sys.argv[2]))
 
 def test_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_run(task, tmp_path):
     killed, whole, go = tmp_path / "killed", tmp_path / "whole", tmp_path / "go"
-    settings = {"data_root": str(task), "output_dir": str(killed), "max_epochs": 5, "val_interval": 2, "arch_kwargs": KW,
+    settings = {"data_root": str(task), "output_dir": str(killed), "max_epochs": 12, "val_interval": 2, "arch_kwargs": KW,
                 **FAST}
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.yaml", "--bundle_root", ".",
                *[a for k, v in settings.items() for a in (f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v))]]
@@ -98,7 +98,9 @@ def test_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_r
     victim = subprocess.Popen(command, cwd=BUNDLE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resumer = subprocess.Popen([sys.executable, "-c", RESUMER, str(go), json.dumps(settings)], cwd=BUNDLE, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    kill = {"delay": random.uniform(0.0, 0.4)}  # a random point after the first checkpoint: mid-epoch, validation, save
+    # a random point after the first checkpoint: mid-epoch, validation, save. An epoch takes ~0.12 s
+    # here with one thread (measured): the 11 epochs left last longer than the longest delay
+    kill = {"delay": random.uniform(0.0, 0.6)}
 
     def killer():
         deadline = time.time() + 300
@@ -113,7 +115,7 @@ def test_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_r
     thread = threading.Thread(target=killer)
     thread.start()
     try:
-        train(task, whole, 5, val_interval=2)  # the uninterrupted reference, meanwhile, in this process
+        train(task, whole, 12, val_interval=2)  # the uninterrupted reference, meanwhile, in this process
         thread.join(timeout=300)
         assert kill.get("running"), f"the run was not running {kill['delay']:.2f} s after its first checkpoint"
         assert victim.wait() == -signal.SIGKILL
@@ -135,7 +137,7 @@ def test_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_r
     assert _same_tensors(a["network"], b["network"]), f"killed {kill['delay']:.2f} s after epoch 1: weights differ"
     assert _same_tensors(_network(killed / "model.pt"), _network(whole / "model.pt"))
     assert json.loads((killed / "model.json").read_text()) == json.loads((whole / "model.json").read_text())
-    assert sorted(p.name for p in killed.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=5.pt"]  # n_saved=1 kept
+    assert sorted(p.name for p in killed.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=12.pt"]  # n_saved=1 kept
 
 
 class Messages(logging.Handler):
