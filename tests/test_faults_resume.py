@@ -97,11 +97,17 @@ def _mtimes(paths) -> dict:
 def _done_pretraining(bank_root: Path) -> list[Path]:
     """The done markers of a bank's pretraining runs and the checkpoints they vouch for."""
     found = []
-    for marker in sorted((bank_root / "pretraining").glob("*.json")):
+    for marker in _published(bank_root / "pretraining", "*.json"):
         data = json.loads(marker.read_text())
         if data["state"] == "done":
             found += [marker] + [bank_root / "checkpoints" / f"{e}.pt" for e in data["entries"]]
     return found
+
+
+def _published(root: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` under their final names: a kill during an atomic write leaves its
+    hidden temporary file (``.<stem>-XXXX.json``), which is not a marker (the rerun redoes that unit)."""
+    return sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
 
 
 def _bank_digests(bank_root: Path) -> dict:
@@ -160,7 +166,7 @@ def test_killed_bank_build_resumes_without_redoing_finished_runs(quick_study, st
     assert len(err.splitlines()) == 1 and "bank_build.json: this bank was built with other settings" in err, err
     assert _bank_digests(out) == {n: reference[n] for n in bank.names()}
     # --overwrite: everything rebuilt (the same bytes: the runs are seeded)
-    markers = _mtimes((out / "pretraining").glob("*.json"))
+    markers = _mtimes(_published(out / "pretraining", "*.json"))
     code, printed, _ = _cli(args + ["--overwrite"])
     assert code == 0 and "(already done, kept)" not in printed
     assert all(p.stat().st_mtime_ns != t for p, t in markers.items())
@@ -193,12 +199,12 @@ def test_killed_study_resumes_and_ends_with_the_results_of_an_uninterrupted_run(
     shutil.copytree(study_data, data)
     phase = RNG.choice(["pretraining", "scoring", "fine-tuning"])
     ready = {"pretraining": lambda: bool(_done_pretraining(out / "bank")),
-             "scoring": lambda: any((out / "scores").glob("*/scores.partial/*.json")),
+             "scoring": lambda: any(_published(out / "scores", "*/scores.partial/*.json")),
              "fine-tuning": lambda: any((out / "finetune").glob("*/*/result.json"))}[phase]
     kill = _run_and_kill([sys.executable, "-c", STUDY, str(data), str(out)], tmp_path / "killed.log", ready, 2.0)
     why = _why(kill, f"the first {phase} step finished")
     steps_done = _study_steps_done(out)
-    finished = _mtimes(steps_done + _done_pretraining(out / "bank") + list((out / "scores").glob("*/scores.partial/*.json")))
+    finished = _mtimes(steps_done + _done_pretraining(out / "bank") + _published(out / "scores", "*/scores.partial/*.json"))
 
     config = StudyConfig.quick()
     config.device = "cpu"
