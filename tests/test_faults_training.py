@@ -98,16 +98,21 @@ def test_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_r
     victim = subprocess.Popen(command, cwd=BUNDLE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resumer = subprocess.Popen([sys.executable, "-c", RESUMER, str(go), json.dumps(settings)], cwd=BUNDLE, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # a random point after the first checkpoint: mid-epoch, validation, save. An epoch takes ~0.12 s
-    # here with one thread (measured): the 11 epochs left last longer than the longest delay
-    kill = {"delay": random.uniform(0.0, 0.6)}
+    # a random point mid-run: after the checkpoint of a random epoch K <= 8, then up to 0.1 s (mid-epoch,
+    # validation, save). Counting checkpoints, not seconds, keeps >= 4 epochs (>= 0.2 s at the fastest
+    # 0.05 s/epoch seen) between the kill and the end on any machine
+    kill = {"epoch": random.randint(1, 8), "delay": random.uniform(0.0, 0.1)}
+
+    def saved_epoch():
+        epochs = [int(p.stem.split("=")[1]) for p in killed.glob("checkpoint_epoch=*.pt")]
+        return max(epochs, default=0)
 
     def killer():
         deadline = time.time() + 300
-        while not (killed / "checkpoint_epoch=1.pt").exists():
+        while saved_epoch() < kill["epoch"]:
             if victim.poll() is not None or time.time() > deadline:
                 return
-            time.sleep(0.01)
+            time.sleep(0.005)
         time.sleep(kill["delay"])
         kill["running"] = victim.poll() is None
         victim.send_signal(signal.SIGKILL)
@@ -117,7 +122,7 @@ def test_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_r
     try:
         train(task, whole, 12, val_interval=2)  # the uninterrupted reference, meanwhile, in this process
         thread.join(timeout=300)
-        assert kill.get("running"), f"the run was not running {kill['delay']:.2f} s after its first checkpoint"
+        assert kill.get("running"), f"the run was not running {kill['delay']:.2f} s after checkpoint {kill['epoch']}"
         assert victim.wait() == -signal.SIGKILL
         assert not (killed / "model_final.pt").exists()
         for path in killed.glob("*.pt"):  # whatever the kill interrupted, every checkpoint present is complete
@@ -134,7 +139,7 @@ def test_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_r
 
     a, b = torch.load(killed / "model_final.pt", weights_only=True), torch.load(whole / "model_final.pt", weights_only=True)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"]
-    assert _same_tensors(a["network"], b["network"]), f"killed {kill['delay']:.2f} s after epoch 1: weights differ"
+    assert _same_tensors(a["network"], b["network"]), f"killed {kill['delay']:.2f} s after epoch {kill['epoch']}: weights differ"
     assert _same_tensors(_network(killed / "model.pt"), _network(whole / "model.pt"))
     assert json.loads((killed / "model.json").read_text()) == json.loads((whole / "model.json").read_text())
     assert sorted(p.name for p in killed.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=12.pt"]  # n_saved=1 kept
