@@ -11,6 +11,7 @@
     medxfer bank build --data D --target Task09_Spleen --out bank [--overwrite]  # CC-FV leave-one-task-out bank (resumes)
     medxfer rank --bank BANK --data TASK [--dice dice.csv] # score every bank model with every estimator (resumes)
     medxfer bank list BANK                        # entries of a bank manifest, sha256 checked
+    medxfer bank import BANK bundle|nnunet|checkpoint SOURCE [--name N]  # models you have (zoo, nnU-Net, state dicts)
     medxfer demo --out runs/demo          # the README's main job on generated data
 
 Every medxfer module is imported at the top (the package's layer rule, ``tests/test_layers.py``),
@@ -38,12 +39,14 @@ from medxfer.data.splits import make_kfold_splits, save_splits
 from medxfer.data.synth.isic import generate_isic
 from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
 from medxfer.data.synth.shapes2d import generate_classification_folder, generate_seg2d
+from medxfer.data.synth.zoo_bundle import ZOO_NETWORKS, write_zoo_bundle
 from medxfer.data.validate import check_dataset
 from medxfer.demo import run_demo
 from medxfer.jsonfile import write_json
 from medxfer.planning import plan_task
 from medxfer.transfer.bank import BankError, ModelBank
-from medxfer.transfer.weights import CheckpointError
+from medxfer.transfer.bank_import import IMPORT_KINDS, import_model, nnunet_finetune_command, read_layout
+from medxfer.transfer.weights import CheckpointError, read_checkpoint
 from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, table_from_files, write_report
 from medxfer.transferability.features import SamplingConfig
 from medxfer.transferability.score import DEFAULT_ESTIMATORS, clear_scores, score_bank_into
@@ -104,6 +107,18 @@ def _cmd_synth_seg2d(args) -> int:
         out = generate_seg2d(args.out, num_images=args.num_images, size=tuple(args.size),
                              num_classes=args.num_classes, grey=not args.rgb, seed=args.seed,
                              size_jitter=args.size_jitter, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        return _error(e)
+    print(out)
+    return 0
+
+
+def _cmd_synth_bundle(args) -> int:
+    try:
+        state = read_checkpoint(args.weights) if args.weights else None
+        out = write_zoo_bundle(args.out, args.network, name=args.name, in_channels=args.in_channels,
+                               out_channels=args.out_channels, roi_size=args.roi, pixdim=args.pixdim,
+                               intensity=args.intensity, seed=args.seed, state_dict=state, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as e:
         return _error(e)
     print(out)
@@ -197,6 +212,45 @@ def _cmd_bank_list(args) -> int:
     return 1 if bad else 0
 
 
+def _json_or_file(text: str | None, what: str):
+    """A JSON value given inline (``'{"a": 1}'``) or as a JSON / YAML file path."""
+    if text is None:
+        return None
+    if Path(text).is_file():
+        return read_layout(text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(text, f"{what}: neither a file nor valid JSON ({e.msg})") from None
+
+
+def _cmd_bank_import(args) -> int:
+    options: dict = {"name": args.name, "replace": args.replace, "layout": _json_or_file(args.layout, "--layout")}
+    if args.kind == "bundle":
+        options["config"] = args.config
+    elif args.kind == "nnunet":
+        options.update(fold=args.fold, checkpoint=args.checkpoint)
+    else:
+        if not args.arch:
+            return _error(DatasetError(args.source, "--arch is required for a checkpoint import"))
+        pre = _json_or_file(args.preprocessing, "--preprocessing")
+        if isinstance(pre, list):  # a bare transform list
+            pre = {"kind": "monai", "transforms": pre}
+        options.update(arch=args.arch, arch_kwargs=_json_or_file(args.arch_kwargs, "--arch-kwargs"),
+                       in_channels=args.in_channels, out_channels=args.out_channels, patch_size=args.patch,
+                       preprocessing=pre, url=args.url or "", version=args.version or "", licence=args.licence or "")
+    try:
+        entry = import_model(args.bank, args.kind, args.source, **options)
+    except (DatasetError, BankError, ValueError) as e:
+        return _error(e)
+    print(f"{entry.name}: {entry.arch} {entry.in_channels}->{entry.out_channels} channels, patch {entry.patch_size}, "
+          f"preprocessing {entry.preprocessing_kind}, sha256 {entry.sha256[:12]}  ->  {Path(args.bank) / 'bank.yaml'}")
+    command = nnunet_finetune_command(entry, args.bank)
+    if command:
+        print(f"nnU-Net's own fine-tuning from this model: {command}")
+    return 0
+
+
 def _cmd_rank(args) -> int:
     out = Path(args.out)
     estimators = args.estimators or list(DEFAULT_ESTIMATORS)
@@ -281,6 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     seg2d.add_argument("--seed", type=int, default=0)
     seg2d.add_argument("--overwrite", action="store_true")
     seg2d.set_defaults(func=_cmd_synth_seg2d)
+    zoo = synth_sub.add_parser("bundle", help="a MONAI model-zoo bundle folder (zoo layout, JSON configs, models/model.pt) "
+                                              "to try bank import offline")
+    zoo.add_argument("--out", required=True, help="bundle folder")
+    zoo.add_argument("--network", choices=sorted(ZOO_NETWORKS), default="unet")
+    zoo.add_argument("--name", help="metadata name (default <network>_ct_segmentation)")
+    zoo.add_argument("--in-channels", type=int, default=1)
+    zoo.add_argument("--out-channels", type=int, default=2)
+    zoo.add_argument("--roi", type=int, nargs=3, default=(64, 64, 64), help="inferer window")
+    zoo.add_argument("--pixdim", type=float, nargs=3, default=(1.5, 1.5, 2.0), help="Spacingd target spacing (mm)")
+    zoo.add_argument("--intensity", type=float, nargs=2, default=(-57.0, 164.0), metavar=("A_MIN", "A_MAX"),
+                     help="ScaleIntensityRanged window (HU)")
+    zoo.add_argument("--weights", help="state dict to ship as models/model.pt (default: seeded initialisation)")
+    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--overwrite", action="store_true")
+    zoo.set_defaults(func=_cmd_synth_bundle)
 
     check = sub.add_parser("check-data", help="validate every dataset under PATH; exit 1 if any problem")
     check.add_argument("path")
@@ -329,6 +398,30 @@ def build_parser() -> argparse.ArgumentParser:
     lst = bank_sub.add_parser("list", help="entries of a bank with their sha256 checked (exit 1 if any is broken)")
     lst.add_argument("bank")
     lst.set_defaults(func=_cmd_bank_list)
+    imp = bank_sub.add_parser("import", help="add a model you have: a MONAI zoo bundle, an nnU-Net v2 trained model "
+                                             "or a state dict (refused if the name exists, unless --replace)")
+    imp.add_argument("bank", help="bank folder (created if missing)")
+    imp.add_argument("kind", choices=IMPORT_KINDS)
+    imp.add_argument("source", help="bundle folder | nnU-Net <trainer>__<plans>__<config> folder | checkpoint file")
+    imp.add_argument("--name", help="entry name (default: from the source)")
+    imp.add_argument("--replace", action="store_true", help="replace an entry of the same name")
+    imp.add_argument("--layout", help="JSON / YAML file (or inline JSON) with encoder_levels, decoder_stages, head, "
+                                      "penultimate_encoder: overrides the automatic layout")
+    imp.add_argument("--config", help="bundle: inference config other than configs/inference.json|yaml")
+    imp.add_argument("--fold", default="0", help="nnunet: fold folder (default 0; 'all' for fold_all)")
+    imp.add_argument("--checkpoint", default="checkpoint_final.pth", choices=("checkpoint_final.pth", "checkpoint_best.pth"),
+                     help="nnunet: which checkpoint")
+    imp.add_argument("--arch", help="checkpoint: registered network name (medxfer bank import ... --arch x lists them)")
+    imp.add_argument("--arch-kwargs", help="checkpoint: JSON (or file) of the network's keyword arguments")
+    imp.add_argument("--in-channels", type=int, help="checkpoint: input channels (default: read from the weights)")
+    imp.add_argument("--out-channels", type=int, help="checkpoint: output channels (default: read from the weights)")
+    imp.add_argument("--patch", type=int, nargs="+", help="checkpoint: window size (default 96 96 96)")
+    imp.add_argument("--preprocessing", help="checkpoint: MONAI transform list (JSON / YAML file or inline) the "
+                                             "model expects; default: the target's own plans")
+    imp.add_argument("--url", help="checkpoint: where it was published (provenance)")
+    imp.add_argument("--version", help="checkpoint: version (provenance)")
+    imp.add_argument("--licence", help="checkpoint: licence (provenance)")
+    imp.set_defaults(func=_cmd_bank_import)
 
     rank = sub.add_parser("rank", help="transferability scores of every bank model on a target task (no fine-tuning)")
     rank.add_argument("--bank", required=True, help="model bank folder (bank.yaml)")

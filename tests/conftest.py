@@ -90,3 +90,24 @@ def quick_study(study_data, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return {"data": root / "msd", "out": root / "study", "config": config, "summary": summary, "log": log}
+
+
+@pytest.fixture(scope="session")
+def nnunet_model(tmp_path_factory):
+    """``{"folder": trainer folder, "task": generated MSD task, "preprocessed": nnU-Net's preprocessed
+    cases of the configuration, "plans", "dataset_json", "seconds"}``; made once per session by
+    :func:`tiny_nnunet_model` (nnU-Net's converter, planner, preprocessor and plain trainer). Do not modify."""
+    import json
+    import time
+
+    from medxfer.planning.nnunet_model import tiny_nnunet_model
+
+    root = tmp_path_factory.mktemp("nnunet_model")
+    start = time.perf_counter()
+    folder = tiny_nnunet_model(root)
+    seconds = time.perf_counter() - start
+    plans = json.loads((folder / "plans.json").read_text())
+    out_dir = folder.parents[2]
+    pre = out_dir / "nnUNet_preprocessed" / folder.parent.name / plans["configurations"]["3d_fullres"]["data_identifier"]
+    return {"folder": folder, "task": root / "msd" / "Task09_Spleen", "preprocessed": pre, "plans": plans,
+            "dataset_json": json.loads((folder / "dataset.json").read_text()), "seconds": seconds, "out_dir": out_dir}

@@ -217,7 +217,7 @@ def test_swinunetr_with_a_one_voxel_bottleneck_under_instance_norm_is_refused():
 
 @pytest.mark.parametrize("call", [
     lambda: build_network("vnet", 1, 2, [32, 32, 32]),
-    lambda: arch_layout("segresnet"),
+    lambda: arch_layout("highresnet"),
     lambda: size_divisor("unet++"),
     lambda: fit_patch("attention_unet", [32, 32, 32]),
 ])

@@ -22,6 +22,23 @@ TINY = {
     "swin_unet": (3, [32, 32], {"embed_dim": 12, "num_heads": (1, 1, 1, 1)}),
     "truncated_resnet50": (3, [40, 36], {"level": 2}),
     "truncated_densenet121": (3, [32, 32], {"level": 1}),
+    "segresnet": (1, [16, 16, 16], {"init_filters": 8, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.2}),
+    "dynunet": (1, [16, 16, 16], {"kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2],
+                                  "filters": [4, 8, 16, 32], "deep_supervision": True, "deep_supr_num": 2}),
+    "basicunet": (1, [32, 32, 32], {"features": [4, 4, 8, 8, 16, 4]}),
+    "flexibleunet": (1, [64, 64, 64], {"backbone": "resnet10", "decoder_channels": [16, 8, 8, 4, 4]}),
+    "nnunet": (1, [32, 32, 32], {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                                 "arch_kwargs": {"n_stages": 4, "features_per_stage": [4, 8, 16, 32],
+                                                 "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * 4,
+                                                 "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+                                                 "n_conv_per_stage": [2] * 4, "n_conv_per_stage_decoder": [2] * 3,
+                                                 "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                                                 "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                                                 "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                                                 "nonlin_kwargs": {"inplace": True}},
+                                 "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}),
+    "network_def": (1, [32, 32, 32], {"network_def": {"_target_": "BasicUNet", "spatial_dims": 3, "in_channels": 1,
+                                                      "out_channels": 2, "features": [4, 4, 8, 8, 16, 4]}}),
 }
 OPTIONAL = ("swinViT.layers1c", "swinViT.layers2c", "swinViT.layers3c", "swinViT.layers4c")  # SwinUNETR v2 only
 

@@ -6,7 +6,6 @@ does not resample, against a closed-form computation on the file read by nibabel
 import json
 import os
 import pickle
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -22,26 +21,10 @@ from medxfer.data.problems import DatasetError
 from medxfer.data.synth.msd import generate_msd_task
 from medxfer.planning.nnunet_model import (NNUNET_CHECKPOINT_GLOBALS, TINY_TASK, TRAINER_FOLDER_FILES,
                                            NnUNetCheckpointError, load_nnunet_checkpoint, read_nnunet_checkpoint,
-                                           tiny_nnunet_model, train_nnunet_model)
+                                           train_nnunet_model)
 from medxfer.transforms.nnunet_preprocessing import NnUNetPreprocessd, nnunet_preprocessing_summary
 
 CONFIG = "3d_fullres"
-
-
-@pytest.fixture(scope="session")
-def nnunet_model(tmp_path_factory):
-    """``{"folder": trainer folder, "task": generated MSD task, "preprocessed": nnU-Net's preprocessed
-    cases of the configuration, "plans", "dataset_json", "seconds"}``; made once per session by
-    :func:`tiny_nnunet_model` (nnU-Net's converter, planner, preprocessor and plain trainer). Do not modify."""
-    root = tmp_path_factory.mktemp("nnunet_model")
-    start = time.perf_counter()
-    folder = tiny_nnunet_model(root)
-    seconds = time.perf_counter() - start
-    plans = json.loads((folder / "plans.json").read_text())
-    out_dir = folder.parents[2]
-    pre = out_dir / "nnUNet_preprocessed" / folder.parent.name / plans["configurations"][CONFIG]["data_identifier"]
-    return {"folder": folder, "task": root / "msd" / "Task09_Spleen", "preprocessed": pre, "plans": plans,
-            "dataset_json": json.loads((folder / "dataset.json").read_text()), "seconds": seconds, "out_dir": out_dir}
 
 
 @pytest.mark.slow

@@ -7,7 +7,18 @@ Layout of a bank folder (shareable as it is; paths in the manifest are relative 
       checkpoints/<name>.pt          # state dict only (tensors), loadable with weights_only=True
 
 Every manifest entry records ``name, arch, arch_kwargs, source (task list), epoch, iterations,
-checkpoint, sha256, in_channels, out_channels, patch_size, preprocessing`` (and optional ``notes``).
+checkpoint, sha256, in_channels, out_channels, patch_size, preprocessing, provenance`` (and optional
+``notes`` and ``layout``).
+
+``preprocessing`` says how a target case is prepared for this model (``kind``, see
+:mod:`medxfer.transforms.preprocessing`): ``target_plans`` (medxfer's own models: the target's nnU-Net
+plans, as medxfer fine-tunes them; an entry without ``kind`` means this too), ``monai`` (a MONAI
+transform list, e.g. a zoo bundle's inference preprocessing, recorded with its numbers) or
+``nnunet`` (nnU-Net's own preprocessing from the plans copied into ``sources/<name>/``).
+``provenance`` says where the model came from: ``kind`` (medxfer / bundle / nnunet / checkpoint),
+``original`` (path or URL), ``version``, ``licence``, ``sha256`` of the original weights file and
+``imported`` (ISO date). ``layout`` (optional) overrides the registry's layout of ``arch``
+(:class:`~medxfer.networks.layout.ArchLayout` fields): :func:`entry_layout`.
 
 Loading (:meth:`ModelBank.load_state_dict`) verifies the sha256 of the file against the manifest,
 then reads it with the one checkpoint reader, :func:`medxfer.transfer.weights.read_checkpoint`
@@ -28,9 +39,11 @@ import torch
 import yaml
 
 from medxfer.atomic import atomic_write_bytes, atomic_write_text
+from medxfer.networks import ArchLayout, arch_layout
+from medxfer.networks.layout import check_layout, layout_from_dict
 from medxfer.transfer.weights import CheckpointError, read_checkpoint, strip_prefixes
 
-__all__ = ["BankError", "BankEntry", "ModelBank", "sha256_file", "MANIFEST"]
+__all__ = ["BankError", "BankEntry", "ModelBank", "sha256_file", "MANIFEST", "entry_layout"]
 
 MANIFEST = "bank.yaml"
 logger = logging.getLogger("medxfer.bank")
@@ -57,11 +70,33 @@ class BankEntry:
     iterations: int | None = None
     preprocessing: dict = field(default_factory=dict)
     notes: str = ""
+    provenance: dict = field(default_factory=dict)
+    layout: dict | None = None
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["arch_kwargs"] = _plain(out["arch_kwargs"])
+        out = _plain(asdict(self))
+        if out["layout"] is None:  # manifests of entries without an override stay as before
+            del out["layout"]
+        if not out["provenance"]:
+            del out["provenance"]
         return out
+
+    @property
+    def preprocessing_kind(self) -> str:
+        """``target_plans`` | ``monai`` | ``nnunet`` (an entry without ``kind``: ``target_plans``)."""
+        return str(self.preprocessing.get("kind", "target_plans"))
+
+
+def entry_layout(entry: BankEntry, network: torch.nn.Module | None = None) -> ArchLayout:
+    """Where the parts of ``entry``'s network live: its recorded ``layout`` override (checked against
+    ``network`` when given), else the registry's layout of its arch
+    (:func:`medxfer.networks.registry.arch_layout`; automatic for a ``network_def`` entry)."""
+    if entry.layout:
+        layout = layout_from_dict(entry.layout, entry.arch)
+        if network is not None:
+            check_layout(layout, network)
+        return layout
+    return arch_layout(entry.arch, network, entry.arch_kwargs)
 
 
 def _plain(value):
@@ -157,7 +192,7 @@ class ModelBank:
     def add(self, name: str, network: torch.nn.Module | Mapping[str, torch.Tensor], *, arch: str, in_channels: int,
             out_channels: int, patch_size, arch_kwargs: dict | None = None, source=(), epoch: int | None = None,
             iterations: int | None = None, preprocessing: dict | None = None, notes: str = "",
-            overwrite: bool = False) -> BankEntry:
+            overwrite: bool = False, provenance: dict | None = None, layout: dict | None = None) -> BankEntry:
         """Save ``network``'s state dict (wrappers unwrapped, tensors on CPU) and record it.
 
         An existing ``name`` is an error unless ``overwrite`` (a bank is never changed silently).
@@ -181,7 +216,8 @@ class ModelBank:
                           patch_size=[int(p) for p in patch_size], arch_kwargs=_plain(dict(arch_kwargs or {})),
                           source=[str(s) for s in source], epoch=None if epoch is None else int(epoch),
                           iterations=None if iterations is None else int(iterations),
-                          preprocessing=_plain(dict(preprocessing or {})), notes=notes)
+                          preprocessing=_plain(dict(preprocessing or {})), notes=notes,
+                          provenance=_plain(dict(provenance or {})), layout=_plain(dict(layout)) if layout else None)
         previous = self._entries.get(name)
         self._entries[name] = entry
         try:

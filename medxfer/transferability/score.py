@@ -2,9 +2,11 @@
 
 For each bank entry (SPEC sections 4-5): build the entry's network with its own channels and
 classes, load its weights (sha256-checked, weights only; the whole network, head included, since
-LEEP / NCE read the source head), preprocess the target's labelled cases with the *target's* plans
-(as fine-tuning would), and sample voxel features once (:mod:`medxfer.transferability.features`);
-every estimator then works on those samples:
+LEEP / NCE read the source head), preprocess the target's labelled cases the way *that entry*
+expects (:mod:`medxfer.transforms.preprocessing`: the target's own plans for medxfer's models, as
+fine-tuning does; a zoo bundle's recorded inference transforms; nnU-Net's own preprocessing for an
+nnU-Net model; each distinct preprocessing prepared once per scoring run), and sample voxel
+features once (:mod:`medxfer.transferability.features`); every estimator then works on those samples:
 
 =================  ==============================================================================
 ``ccfv``           CC-FV, paper definition (:func:`medxfer.transferability.ccfv.ccfv_score`)
@@ -56,8 +58,8 @@ from medxfer.data.problems import DatasetError
 from medxfer.data.seg2d import load_seg2d
 from medxfer.device import resolve_device
 from medxfer.jsonfile import json_safe, write_json
-from medxfer.networks import arch_layout, build_network
-from medxfer.transfer.bank import ModelBank
+from medxfer.networks import build_network
+from medxfer.transfer.bank import ModelBank, entry_layout
 from medxfer.transferability.ccfv import ccfv_score
 from medxfer.transferability.features import CaseFeatures, SamplingConfig, pooled, sample_dataset, window_starts
 from medxfer.transferability.gbc import gbc
@@ -68,11 +70,12 @@ from medxfer.transferability.robustness import module_robustness
 from medxfer.transferability.transrate import transrate
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.transforms.msd import msd_transforms
+from medxfer.transforms.preprocessing import entry_transforms, preprocessing_key
 from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "SOURCE_HEAD_ESTIMATORS", "ScoringTarget", "run_estimators",
            "robustness_windows", "target_cases", "seg2d_target", "score_bank", "score_target", "write_scores",
-           "target_digest", "ROWS_DIR", "STATE_FILE", "scoring_key", "finished_scores", "clear_scores", "score_into",
+           "target_digest", "task_target", "prepare_cases", "ROWS_DIR", "STATE_FILE", "scoring_key", "finished_scores", "clear_scores", "score_into",
            "task_key", "seg2d_key", "score_bank_into"]
 
 logger = logging.getLogger("medxfer.transferability")
@@ -154,6 +157,9 @@ class ScoringTarget:
         robustness_mode: ``"intensity"`` (3D CT/MR) or ``"color"`` (2D RGB images in ``[0, 1]``).
         normalize: ``(mean, std)`` applied to the jittered views (2D: the pretraining's), or ``None``.
         robustness_batch: views per forward pass of the robustness score.
+        prepare: ``(entry preprocessing dict, bank folder) -> cases`` for entries that expect their
+            own preprocessing (:mod:`medxfer.transforms.preprocessing`); ``None``: every entry must
+            take the target's (``cases``).
     """
 
     name: str
@@ -163,13 +169,10 @@ class ScoringTarget:
     robustness_mode: str = "intensity"
     normalize: tuple | None = None
     robustness_batch: int = 2
+    prepare: Callable[[dict, Path], list[dict]] | None = None
 
 
-def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids: Sequence[str] | None = None) -> list[dict]:
-    """Preprocessed labelled target cases of an MSD / nnU-Net task (the target's plans, eval chain:
-    RAS, spacing, crop, normalisation), as ``{"id", "image": (C, ...), "label": (1, ...)}``;
-    ``split_ids`` restricts them (e.g. the fine-tuning fold's training cases), ``max_cases`` keeps
-    the first ones."""
+def _task_records(data_root, plans: dict, max_cases: int | None, split_ids: Sequence[str] | None) -> list[dict]:
     task = load_task(data_root)
     records = task.training
     if split_ids is not None:
@@ -178,13 +181,40 @@ def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids
     if max_cases:
         records = records[:max_cases]
     check_task_records(task, records, plans=plans)  # the check-data checks (cached), memory, not all background
-    chain = msd_transforms(plans, mode="eval")
+    return records
+
+
+def prepare_cases(records: Sequence[dict], chain: Callable[[dict], dict]) -> list[dict]:
+    """``{"id", "image": (C, ...), "label": (1, ...)}`` of each record through ``chain``."""
     out = []
     for r in records:
         item = chain(r)
         out.append({"id": r["id"], "image": convert_to_tensor(item["image"], track_meta=False),
                     "label": item["label"]})
     return out
+
+
+def target_cases(data_root, plans: dict, max_cases: int | None = None, split_ids: Sequence[str] | None = None) -> list[dict]:
+    """Preprocessed labelled target cases of an MSD / nnU-Net task (the target's plans, eval chain:
+    RAS, spacing, crop, normalisation), as ``{"id", "image": (C, ...), "label": (1, ...)}``;
+    ``split_ids`` restricts them (e.g. the fine-tuning fold's training cases), ``max_cases`` keeps
+    the first ones."""
+    return prepare_cases(_task_records(data_root, plans, max_cases, split_ids), msd_transforms(plans, mode="eval"))
+
+
+def task_target(data_root, plans: dict, max_cases: int | None = None,
+                split_ids: Sequence[str] | None = None) -> ScoringTarget:
+    """An MSD / nnU-Net task as a scoring target: its cases through the target's plans
+    (:func:`target_cases`) and, for entries that expect their own preprocessing, the same records
+    through that (:func:`medxfer.transforms.preprocessing.entry_transforms`)."""
+    records = _task_records(data_root, plans, max_cases, split_ids)
+    if not records:
+        raise ValueError(f"{data_root}: no labelled target cases to score on")
+
+    def prepare(preprocessing: dict, bank_root: Path) -> list[dict]:
+        return prepare_cases(records, entry_transforms(preprocessing, plans, "eval", bank_root))
+
+    return ScoringTarget(str(data_root), prepare_cases(records, msd_transforms(plans, mode="eval")), prepare=prepare)
 
 
 def seg2d_target(data_root, image_size, max_cases: int | None = 16) -> ScoringTarget:
@@ -210,11 +240,8 @@ def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DE
                seed: int = 0, cache_dir=None) -> list[dict]:
     """Scores of every bank entry (or ``entries``) on an MSD / nnU-Net target task (:func:`target_cases`
     with the target's ``plans``); :func:`score_target` does the work (``cache_dir``: see there)."""
-    cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
-    if not cases:
-        raise ValueError(f"{data_root}: no labelled target cases to score on")
-    return score_target(bank_root, ScoringTarget(str(data_root), cases), estimators, sampling, entries, device,
-                        progress, seed, cache_dir=cache_dir)
+    return score_target(bank_root, task_target(data_root, plans, max_cases, split_ids), estimators, sampling, entries,
+                        device, progress, seed, cache_dir=cache_dir)
 
 
 def _plain_key(obj):
@@ -290,37 +317,53 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
         raise ValueError(f"{target.name}: no labelled target cases to score on")
     dev = resolve_device(device)
     digest = target_digest(target) if cache_dir is not None else None
+    prepared: dict[str, list[dict]] = {}  # preprocessing key -> the target's cases prepared that way
+
+    def cases_for(entry) -> list[dict]:
+        pre = preprocessing_key(entry.preprocessing)
+        if pre == "target_plans":
+            return target.cases
+        if target.prepare is None:
+            raise ValueError(f"bank entry {entry.name!r} expects its own preprocessing "
+                             f"({entry.preprocessing_kind}); target {target.name} offers only its own")
+        if pre not in prepared:
+            prepared[pre] = target.prepare(entry.preprocessing, bank.root)
+        return prepared[pre]
+
     rows = []
     for name in tqdm(names, desc="scoring bank models", disable=not progress):
         entry = bank.get(name)
         cached_file = key = None
         if cache_dir is not None:
             cached_file = Path(cache_dir) / f"{name}.json"
+            own = {} if preprocessing_key(entry.preprocessing) == "target_plans" else \
+                {"preprocessing": preprocessing_key(entry.preprocessing)}
             key = _plain_key({"model": name, "sha256": entry.sha256, "arch": entry.arch, "estimators": list(estimators),
-                              "sampling": asdict(sampling or SamplingConfig()), "seed": seed, "target": digest})
+                              "sampling": asdict(sampling or SamplingConfig()), "seed": seed, "target": digest, **own})
             cached = _read_json(cached_file)
             if isinstance(cached, dict) and cached.get("for") == key and isinstance(cached.get("row"), dict):
                 logger.info("%s: scored before (%s), not scored again", name, cached_file)
                 rows.append(_restore_nan(cached["row"], estimators))
                 continue
         roi = target.roi or entry.patch_size
+        cases = cases_for(entry)
         net = build_network(entry.arch, entry.in_channels, entry.out_channels, roi, **entry.arch_kwargs)
         net.load_state_dict(bank.load_state_dict(name))
         net.to(dev).eval()
-        layout = arch_layout(entry.arch, net)
+        layout = entry_layout(entry, net)
         head_free = [e for e in estimators if e in SOURCE_HEAD_ESTIMATORS]
         if head_free and not layout.decoder_stages:
             raise ValueError(f"bank entry {name!r} ({entry.arch}) has no segmentation head: {head_free} cannot score "
                              "it (an encoder checkpoint); leave them out")
         t0 = time.perf_counter()
-        feats = sample_dataset(net, layout.feature_stages(), target.cases, roi, sampling, progress=False,
+        feats = sample_dataset(net, layout.feature_stages(), cases, roi, sampling, progress=False,
                                with_source_probs=bool(layout.decoder_stages))
         t_forward = time.perf_counter() - t0
         results = run_estimators(feats, estimators)
         if "robustness" in estimators:
             t1 = time.perf_counter()
             images = target.robustness_images if target.robustness_images is not None \
-                else robustness_windows(target.cases, roi)
+                else robustness_windows(cases, roi)
             try:
                 value = module_robustness(net, layout.penultimate_encoder, images, target.normalize, pooled=True,
                                           seed=seed, mode=target.robustness_mode, batch_size=target.robustness_batch)
@@ -474,10 +517,7 @@ def score_bank_into(out_dir, bank_root, data_root, plans: dict, estimators: Sequ
                     overwrite: bool = False) -> tuple[list[dict], bool]:
     """:func:`score_bank` into ``out_dir``, resumable (:func:`score_into`); returns ``(rows, already_done)``."""
     def make_target() -> ScoringTarget:
-        cases = target_cases(data_root, plans, max_cases=max_cases, split_ids=split_ids)
-        if not cases:
-            raise ValueError(f"{data_root}: no labelled target cases to score on")
-        return ScoringTarget(str(data_root), cases)
+        return task_target(data_root, plans, max_cases, split_ids)
 
     return score_into(out_dir, bank_root, make_target, task_key(data_root, plans, max_cases, split_ids), estimators,
                       sampling, entries, device, progress, seed, meta, overwrite)

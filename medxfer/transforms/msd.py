@@ -44,7 +44,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-__all__ = ["msd_transforms", "normalization_transforms", "body_foreground", "RAS_LABELS", "CT_BODY_HU"]
+__all__ = ["msd_transforms", "train_augmentation", "normalization_transforms", "body_foreground", "RAS_LABELS", "CT_BODY_HU"]
 
 #: Axis labels passed explicitly to ``Orientationd`` (MONAI warns its default will change).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -82,6 +82,25 @@ def normalization_transforms(plans: dict, keys: str | Sequence[str] = "image") -
     raise ValueError(f"unsupported normalisation scheme {scheme!r}")
 
 
+def train_augmentation(patch_size: Sequence[int], image_key: str = "image", label_key: str = "label",
+                       num_samples: int = 2, pos: float = 1.0, neg: float = 1.0) -> list[MapTransform]:
+    """Step 6 of the module doc: pad to the patch, ``RandCropByPosNegLabeld``, flips, in-plane
+    rotations (square in-plane patch), intensity scale / shift. Also the training tail after a bank
+    entry's own preprocessing (:func:`medxfer.transforms.preprocessing.plans_transforms`)."""
+    keys = [image_key, label_key]
+    patch = [int(p) for p in patch_size]
+    chain = [
+        SpatialPadd(keys, spatial_size=patch),
+        RandCropByPosNegLabeld(keys, label_key=label_key, spatial_size=patch, pos=pos, neg=neg,
+                               num_samples=num_samples, image_key=image_key, image_threshold=-np.inf),
+        *[RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)],
+    ]
+    if patch[0] == patch[1]:
+        chain.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
+    return chain + [RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
+                    RandShiftIntensityd(image_key, offsets=0.1, prob=0.5)]
+
+
 def msd_transforms(plans: dict, mode: str = "train", image_key: str = "image", label_key: str | None = "label",
                    num_samples: int = 2, pos: float = 1.0, neg: float = 1.0) -> Compose:
     """The MSD preprocessing chain for ``mode`` in ``{"train", "eval", "infer"}``.
@@ -105,14 +124,5 @@ def msd_transforms(plans: dict, mode: str = "train", image_key: str = "image", l
         *normalization_transforms(plans, image_key),
     ]
     if mode == "train":
-        patch = [int(p) for p in plans["patch_size"]]
-        chain += [
-            SpatialPadd(keys, spatial_size=patch),
-            RandCropByPosNegLabeld(keys, label_key=label_key, spatial_size=patch, pos=pos, neg=neg,
-                                   num_samples=num_samples, image_key=image_key, image_threshold=-np.inf),
-            *[RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)],
-        ]
-        if patch[0] == patch[1]:
-            chain.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
-        chain += [RandScaleIntensityd(image_key, factors=0.1, prob=0.5), RandShiftIntensityd(image_key, offsets=0.1, prob=0.5)]
+        chain += train_augmentation(plans["patch_size"], image_key, label_key, num_samples, pos, neg)
     return Compose(chain)

@@ -24,14 +24,16 @@ from medxfer.data.splits import fold_records
 from medxfer.jsonfile import json_safe, write_json
 from medxfer.networks import build_network, fit_patch
 from medxfer.planning.nnunet import load_plans, plan_task
-from medxfer.transfer.bank import BankError, ModelBank
+from medxfer.transfer.bank import BankError, ModelBank, entry_layout
 from medxfer.transfer.weights import NoMatchingWeights, init_from_checkpoint, parse_mode, resize_position_embeddings
 from medxfer.transforms.msd import msd_transforms
+from medxfer.transforms.preprocessing import preprocessing_kind
 
 __all__ = ["default_num_workers", "task_plans", "fold_datalists", "inference_datalist", "class_names",
            "source_datasets", "joint_labels", "load_bank_network", "ensure_empty_output",
            "preprocessing_summary", "sources_preprocessing", "bank_entry_name", "save_run_plans", "RUN_FILE",
-           "save_run_record", "read_run_record", "run_setting", "check_run_overrides", "bank_entry_network"]
+           "save_run_record", "read_run_record", "run_setting", "check_run_overrides", "bank_entry_network",
+           "finetune_plans"]
 
 logger = logging.getLogger("medxfer.workflows")
 
@@ -220,7 +222,8 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
         state, resized = resize_position_embeddings(state, [p // vit_patch for p in bank_entry.patch_size],
                                                     [p // vit_patch for p in patch_size])
     try:
-        report = init_from_checkpoint(network, state, mode, bank_entry.arch, source=str(bank.checkpoint_path(entry)),
+        report = init_from_checkpoint(network, state, mode, entry_layout(bank_entry, network),
+                                      source=str(bank.checkpoint_path(entry)),
                                       allow_partial=allow_partial)
     except NoMatchingWeights as e:
         raise BankError(e.path, f"bank.yaml says entry {entry!r} is arch {bank_entry.arch!r} with arch_kwargs "
@@ -229,6 +232,28 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
     if report_file:
         atomic_write_text(report_file, json.dumps({"entry": entry, **report.to_dict()}, indent=2) + "\n")
     return network
+
+
+def finetune_plans(bank_root, entry: str | None, plans: dict) -> dict:
+    """The plans a fine-tuning run from bank ``entry`` uses: the target's ``plans`` for a medxfer
+    entry (the CC-FV protocol: re-planned on the target); for an entry that expects its own
+    preprocessing (a zoo bundle's transforms, nnU-Net's preprocessing; issue 14) the target's plans
+    carrying that ``preprocessing`` (its files as absolute paths, so the run folder's plans.json
+    works from anywhere) and the entry's patch, so training, validation, evaluation and inference
+    prepare the target the way the model was trained
+    (:func:`medxfer.transforms.preprocessing.plans_transforms`)."""
+    if not entry:
+        return plans
+    bank = ModelBank.open(bank_root)
+    bank_entry = bank.get(entry)
+    if preprocessing_kind(bank_entry.preprocessing) == "target_plans":
+        return plans
+    pre = dict(bank_entry.preprocessing)
+    for key in ("plans", "dataset_json"):  # nnunet: files copied into the bank
+        if key in pre:
+            pre[key] = str((bank.root / pre[key]).resolve())
+    return {**plans, "preprocessing": pre, "patch_size": [int(p) for p in bank_entry.patch_size],
+            "preprocessing_of": entry}
 
 
 def bank_entry_name(arch: str, source_roots: Sequence) -> str:
