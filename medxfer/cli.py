@@ -247,7 +247,7 @@ def _cmd_bank_import(args) -> int:
           f"preprocessing {entry.preprocessing_kind}, sha256 {entry.sha256[:12]}  ->  {Path(args.bank) / 'bank.yaml'}")
     command = nnunet_finetune_command(entry, args.bank)
     if command:
-        print(f"nnU-Net's own fine-tuning from this model: {command}")
+        print(command)
     return 0
 
 

@@ -376,14 +376,24 @@ def import_nnunet(bank_root, folder, name: str | None = None, fold: int | str = 
                 notes=f"nnU-Net {configuration} fold {fold}, {checkpoint}")
 
 
-def nnunet_finetune_command(entry: BankEntry, bank_root, target_dataset: str = "DATASET_ID") -> str | None:
-    """The nnU-Net command that fine-tunes an imported nnU-Net entry on a target dataset with nnU-Net's
-    own trainer (``-pretrained_weights`` takes nnU-Net's checkpoint file); ``None`` for other kinds."""
+def nnunet_finetune_command(entry: BankEntry, bank_root, target_dataset: str = "TARGET") -> str | None:
+    """nnU-Net's own recipe to fine-tune an imported nnU-Net entry on a target dataset (nnU-Net's
+    documentation, "pretraining and finetuning": the target is preprocessed with the *source
+    model's* plans, then ``nnUNetv2_train ... -pretrained_weights`` loads nnU-Net's checkpoint file);
+    ``None`` for entries of other kinds. The plans copy is the one kept in the bank."""
     if entry.provenance.get("kind") != "nnunet":
         return None
     configuration = entry.provenance.get("configuration", "3d_fullres")
-    return (f"nnUNetv2_train {target_dataset} {configuration} 0 -pretrained_weights "
-            f"{entry.provenance.get('original', Path(bank_root) / entry.checkpoint)}")
+    plans_name = f"medxfer_{entry.name}"
+    plans = Path(bank_root) / str(entry.preprocessing.get("plans", f"sources/{entry.name}/plans.json"))
+    fold = entry.provenance.get("fold", "0")
+    return "\n".join([
+        f"# nnU-Net's own fine-tuning from {entry.name} (after nnUNetv2_plan_and_preprocess -d {target_dataset}):",
+        f"cp {plans} $nnUNet_preprocessed/Dataset{target_dataset}/{plans_name}.json  "
+        f"# then set its dataset_name to the target's and plans_name to {plans_name}",
+        f"nnUNetv2_preprocess -d {target_dataset} -plans_name {plans_name} -c {configuration}",
+        f"nnUNetv2_train {target_dataset} {configuration} {fold} -p {plans_name} "
+        f"-pretrained_weights {entry.provenance.get('original', '')}"])
 
 
 # --- a plain checkpoint -----------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ import json
 from pathlib import Path
 from typing import Callable, Mapping
 
+import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
                               ResampleToMatchd)
 
@@ -48,7 +50,7 @@ from medxfer.transforms.msd import msd_transforms, train_augmentation
 from medxfer.transforms.nnunet_preprocessing import NnUNetPreprocessd
 
 __all__ = ["PREPROCESSING_KINDS", "preprocessing_kind", "preprocessing_key", "monai_chain", "entry_transforms",
-           "plans_transforms"]
+           "plans_transforms", "invertible"]
 
 PREPROCESSING_KINDS = ("target_plans", "monai", "nnunet")
 
@@ -111,7 +113,9 @@ def entry_transforms(preprocessing: Mapping | None, target_plans: dict | None, m
         plans = read_json(_resolve(preprocessing["plans"], root))
         dataset_json = read_json(_resolve(preprocessing["dataset_json"], root))
         keys = ("image", label_key) if with_label else ("image",)
-        return Compose([NnUNetPreprocessd(keys, plans, preprocessing["configuration"], dataset_json)])
+        spacing = plans["configurations"][preprocessing["configuration"]].get("spacing")
+        return Compose([_NnUNetGrid(NnUNetPreprocessd(keys, plans, preprocessing["configuration"], dataset_json),
+                                    keys, spacing)])
     image_key = str(preprocessing.get("image_key", "image"))
     chain: list[MapTransform | Callable] = []
     if image_key != "image":  # the recorded list reads its own key name
@@ -120,7 +124,7 @@ def entry_transforms(preprocessing: Mapping | None, target_plans: dict | None, m
     if with_label:
         chain += [LoadImaged(label_key, image_only=True), EnsureChannelFirstd(label_key),
                   ResampleToMatchd(label_key, key_dst=image_key, mode="nearest"),
-                  EnsureTyped(label_key, track_meta=False)]
+                  EnsureTyped(label_key)]
     if image_key != "image":
         chain.append(_Rename(image_key, "image"))
     return Compose(chain)
@@ -144,10 +148,41 @@ def plans_transforms(plans: dict, mode: str = "train", num_samples: int = 2) -> 
     return Compose([chain, *train_augmentation(plans["patch_size"], num_samples=num_samples)])
 
 
-class _Rename:
+def invertible(plans: dict) -> bool:
+    """Can MONAI's ``Invertd`` map predictions of this run back onto the input files? False for
+    nnU-Net's preprocessing: such a run is evaluated on nnU-Net's grid, against the label
+    preprocessed with it (``bundles/msd_seg3d`` ``evaluate``: ``label_from_file`` follows this)."""
+    return preprocessing_kind(plans.get("preprocessing")) != "nnunet"
+
+
+class _NnUNetGrid(MapTransform):
+    """nnU-Net's preprocessing with its arrays as MetaTensors on nnU-Net's grid: affine
+    ``diag(spacing)`` in nnU-Net's axis order (voxel sizes right, so HD95 is in mm; orientation and
+    origin are not the file's) and the record's file names kept. Written by hand: nnU-Net returns
+    bare arrays and MONAI has no transform that attaches a given affine."""
+
+    def __init__(self, preprocess: Callable[[dict], dict], keys, spacing):
+        super().__init__(keys)
+        self.preprocess = preprocess
+        self.spacing = [float(s) for s in spacing] if spacing else None
+
+    def __call__(self, data: dict) -> dict:
+        names = {k: data[k] if isinstance(data[k], str) else str(list(data[k])[0]) for k in self.keys if k in data}
+        d = dict(self.preprocess(data))
+        for key, name in names.items():
+            x = torch.as_tensor(d[key])
+            affine = torch.eye(x.ndim, dtype=torch.float64)
+            if self.spacing and len(self.spacing) == x.ndim - 1:
+                affine[:-1, :-1] = torch.diag(torch.tensor(self.spacing, dtype=torch.float64))
+            d[key] = MetaTensor(x, affine=affine, meta={"filename_or_obj": name})
+        return d
+
+
+class _Rename(MapTransform):
     """Move ``d[src]`` to ``d[dst]`` (a recorded chain may read another key than ``image``)."""
 
     def __init__(self, src: str, dst: str):
+        super().__init__(src)
         self.src, self.dst = src, dst
 
     def __call__(self, d: dict) -> dict:

@@ -25,6 +25,7 @@ from medxfer.jsonfile import json_safe, write_json
 from medxfer.networks import build_network, fit_patch
 from medxfer.planning.nnunet import load_plans, plan_task
 from medxfer.transfer.bank import BankError, ModelBank, entry_layout
+from medxfer.transfer.bank_import import nnunet_finetune_command
 from medxfer.transfer.weights import NoMatchingWeights, init_from_checkpoint, parse_mode, resize_position_embeddings
 from medxfer.transforms.msd import msd_transforms
 from medxfer.transforms.preprocessing import preprocessing_kind
@@ -229,6 +230,9 @@ def load_bank_network(bank_root, entry: str, in_channels: int, out_channels: int
         raise BankError(e.path, f"bank.yaml says entry {entry!r} is arch {bank_entry.arch!r} with arch_kwargs "
                                 f"{bank_entry.arch_kwargs}; the weights look like a different network ({e.reason})") from None
     report.position_embeddings_resized = resized
+    recipe = nnunet_finetune_command(bank_entry, bank.root)
+    if recipe and mode != "scratch":  # the same start, with nnU-Net's own trainer and preprocessing
+        logger.info("%s", recipe)
     if report_file:
         atomic_write_text(report_file, json.dumps({"entry": entry, **report.to_dict()}, indent=2) + "\n")
     return network
