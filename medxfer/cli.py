@@ -44,6 +44,7 @@ from medxfer.data.validate import check_dataset
 from medxfer.demo import run_demo
 from medxfer.jsonfile import write_json
 from medxfer.planning import plan_task
+from medxfer.planning.nnunet_model import train_nnunet_model
 from medxfer.transfer.bank import BankError, ModelBank
 from medxfer.transfer.bank_import import IMPORT_KINDS, import_model, nnunet_finetune_command, read_layout
 from medxfer.transfer.weights import CheckpointError, read_checkpoint
@@ -122,6 +123,18 @@ def _cmd_synth_bundle(args) -> int:
     except (FileExistsError, ValueError) as e:
         return _error(e)
     print(out)
+    return 0
+
+
+def _cmd_synth_nnunet_model(args) -> int:
+    try:
+        fold = int(args.fold) if str(args.fold).isdigit() else args.fold
+        folder = train_nnunet_model(args.task, args.out, dataset_id=args.dataset_id, fold=fold,
+                                    num_epochs=args.epochs, iterations=args.iterations, seed=args.seed,
+                                    overwrite=args.overwrite)
+    except (DatasetError, FileExistsError, RuntimeError, ValueError) as e:
+        return _error(e)
+    print(folder)
     return 0
 
 
@@ -350,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--seed", type=int, default=0)
     zoo.add_argument("--overwrite", action="store_true")
     zoo.set_defaults(func=_cmd_synth_bundle)
+    nnu = synth_sub.add_parser("nnunet-model", help="an nnU-Net v2 trained-model folder made by nnU-Net itself (convert, "
+                                                    "plan and preprocess, its plain trainer on CPU for a few iterations)")
+    nnu.add_argument("--task", required=True, help="MSD TaskNN_Name or nnU-Net DatasetNNN_Name folder (>= 2 cases)")
+    nnu.add_argument("--out", required=True, help="folder that receives nnUNet_raw / _preprocessed / _results")
+    nnu.add_argument("--dataset-id", type=int, default=990)
+    nnu.add_argument("--fold", default="0")
+    nnu.add_argument("--epochs", type=int, default=1, help="nnU-Net epochs (its default 1000)")
+    nnu.add_argument("--iterations", type=int, default=2, help="iterations per epoch (its default 250)")
+    nnu.add_argument("--seed", type=int, default=0)
+    nnu.add_argument("--overwrite", action="store_true")
+    nnu.set_defaults(func=_cmd_synth_nnunet_model)
 
     check = sub.add_parser("check-data", help="validate every dataset under PATH; exit 1 if any problem")
     check.add_argument("path")

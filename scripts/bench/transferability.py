@@ -34,7 +34,9 @@ import torch
 
 
 def bare_forward_seconds(bank_root, cases, entries, sw_batch_size: int = 2) -> dict[str, float]:
-    """Plain forward passes over the windows ``sample_case`` runs (every window of every case)."""
+    """Plain forward passes over the windows ``sample_case`` runs (every window of every case).
+    ``cases``: the cases every entry sees, or ``{entry: its cases}`` (entries with their own
+    preprocessing, ``scripts/bench/mixed_bank.py``)."""
     from medxfer.networks.registry import build_network
     from medxfer.transfer.bank import ModelBank
     from medxfer.transferability.features import window_starts
@@ -47,7 +49,7 @@ def bare_forward_seconds(bank_root, cases, entries, sw_batch_size: int = 2) -> d
         net.load_state_dict(bank.load_state_dict(name))
         t0 = time.perf_counter()
         with torch.no_grad():
-            for case in cases:
+            for case in (cases[name] if isinstance(cases, dict) else cases):
                 image = torch.as_tensor(case["image"])
                 pad = [max(0, r - s) for r, s in zip(e.patch_size, image.shape[1:])]
                 if any(pad):
