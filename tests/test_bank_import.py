@@ -206,3 +206,82 @@ def test_an_existing_name_is_refused_unless_replace_and_the_old_entry_is_kept(tm
     assert main(args + [str(tmp_path / "b.pt")] + kw + ["--replace"]) == 0
     after = ModelBank.open(bank_root).get("m")
     assert after.sha256 != before.sha256 and after.provenance["sha256"] == sha256_file(tmp_path / "b.pt")
+
+
+def _bundle_with_network(src, dest, network_def: dict):
+    bundle = shutil.copytree(src, dest)
+    cfg = bundle / "configs" / "inference.json"
+    data = json.loads(cfg.read_text())
+    data["network_def"] = network_def
+    cfg.write_text(json.dumps(data, indent=2))
+    parser = ConfigParser(data)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+def test_a_bundle_network_medxfer_does_not_know_imports_with_an_automatic_layout_and_scores(bundles, spleen,
+                                                                                            tmp_path):
+    attention = {"_target_": "AttentionUnet", "spatial_dims": 3, "in_channels": "@input_channels",
+                 "out_channels": "@output_classes", "channels": [4, 8, 16], "strides": [2, 2]}
+    bundle = _bundle_with_network(bundles["unet"], tmp_path / "attention", attention)
+    entry = import_bundle(tmp_path / "bank", bundle, name="attention")
+    assert entry.arch == "network_def" and entry.arch_kwargs["network_def"]["_target_"] == "AttentionUnet"
+    assert entry.arch_kwargs["network_def"]["in_channels"] == 1  # the @ reference resolved to its number
+    out = tmp_path / "rank"
+    assert main(["rank", "--bank", str(tmp_path / "bank"), "--data", str(spleen), "--out", str(out),
+                 "--estimators", "ccfv", "logme", "leep", "--max-cases", "3"]) == 0
+    row = json.loads((out / "scores.json").read_text())["rows"][0]
+    assert row["model"] == "attention" and all(np.isfinite(row[e]) for e in ("ccfv", "logme", "leep"))
+
+
+def test_no_layout_found_is_one_line_naming_the_network_and_an_explicit_layout_imports(bundles, tmp_path, capsys):
+    # HighResNet keeps the input resolution throughout (dilated convolutions): no encoder / decoder to find
+    params = [{"name": "conv_0", "n_features": 4, "kernel_size": 3},
+              {"name": "res_1", "n_features": 4, "kernels": [3, 3], "repeat": 1},
+              {"name": "res_2", "n_features": 8, "kernels": [3, 3], "repeat": 1},
+              {"name": "res_3", "n_features": 8, "kernels": [3, 3], "repeat": 1},
+              {"name": "conv_1", "n_features": 8, "kernel_size": 1}, {"name": "conv_2", "kernel_size": 1}]
+    highres = {"_target_": "HighResNet", "spatial_dims": 3, "in_channels": "@input_channels",
+               "out_channels": "@output_classes", "layer_params": params}
+    bundle = _bundle_with_network(bundles["unet"], tmp_path / "highres", highres)
+    err = _one_line(capsys, ["bank", "import", str(tmp_path / "bank"), "bundle", str(bundle)])
+    assert "HighResNet" in err and "--layout" in err
+    layout = tmp_path / "layout.yaml"
+    layout.write_text(yaml.safe_dump({"encoder_levels": [["blocks.0", "blocks.1"], ["blocks.2"], ["blocks.3"]],
+                                      "decoder_stages": ["blocks.3", "blocks.4"], "head": ["blocks.5"],
+                                      "penultimate_encoder": "blocks.2"}))
+    assert main(["bank", "import", str(tmp_path / "bank"), "bundle", str(bundle), "--name", "highres",
+                 "--layout", str(layout)]) == 0
+    entry = ModelBank.open(tmp_path / "bank").get("highres")
+    assert entry.layout["head"] == ["blocks.5"]
+    net = build_network(entry.arch, 1, 2, entry.patch_size, **entry.arch_kwargs)
+    assert entry_layout(entry, net).feature_stages() == ["blocks.3", "blocks.4"]
+
+
+def test_a_yaml_bundle_config_imports_like_its_json(bundles, tmp_path):
+    bundle = shutil.copytree(bundles["unet"], tmp_path / "yaml_bundle")
+    cfg = bundle / "configs" / "inference.json"
+    (bundle / "configs" / "inference.yaml").write_text(yaml.safe_dump(json.loads(cfg.read_text()), sort_keys=False))
+    cfg.unlink()
+    a = import_bundle(tmp_path / "bank", bundles["unet"], name="json")
+    b = import_bundle(tmp_path / "bank", bundle, name="yaml")
+    assert (a.arch, a.arch_kwargs, a.patch_size, a.preprocessing) == (b.arch, b.arch_kwargs, b.patch_size, b.preprocessing)
+    assert b.provenance["config"] == "configs/inference.yaml"
+
+
+def test_missing_bundle_weights_point_to_large_files(bundles, tmp_path, capsys):
+    bundle = shutil.copytree(bundles["unet"], tmp_path / "no_weights")
+    (bundle / "models" / "model.pt").unlink()
+    (bundle / "large_files.yml").write_text("large_files:\n  - path: models/model.pt\n    url: https://example.org/m.pt\n")
+    err = _one_line(capsys, ["bank", "import", str(tmp_path / "bank"), "bundle", str(bundle)])
+    assert str(bundle / "models" / "model.pt") in err and "large_files.yml" in err
+
+
+def test_nnunet_folder_without_plans_or_fold_is_one_line_naming_the_file(nnunet_model, tmp_path, capsys):
+    folder = shutil.copytree(nnunet_model["folder"], tmp_path / "nnunet" / nnunet_model["folder"].name)
+    err = _one_line(capsys, ["bank", "import", str(tmp_path / "bank"), "nnunet", str(folder), "--fold", "3"])
+    assert str(folder / "fold_3") in err and "fold_0" in err
+    (folder / "plans.json").unlink()
+    err = _one_line(capsys, ["bank", "import", str(tmp_path / "bank"), "nnunet", str(folder)])
+    assert str(folder / "plans.json") in err and "plans.json not found" in err
