@@ -219,7 +219,8 @@ def _cmd_bank_list(args) -> int:
             except BankError as e:
                 status, bad = f"BROKEN: {e}", bad + 1  # names the file
             source = "+".join(entry.source) or "scratch"
-            print(f"{entry.name:40s} {entry.arch:10s} {source:24s} epoch {entry.epoch}  {status}")
+            kind = f"{entry.provenance.get('kind', 'medxfer')}/{entry.preprocessing_kind}"
+            print(f"{entry.name:40s} {entry.arch:10s} {source:24s} {kind:22s} epoch {entry.epoch}  {status}")
     except BankError as e:
         return _error(e)
     return 1 if bad else 0

@@ -247,6 +247,7 @@ def test_no_layout_found_is_one_line_naming_the_network_and_an_explicit_layout_i
     bundle = _bundle_with_network(bundles["unet"], tmp_path / "highres", highres)
     err = _one_line(capsys, ["bank", "import", str(tmp_path / "bank"), "bundle", str(bundle)])
     assert "HighResNet" in err and "--layout" in err
+    assert not (tmp_path / "bank" / "sources").exists()  # nothing written before every check passed
     layout = tmp_path / "layout.yaml"
     layout.write_text(yaml.safe_dump({"encoder_levels": [["blocks.0", "blocks.1"], ["blocks.2"], ["blocks.3"]],
                                       "decoder_stages": ["blocks.3", "blocks.4"], "head": ["blocks.5"],

@@ -74,7 +74,10 @@ def test_scores_of_a_fixed_tiny_bank_are_unchanged_by_the_refactor(tmp_path):
             assert got[dim][model].keys() == scores.keys(), (dim, model)
             for name, value in scores.items():
                 assert math.isfinite(value), (dim, model, name)
-                assert math.isclose(got[dim][model][name], value, rel_tol=1e-9, abs_tol=1e-9), \
+                # float32 convolutions round differently on other CPUs (kernels chosen by instruction set):
+                # measured up to 5.7e-7 relative on another Xeon (2026-12-02); another voxel sample or
+                # other weights move them far more
+                assert math.isclose(got[dim][model][name], value, rel_tol=1e-5, abs_tol=1e-7), \
                     (dim, model, name, got[dim][model][name], value)
 
 

@@ -139,10 +139,15 @@ def _check_layout(entry_like: BankEntry, network: torch.nn.Module, path) -> None
 
 
 def _add(bank: ModelBank, name: str, state, network, *, arch, arch_kwargs, in_channels, out_channels, patch,
-         preprocessing, provenance, layout, source=(), notes="", replace=False, weights_file=None) -> BankEntry:
+         preprocessing, provenance, layout, source=(), notes="", replace=False, weights_file=None,
+         copy: Sequence[Path] = ()) -> BankEntry:
+    """Check the layout, copy the source's files (``copy``) to ``sources/<name>/``, add the entry:
+    nothing is written before every check passed."""
     probe = BankEntry(name=name, arch=arch, checkpoint="", sha256="", in_channels=in_channels,
                       out_channels=out_channels, patch_size=list(patch), arch_kwargs=arch_kwargs, layout=layout)
     _check_layout(probe, network, weights_file or bank.manifest)
+    if copy:
+        _copy_sources(bank, name, copy)
     entry = bank.add(name, state, arch=arch, in_channels=in_channels, out_channels=out_channels, patch_size=patch,
                      arch_kwargs=arch_kwargs, source=source, preprocessing=preprocessing, notes=notes,
                      overwrite=replace, provenance=provenance, layout=layout)
@@ -150,20 +155,20 @@ def _add(bank: ModelBank, name: str, state, network, *, arch, arch_kwargs, in_ch
     return entry
 
 
-def _copy_sources(bank: ModelBank, name: str, files: Sequence[Path], dirs: Sequence[Path] = ()) -> str:
+def _sources(name: str) -> str:
+    """Bank-relative folder of an imported entry's copied source files."""
+    return f"sources/{name}"
+
+
+def _copy_sources(bank: ModelBank, name: str, files: Sequence[Path]) -> None:
     """Copy the source's config files into ``<bank>/sources/<name>/`` (replaced on re-import)."""
-    rel = f"sources/{name}"
-    dest = bank.root / rel
+    dest = bank.root / _sources(name)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for f in files:
         if Path(f).is_file():
             shutil.copy2(f, dest / Path(f).name)
-    for d in dirs:
-        if Path(d).is_dir():
-            shutil.copytree(d, dest / Path(d).name)
-    return rel
 
 
 # --- MONAI model-zoo bundle --------------------------------------------------------------------------
@@ -300,7 +305,7 @@ def import_bundle(bank_root, bundle_dir, name: str | None = None, replace: bool 
     licence_file = bundle / "LICENSE"
     licence = licence_file.read_text().strip().splitlines()[0] if licence_file.is_file() and licence_file.read_text().strip() \
         else str(metadata.get("copyright", ""))
-    rel = _copy_sources(bank, name, [meta_file, cfg, licence_file])
+    rel = _sources(name)
     provenance = {"kind": "bundle", "original": str(bundle), "name": metadata.get("name", bundle.name),
                   "version": str(metadata.get("version", "")), "licence": licence,
                   "monai_version": str(metadata.get("monai_version", "")), "sha256": sha256_file(weights),
@@ -311,7 +316,7 @@ def import_bundle(bank_root, bundle_dir, name: str | None = None, replace: bool 
     return _add(bank, name, state, network, arch=arch, arch_kwargs=arch_kwargs, in_channels=in_ch, out_channels=out_ch,
                 patch=patch, preprocessing=preprocessing, provenance=provenance, layout=read_layout(layout),
                 source=[str(metadata.get("name", bundle.name))], notes=str(metadata.get("description", ""))[:500],
-                replace=replace, weights_file=weights)
+                replace=replace, weights_file=weights, copy=[meta_file, cfg, licence_file])
 
 
 def _describe(transform: Mapping) -> str:
@@ -360,7 +365,7 @@ def import_nnunet(bank_root, folder, name: str | None = None, fold: int | str = 
     name = name or _slug(f"nnunet_{plans.get('dataset_name', folder.parent.name)}_{configuration}_fold{fold}")
     bank = ModelBank.open(bank_root, create=True)
     _check_new_name(bank, name, replace)
-    rel = _copy_sources(bank, name, [plans_file, dataset_file, folder / "dataset_fingerprint.json"])
+    rel = _sources(name)
     preprocessing = {"kind": "nnunet", "plans": f"{rel}/plans.json", "dataset_json": f"{rel}/dataset.json",
                      "configuration": configuration,
                      "summary": nnunet_preprocessing_summary(plans, configuration, dataset_json)}
@@ -373,7 +378,8 @@ def import_nnunet(bank_root, folder, name: str | None = None, fold: int | str = 
     return _add(bank, name, state, network, arch="nnunet", arch_kwargs=arch_kwargs, in_channels=in_ch,
                 out_channels=heads, patch=patch, preprocessing=preprocessing, provenance=provenance,
                 layout=read_layout(layout), source=source, replace=replace, weights_file=ckpt,
-                notes=f"nnU-Net {configuration} fold {fold}, {checkpoint}")
+                notes=f"nnU-Net {configuration} fold {fold}, {checkpoint}",
+                copy=[plans_file, dataset_file, folder / "dataset_fingerprint.json"])
 
 
 def nnunet_finetune_command(entry: BankEntry, bank_root, target_dataset: str = "TARGET") -> str | None:
