@@ -164,6 +164,11 @@ def test_pretrain_adds_intermediate_and_final_checkpoints_with_their_sha256(bank
     entry = b.get("unet_Task03_Liver_e2")
     assert entry.source == ["Task03_Liver"] and entry.out_channels == 3 and entry.epoch == 2
     assert entry.patch_size == PATCH and entry.preprocessing["normalization"] == ["CT"]
+    # what it expects (the target's plans) and what it was trained on, with the numbers; made by medxfer
+    plans = json.loads((tasks["liver"] / "medxfer_plans.json").read_text())
+    assert entry.preprocessing["kind"] == "target_plans" and entry.preprocessing["orientation"] == "RAS"
+    assert entry.preprocessing["normalization_numbers"] == plans["normalization"]
+    assert entry.provenance["kind"] == "medxfer"
     import hashlib
 
     assert hashlib.sha256((bank / entry.checkpoint).read_bytes()).hexdigest() == entry.sha256

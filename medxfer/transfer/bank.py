@@ -28,6 +28,7 @@ then reads it with the one checkpoint reader, :func:`medxfer.transfer.weights.re
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import logging
@@ -38,6 +39,7 @@ from typing import Iterator, Mapping
 import torch
 import yaml
 
+from medxfer import __version__
 from medxfer.atomic import atomic_write_bytes, atomic_write_text
 from medxfer.networks import ArchLayout, arch_layout
 from medxfer.networks.layout import check_layout, layout_from_dict
@@ -106,6 +108,11 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _medxfer_provenance() -> dict:
+    """Provenance of an entry medxfer trained itself (no ``provenance`` given to :meth:`ModelBank.add`)."""
+    return {"kind": "medxfer", "version": f"medxfer {__version__}", "imported": datetime.date.today().isoformat()}
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -217,7 +224,8 @@ class ModelBank:
                           source=[str(s) for s in source], epoch=None if epoch is None else int(epoch),
                           iterations=None if iterations is None else int(iterations),
                           preprocessing=_plain(dict(preprocessing or {})), notes=notes,
-                          provenance=_plain(dict(provenance or {})), layout=_plain(dict(layout)) if layout else None)
+                          provenance=_plain(dict(provenance or _medxfer_provenance())),
+                          layout=_plain(dict(layout)) if layout else None)
         previous = self._entries.get(name)
         self._entries[name] = entry
         try:

@@ -130,18 +130,24 @@ def class_names(plans: dict) -> dict[int, str]:
 
 
 def preprocessing_summary(plans: dict) -> dict:
-    """The part of the plans a bank entry records (spacing, patch, normalisation scheme)."""
-    return {"task": plans.get("task"), "target_spacing": plans["target_spacing"], "patch_size": plans["patch_size"],
-            "normalization": [n.get("scheme") for n in plans["normalization"]]}
+    """The part of the plans a bank entry records: the task, orientation, spacing, patch, channels
+    and each channel's normalisation with its numbers (CT: clip percentiles, mean, std)."""
+    return {"task": plans.get("task"), "orientation": "RAS", "target_spacing": plans["target_spacing"],
+            "patch_size": plans["patch_size"], "channels": plans.get("channels"),
+            "normalization": [n.get("scheme") for n in plans["normalization"]],
+            "normalization_numbers": [dict(n) for n in plans["normalization"]]}
 
 
 def sources_preprocessing(source_roots: Sequence, patch_size: Sequence[int]) -> dict:
-    """Preprocessing summary of a pretraining run: one task -> its :func:`preprocessing_summary`;
-    several -> ``{"patch_size", "tasks": {task: summary}}`` (each task keeps its own plans)."""
+    """Preprocessing of a pretraining run's bank entries: ``kind: target_plans`` (a medxfer model is
+    fine-tuned and scored on the target's own plans, :mod:`medxfer.transforms.preprocessing`) with
+    what it was trained on: one task -> its :func:`preprocessing_summary`; several ->
+    ``{"patch_size", "tasks": {task: summary}}`` (each task keeps its own plans)."""
     summaries = [preprocessing_summary(task_plans(r, patch_size=patch_size)) for r in source_roots]
     if len(summaries) == 1:
-        return summaries[0]
-    return {"patch_size": [int(p) for p in patch_size], "tasks": {s["task"]: s for s in summaries}}
+        return {"kind": "target_plans", **summaries[0]}
+    return {"kind": "target_plans", "patch_size": [int(p) for p in patch_size],
+            "tasks": {s["task"]: s for s in summaries}}
 
 
 def ensure_empty_output(output_dir, overwrite: bool = False, pattern: str = "*.nii.gz") -> Path:
