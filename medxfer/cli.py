@@ -53,6 +53,7 @@ from medxfer.transferability.features import SamplingConfig
 from medxfer.transferability.score import DEFAULT_ESTIMATORS, clear_scores, score_bank_into
 from medxfer.workflows.bank_build import build_ccfv_bank, load_bank_config
 from medxfer.workflows.msd_seg3d import task_plans
+from medxfer.workflows.zoo_export import export_bundle, source_from_bank, source_from_run
 
 __all__ = ["main", "build_parser"]
 
@@ -300,6 +301,28 @@ def _cmd_rank(args) -> int:
     return 0
 
 
+def _cmd_export_bundle(args) -> int:
+    if bool(args.run) == bool(args.bank):
+        print("error: give --run RUN_DIR or --bank BANK --entry NAME", file=sys.stderr)
+        return 2
+    try:
+        if args.run:
+            source = source_from_run(args.run, name=args.name)
+        else:
+            if not args.entry:
+                raise DatasetError(args.bank, "--entry is required with --bank")
+            source = source_from_bank(args.bank, args.entry)
+            if args.name:
+                source.name = args.name
+        out = export_bundle(args.out, source, version=args.version, authors=args.authors, overwrite=args.overwrite)
+    except (DatasetError, BankError, FileExistsError, ValueError) as e:
+        return _error(e)
+    print(f"{out}: configs/inference.json (MONAI only), configs/metadata.json, models/model.pt, docs/README.md")
+    print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
+          "--dataset_dir IMAGES")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     return run_demo(args.out, seed=args.seed, overwrite=args.overwrite, study=args.study)
 
@@ -461,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="score everything again (scores of other settings in --out are otherwise refused; "
                            "the same settings' finished scores are kept, a killed scoring resumes)")
     rank.set_defaults(func=_cmd_rank)
+
+    exp = sub.add_parser("export-bundle", help="a self-contained MONAI model-zoo bundle of a trained 3D model "
+                                               "(inference with MONAI only)")
+    exp.add_argument("--run", help="a finished bundles/msd_seg3d training / fine-tuning run folder (run.json)")
+    exp.add_argument("--bank", help="a model bank folder (with --entry)")
+    exp.add_argument("--entry", help="bank entry name")
+    exp.add_argument("--out", required=True, help="bundle folder to write")
+    exp.add_argument("--name", help="bundle name (metadata)")
+    exp.add_argument("--version", default="0.1.0")
+    exp.add_argument("--authors", default="medxfer user")
+    exp.add_argument("--overwrite", action="store_true")
+    exp.set_defaults(func=_cmd_export_bundle)
 
     demo = sub.add_parser("demo", help="the main job on generated data (README quick start)")
     demo.add_argument("--out", default="runs/demo")

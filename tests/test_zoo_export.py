@@ -1,0 +1,131 @@
+"""Self-contained model-zoo bundles exported from medxfer runs and bank entries (issue 15): the zoo's
+rules (files, metadata schema, verify_net_in_out, ckpt_export, bundle properties), MONAI's client
+``monai.bundle.load``, and predictions of the MONAI-only inference config equal to medxfer's own."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, ckpt_export, load, verify_metadata, verify_net_in_out
+
+from medxfer.cli import main
+from medxfer.data.msd import load_task
+from medxfer.networks import build_network
+from medxfer.transfer.bank import ModelBank
+from medxfer.workflows.bundle import run_bundle
+from medxfer.workflows.zoo_export import (METADATA_SCHEMA, ZOO_FILE_LIMIT, export_bundle, export_program,
+                                          source_from_bank, write_metadata_schema)
+
+KW = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
+FAST = {"num_workers": 0, "device": "cpu", "n_folds": 2, "batch_size": 1, "num_samples": 1}
+REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt", "docs/README.md")
+
+
+@pytest.fixture(scope="module")
+def trained(study_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo_export")
+    task = shutil.copytree(study_data / "Task09_Spleen", root / "Task09_Spleen")
+    out = root / "run"
+    run_bundle("msd_seg3d", ["train"], data_root=str(task), output_dir=str(out), max_epochs=2, val_interval=1,
+               arch_kwargs=KW, **FAST)
+    return {"task": task, "run": out, "root": root}
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    out = trained["root"] / "bundle" / "spleen_unet"
+    assert main(["export-bundle", "--run", str(trained["run"]), "--out", str(out), "--name", "spleen_unet"]) == 0
+    return out
+
+
+def _schema(tmp_path) -> Path:
+    return write_metadata_schema(tmp_path / "meta_schema_20240725.json")
+
+
+def test_exported_bundle_has_the_zoos_files_and_valid_metadata(exported, tmp_path):
+    for rel in REQUIRED:
+        assert (exported / rel).is_file(), rel
+    assert (exported / "models" / "model.pt").stat().st_size < ZOO_FILE_LIMIT and not (exported / "large_files.yml").exists()
+    meta = json.loads((exported / "configs" / "metadata.json").read_text())
+    jsonschema.validate(meta, METADATA_SCHEMA)
+    verify_metadata(meta_file=str(exported / "configs" / "metadata.json"), filepath=str(_schema(tmp_path)))
+    assert set(meta["required_packages_version"]) == {"nibabel"}  # only packages on the index, no medxfer
+    broken = dict(meta)
+    del broken["network_data_format"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, METADATA_SCHEMA)
+    cfg = (exported / "configs" / "inference.json").read_text()
+    assert "medxfer" not in cfg  # MONAI only
+
+
+def test_exported_bundle_passes_verify_net_in_out_ckpt_export_and_loads_in_monai(exported, tmp_path):
+    cfg, meta = str(exported / "configs" / "inference.json"), str(exported / "configs" / "metadata.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=cfg, device="cpu")
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(exported / "models" / "model.pt"),
+                meta_file=meta, config_file=cfg, bundle_root=str(exported))
+    scripted = torch.jit.load(str(tmp_path / "model.ts"))
+    network = load("spleen_unet", bundle_dir=str(exported.parent), workflow_type="inference",
+                   source="monaihosting")
+    state = torch.load(exported / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in state.items())
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), network.eval()(x), atol=1e-5)
+    workflow = ConfigWorkflow(config_file=cfg, meta_file=meta, workflow_type="inference",
+                              logging_file=str(exported / "configs" / "logging.conf"))
+    workflow.initialize()
+    assert not workflow.check_properties()  # every required inference property is defined
+    data = json.loads(Path(cfg).read_text())
+    del data["dataset_dir"]
+    (tmp_path / "no_dataset_dir.json").write_text(json.dumps(data))
+    incomplete = ConfigWorkflow(config_file=str(tmp_path / "no_dataset_dir.json"), meta_file=meta,
+                                workflow_type="inference", logging_file=str(exported / "configs" / "logging.conf"))
+    with pytest.raises(KeyError, match="dataset_dir"):  # the check can fail
+        incomplete.initialize()
+        incomplete.check_properties()
+
+
+def test_monai_only_inference_equals_medxfers_own(trained, exported, tmp_path):
+    task = load_task(trained["task"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in task.training[:2]:
+        shutil.copy(r["image"], images / Path(r["image"]).name)
+    run_bundle("msd_seg3d", ["inference"], model_dir=str(trained["run"]), input_path=str(images),
+               output_dir=str(tmp_path / "medxfer_pred"), device="cpu")
+    workflow = ConfigWorkflow(config_file=str(exported / "configs" / "inference.json"), workflow_type="inference",
+                              bundle_root=str(exported), dataset_dir=str(images), output_dir=str(tmp_path / "zoo_pred"))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    for ours in sorted((tmp_path / "medxfer_pred").glob("*_seg.nii.gz")):
+        theirs = tmp_path / "zoo_pred" / ours.name
+        a, b = nib.load(ours), nib.load(theirs)
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), ours.name
+        np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+
+
+def test_a_swinunetr_bank_entry_exports_with_a_torch_export_program(tmp_path):
+    bank = ModelBank.open(tmp_path / "bank", create=True)
+    torch.manual_seed(0)
+    net = build_network("swinunetr", 1, 2, [64, 32, 32], feature_size=12)
+    plans_numbers = [{"channel": 0, "scheme": "CT", "clip": [-100.0, 200.0], "mean": 100.0, "std": 50.0}]
+    bank.add("swin", net, arch="swinunetr", arch_kwargs={"feature_size": 12}, in_channels=1, out_channels=2,
+             patch_size=[64, 32, 32], preprocessing={"kind": "target_plans", "target_spacing": [2.0, 2.0, 3.0],
+                                                     "normalization": ["CT"], "normalization_numbers": plans_numbers})
+    out = export_bundle(tmp_path / "swin_bundle", source_from_bank(tmp_path / "bank", "swin"))
+    cfg, meta = str(out / "configs" / "inference.json"), str(out / "configs" / "metadata.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=cfg, device="cpu")
+    scale = next(t for t in json.loads(Path(cfg).read_text())["preprocessing"]["transforms"]
+                 if t["_target_"] == "ScaleIntensityRanged")
+    assert (scale["a_min"], scale["a_max"], scale["b_min"], scale["b_max"]) == (-100.0, 200.0, -4.0, 2.0)
+    program = torch.export.load(str(export_program(out)))
+    x = torch.randn(1, 1, 64, 32, 32)
+    with torch.no_grad():
+        net.eval()
+        assert torch.allclose(program.module()(x), net(x), atol=1e-4)
