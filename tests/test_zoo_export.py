@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, load, verify_metadata, verify_net_in_out
 
 from medxfer.cli import main
@@ -129,3 +130,29 @@ def test_a_swinunetr_bank_entry_exports_with_a_torch_export_program(tmp_path):
     with torch.no_grad():
         net.eval()
         assert torch.allclose(program.module()(x), net(x), atol=1e-4)
+
+
+def test_exported_train_config_fine_tunes_from_the_bundles_weights_with_monai_only(trained, exported, tmp_path):
+    cfg = exported / "configs" / "train.json"
+    data = json.loads(cfg.read_text())
+    assert "medxfer" not in cfg.read_text()
+    assert isinstance(data["train"]["handlers"], list) and all(isinstance(h, dict) for h in data["train"]["handlers"])
+    bundle = shutil.copytree(exported, tmp_path / "spleen_unet")
+    # MONAI Label's bundle trainer overrides the training data like this
+    records = [{"image": r["image"], "label": r["label"]} for r in load_task(trained["task"]).training[:3]]
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train",
+                              meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
+                              dataset_dir=str(trained["task"]), max_epochs=1, val_interval=1, num_samples=1,
+                              **{"train#dataset#data": records})
+    workflow.initialize()
+    assert not workflow.check_properties()
+    assert len(workflow.parser.get_parsed_content("train#dataset")) == 3
+    start = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    loaded = {}
+    workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.ITERATION_STARTED, lambda engine: loaded.setdefault("first", {k: v.clone() for k, v in
+                                                                        engine.network.state_dict().items()}))
+    workflow.run()
+    workflow.finalize()
+    assert all(torch.equal(loaded["first"][k], v) for k, v in start.items())  # fine-tuning starts from model.pt
+    assert (bundle / "models" / "model_finetuned.pt").is_file()

@@ -7,7 +7,9 @@ From a finished ``bundles/msd_seg3d`` training / fine-tuning run folder (``run.j
       LICENSE
       configs/metadata.json        # schema 20240725 keys, network_data_format (inputs.image, outputs.pred)
       configs/inference.json       # MONAI only: network_def, preprocessing with the numbers baked in,
-      configs/logging.conf         #   SlidingWindowInferer, Invertd, SaveImaged, dataset_dir
+                                   #   SlidingWindowInferer, Invertd, SaveImaged, dataset_dir
+      configs/train.json           # MONAI only: fine-tuning from models/model.pt on dataset_dir/imagesTr+labelsTr
+      configs/logging.conf
       models/model.pt              # the network's state dict (+ large_files.yml above the zoo's 25 MB)
       docs/README.md               # model card
       docs/data_license.txt
@@ -20,7 +22,7 @@ per-image z-score), so ``python -m monai.bundle run --config_file configs/infere
 --dataset_dir D`` predicts what medxfer's own inference predicts, in a venv with MONAI only.
 ``required_packages_version`` names only packages on the package index (``nibabel``).
 
-Not exported (yet): train / evaluate / multi-GPU configs, 2D and TATL networks (which need the
+Not exported (yet): evaluate / multi-GPU configs, 2D and TATL networks (which need the
 bundle's own ``scripts/``), nnU-Net-preprocessed entries (nnU-Net's preprocessing is not MONAI's).
 SwinUNETR cannot be scripted with TorchScript (``ckpt_export`` fails inside its window attention);
 :func:`export_program` writes a ``torch.export`` program instead.
@@ -50,7 +52,7 @@ from medxfer.transforms.preprocessing import preprocessing_kind
 from medxfer.workflows.msd_seg3d import read_run_record
 
 __all__ = ["ZOO_FILE_LIMIT", "SCHEMA_URL", "METADATA_SCHEMA", "MONAI_CLASSES", "ExportSource", "source_from_run",
-           "source_from_bank", "network_def", "plans_preprocessing", "export_bundle", "write_metadata_schema",
+           "source_from_bank", "network_def", "plans_preprocessing", "labelled_preprocessing", "train_augmentation", "export_bundle", "write_metadata_schema",
            "export_program"]
 
 #: The model zoo's limit per committed file; larger weights go to ``large_files.yml``.
@@ -128,27 +130,30 @@ class ExportSource:
     channels: dict[str, str]               # "0" -> "CT"
     preprocessing: list[dict]              # MONAI transform configs on "image", numbers baked in
     state: dict[str, torch.Tensor]
+    plans: dict | None = None              # spacing + normalisation numbers, when the chain comes from plans
     description: str = ""
     provenance: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
 
 
-def plans_preprocessing(plans: dict) -> list[dict]:
-    """medxfer's inference chain of ``plans`` (:func:`medxfer.transforms.msd.msd_transforms`, ``infer``)
-    as MONAI transform configs with every number written in: the same transforms, in the same order."""
+def plans_preprocessing(plans: dict, label: bool = False) -> list[dict]:
+    """medxfer's chain of ``plans`` (:func:`medxfer.transforms.msd.msd_transforms`, ``infer``; with
+    ``label``: ``eval``, the label resampled nearest) as MONAI transform configs with every number
+    written in: the same transforms, in the same order."""
     norms = plans["normalization"]
     scheme = norms[0]["scheme"]
-    chain = [{"_target_": "LoadImaged", "keys": "image", "image_only": True},
-             {"_target_": "EnsureChannelFirstd", "keys": "image"},
-             {"_target_": "EnsureTyped", "keys": "image", "dtype": None, "track_meta": True},
-             {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": [list(p) for p in RAS_LABELS]},
-             {"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in plans["target_spacing"]],
-              "mode": "bilinear"}]
+    keys = ["image", "label"] if label else "image"
+    chain = [{"_target_": "LoadImaged", "keys": keys, "image_only": True},
+             {"_target_": "EnsureChannelFirstd", "keys": keys},
+             {"_target_": "EnsureTyped", "keys": keys, "dtype": None, "track_meta": True},
+             {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS", "labels": [list(p) for p in RAS_LABELS]},
+             {"_target_": "Spacingd", "keys": keys, "pixdim": [float(s) for s in plans["target_spacing"]],
+              "mode": ["bilinear", "nearest"] if label else "bilinear"}]
     if scheme == "CT":  # medxfer.transforms.msd.ct_body_foreground, written as an expression
         select = f"$lambda x: x > {float(CT_BODY_HU)}"
     else:  # medxfer.transforms.msd.body_foreground
         select = "$lambda x: (x > 0).any(axis=0, keepdims=True) if x.ndim > 3 else x > 0"
-    chain.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "select_fn": select,
+    chain.append({"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "select_fn": select,
                   "allow_smaller": True})
     if scheme == "CT":
         n = norms[0]
@@ -160,6 +165,32 @@ def plans_preprocessing(plans: dict) -> list[dict]:
     elif scheme != "none":
         raise ValueError(f"normalisation scheme {scheme!r} has no MONAI-only form")
     return chain
+
+
+def labelled_preprocessing(src: "ExportSource") -> list[dict]:
+    """The deterministic chain for labelled cases (training, validation): the plans' chain with the
+    label, or a recorded MONAI list on the image followed by the label loaded and resampled onto
+    the preprocessed image (``ResampleToMatchd``, nearest), as :mod:`medxfer.transforms.preprocessing`."""
+    if src.plans is not None:
+        return plans_preprocessing(src.plans, label=True)
+    return [*src.preprocessing, {"_target_": "LoadImaged", "keys": "label", "image_only": True},
+            {"_target_": "EnsureChannelFirstd", "keys": "label"},
+            {"_target_": "ResampleToMatchd", "keys": "label", "key_dst": "image", "mode": "nearest"}]
+
+
+def train_augmentation(patch_size: Sequence[int], num_samples: str | int = "@num_samples") -> list[dict]:
+    """:func:`medxfer.transforms.msd.train_augmentation` as MONAI transform configs."""
+    keys = ["image", "label"]
+    patch = [int(p) for p in patch_size]
+    chain = [{"_target_": "SpatialPadd", "keys": keys, "spatial_size": patch},
+             {"_target_": "RandCropByPosNegLabeld", "keys": keys, "label_key": "label", "spatial_size": patch,
+              "pos": 1.0, "neg": 1.0, "num_samples": num_samples, "image_key": "image",
+              "image_threshold": "$-float('inf')"},
+             *[{"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": a} for a in range(3)]]
+    if patch[0] == patch[1]:
+        chain.append({"_target_": "RandRotate90d", "keys": keys, "prob": 0.5, "max_k": 3, "spatial_axes": [0, 1]})
+    return chain + [{"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
+                    {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5}]
 
 
 def network_def(arch: str, arch_kwargs: Mapping, in_channels: int, out_channels: int, patch_size: Sequence[int]) -> dict:
@@ -189,8 +220,8 @@ def source_from_run(run_dir, name: str | None = None) -> ExportSource:
     if preprocessing_kind(plans.get("preprocessing")) == "nnunet":
         raise DatasetError(run / "plans.json", "this model expects nnU-Net's own preprocessing, which MONAI-only "
                                                "transforms cannot reproduce; share it as an nnU-Net model")
-    pre = plans["preprocessing"]["transforms"] if preprocessing_kind(plans.get("preprocessing")) == "monai" \
-        else plans_preprocessing(plans)
+    own = preprocessing_kind(plans.get("preprocessing")) == "monai"
+    pre = plans["preprocessing"]["transforms"] if own else plans_preprocessing(plans)
     metrics = {}
     eval_file = run / "eval" / "metrics.json"
     if eval_file.is_file():
@@ -201,7 +232,7 @@ def source_from_run(run_dir, name: str | None = None) -> ExportSource:
                         patch_size=[int(p) for p in record["patch_size"]],
                         labels={str(k): v for k, v in record["labels"].items()},
                         channels={str(k): v for k, v in plans.get("channels", {"0": "image"}).items()},
-                        preprocessing=pre, state=read_checkpoint(run / "model.pt"),
+                        preprocessing=pre, state=read_checkpoint(run / "model.pt"), plans=None if own else plans,
                         description=f"{record['arch']} trained on {record.get('task')} with medxfer "
                                     f"({record.get('workflow', 'msd_seg3d')})",
                         provenance={"run": str(run.resolve()), "transfer": record.get("transfer")},
@@ -217,6 +248,7 @@ def source_from_bank(bank_root, entry: str, labels: Mapping | None = None) -> Ex
     if kind == "nnunet":
         raise DatasetError(bank.manifest, f"entry {entry!r} expects nnU-Net's own preprocessing, which MONAI-only "
                                           "transforms cannot reproduce")
+    plans = None
     if kind == "monai":
         pre = list(e.preprocessing["transforms"])
     else:
@@ -224,13 +256,14 @@ def source_from_bank(bank_root, entry: str, labels: Mapping | None = None) -> Ex
         if not numbers or "target_spacing" not in e.preprocessing:
             raise DatasetError(bank.manifest, f"entry {entry!r} records no preprocessing numbers (spacing, "
                                               "normalisation); export the training run folder instead")
-        pre = plans_preprocessing({"target_spacing": e.preprocessing["target_spacing"], "normalization": numbers})
+        plans = {"target_spacing": e.preprocessing["target_spacing"], "normalization": numbers}
+        pre = plans_preprocessing(plans)
     labels = {str(k): v for k, v in (labels or {str(i): ("background" if i == 0 else f"class {i}")
                                                 for i in range(e.out_channels)}).items()}
     return ExportSource(name=entry, arch=e.arch, arch_kwargs=e.arch_kwargs, in_channels=e.in_channels,
                         out_channels=e.out_channels, patch_size=list(e.patch_size), labels=labels,
                         channels={str(i): "image" for i in range(e.in_channels)}, preprocessing=pre,
-                        state=bank.load_state_dict(entry),
+                        state=bank.load_state_dict(entry), plans=plans,
                         description=f"{e.arch} bank entry {entry} (source: {'+'.join(e.source) or 'scratch'})",
                         provenance=dict(e.provenance, bank=str(bank.root.resolve()), sha256=e.sha256))
 
@@ -267,6 +300,83 @@ def _inference_config(src: ExportSource) -> dict:
                       "val_handlers": "@handlers", "amp": "$torch.cuda.is_available()"},
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@evaluator.run()"],
+    }
+
+
+def _train_config(src: ExportSource) -> dict:
+    """``configs/train.json``: MONAI only, the zoo's conventions (``dataset_dir`` with ``imagesTr`` /
+    ``labelsTr``, ``train#dataset#data`` overridable, ``train#handlers`` a list of dicts, as MONAI
+    Label's bundle trainer expects); starts from ``models/model.pt`` (fine-tuning) unless
+    ``--init_from_bundle false``. DiceCE, SGD 1e-2 Nesterov with poly decay (medxfer's recipe)."""
+    fold_out = "$int(len(@images) * 0.8) if len(@images) > 1 else len(@images)"
+    return {
+        "imports": ["$import glob", "$import os", "$import torch", "$import monai"],
+        "bundle_root": ".",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "output_dir": "$@bundle_root + '/runs'",
+        "dataset_dir": "/workspace/data",
+        "images": "$list(sorted(glob.glob(os.path.join(@dataset_dir, 'imagesTr', '*.nii*'))))",
+        "labels": "$list(sorted(glob.glob(os.path.join(@dataset_dir, 'labelsTr', '*.nii*'))))",
+        "n_train": fold_out,
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": network_def(src.arch, src.arch_kwargs, src.in_channels, src.out_channels, src.patch_size),
+        "network": "$@network_def.to(@device)",
+        "init_from_bundle": True,
+        "max_epochs": 100, "val_interval": 5, "num_samples": 2, "learning_rate": 0.01,
+        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+        "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": "@learning_rate",
+                      "momentum": 0.99, "nesterov": True, "weight_decay": 3.0e-5},
+        "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.PolynomialLR", "optimizer": "@optimizer",
+                         "total_iters": "@max_epochs", "power": 0.9},
+        "train": {
+            "preprocessing": {"_target_": "Compose",
+                              "transforms": labelled_preprocessing(src) + train_augmentation(src.patch_size)},
+            "dataset": {"_target_": "CacheDataset",
+                        "data": "$[{'image': i, 'label': l} for i, l in zip(@images[:@n_train], @labels[:@n_train])]",
+                        "transform": "@train#preprocessing", "cache_rate": 1.0, "num_workers": 0},
+            "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": 2, "shuffle": True,
+                           "num_workers": 0},
+            "inferer": {"_target_": "SimpleInferer"},
+            "handlers": [
+                {"_target_": "CheckpointLoader", "_disabled_": "$not @init_from_bundle",
+                 "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
+                 "map_location": "@device"},
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+                 "interval": "@val_interval"},
+                {"_target_": "StatsHandler", "tag_name": "train_loss",
+                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}],
+            "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
+                        "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@loss",
+                        "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
+                        "amp": "$torch.cuda.is_available()"},
+        },
+        "validate": {
+            "preprocessing": {"_target_": "Compose", "transforms": labelled_preprocessing(src)},
+            "dataset": {"_target_": "CacheDataset",
+                        "data": "$[{'image': i, 'label': l} for i, l in zip(@images[@n_train:], @labels[@n_train:])]",
+                        "transform": "@validate#preprocessing", "cache_rate": 1.0, "num_workers": 0},
+            "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": 1,
+                           "shuffle": False, "num_workers": 0},
+            "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(src.patch_size), "sw_batch_size": 2,
+                        "overlap": 0.5, "mode": "gaussian"},
+            "postprocessing": {"_target_": "Compose", "transforms": [
+                {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
+                 "to_onehot": [src.out_channels, src.out_channels]}]},
+            "handlers": [
+                {"_target_": "StatsHandler", "iteration_log": False},
+                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
+                 "save_key_metric": True, "key_metric_filename": "model_finetuned.pt"}],
+            "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": False,
+                                             "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
+            "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
+                          "val_data_loader": "@validate#dataloader", "network": "@network",
+                          "inferer": "@validate#inferer", "postprocessing": "@validate#postprocessing",
+                          "key_val_metric": "@validate#key_metric", "val_handlers": "@validate#handlers",
+                          "amp": "$torch.cuda.is_available()"},
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@train#trainer.run()"],
     }
 
 
@@ -365,6 +475,7 @@ def export_bundle(out, source: ExportSource, version: str = "0.1.0", authors: st
         for sub in ("configs", "models", "docs"):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         (tmp / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
+        (tmp / "configs" / "train.json").write_text(json.dumps(_train_config(source), indent=4) + "\n")
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         (tmp / "configs" / "logging.conf").write_text(_LOGGING_CONF)
         atomic_torch_save({k: v.detach().cpu() for k, v in source.state.items()}, tmp / "models" / "model.pt")
