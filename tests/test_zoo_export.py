@@ -156,3 +156,28 @@ def test_exported_train_config_fine_tunes_from_the_bundles_weights_with_monai_on
     workflow.finalize()
     assert all(torch.equal(loaded["first"][k], v) for k, v in start.items())  # fine-tuning starts from model.pt
     assert (bundle / "models" / "model_finetuned.pt").is_file()
+
+
+def test_weights_over_the_zoo_limit_are_listed_in_large_files_yml(trained, tmp_path, monkeypatch):
+    import medxfer.workflows.zoo_export as zoo_export
+    import yaml
+
+    monkeypatch.setattr(zoo_export, "ZOO_FILE_LIMIT", 1024)  # the tiny UNet's weights are ~100 kB
+    out = export_bundle(tmp_path / "big", zoo_export.source_from_run(trained["run"]))
+    listed = yaml.safe_load((out / "large_files.yml").read_text())["large_files"]
+    digest = __import__("hashlib").sha256((out / "models" / "model.pt").read_bytes()).hexdigest()
+    assert listed == [{"path": "models/model.pt", "url": "", "hash_val": digest, "hash_type": "sha256"}]
+
+
+def test_an_imported_zoo_bundle_entry_re_exports_with_its_own_transforms(tmp_path):
+    from medxfer.data.synth.zoo_bundle import write_zoo_bundle
+    from medxfer.transfer.bank_import import import_bundle
+
+    write_zoo_bundle(tmp_path / "zoo", "segresnet", roi_size=(32, 32, 32), pixdim=(2.0, 2.0, 3.0))
+    entry = import_bundle(tmp_path / "bank", tmp_path / "zoo", name="zoo_segresnet")
+    out = export_bundle(tmp_path / "again", source_from_bank(tmp_path / "bank", "zoo_segresnet"))
+    cfg = json.loads((out / "configs" / "inference.json").read_text())
+    assert cfg["preprocessing"]["transforms"] == entry.preprocessing["transforms"]
+    assert cfg["network_def"]["_target_"] == "SegResNet"
+    verify_net_in_out(net_id="network_def", meta_file=str(out / "configs" / "metadata.json"),
+                      config_file=str(out / "configs" / "inference.json"), device="cpu")
