@@ -317,7 +317,9 @@ def _cmd_export_bundle(args) -> int:
         out = export_bundle(args.out, source, version=args.version, authors=args.authors, overwrite=args.overwrite)
     except (DatasetError, BankError, FileExistsError, ValueError) as e:
         return _error(e)
-    print(f"{out}: configs/inference.json (MONAI only), configs/metadata.json, models/model.pt, docs/README.md")
+    scripts = " + scripts/ (the network's code)" if (Path(out) / "scripts").is_dir() else ""
+    print(f"{out}: configs/inference.json (MONAI only), configs/metadata.json, models/model.pt, docs/README.md"
+          f"{scripts}")
     print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
           "--dataset_dir IMAGES")
     return 0
@@ -485,9 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "the same settings' finished scores are kept, a killed scoring resumes)")
     rank.set_defaults(func=_cmd_rank)
 
-    exp = sub.add_parser("export-bundle", help="a self-contained MONAI model-zoo bundle of a trained 3D model "
-                                               "(inference with MONAI only)")
-    exp.add_argument("--run", help="a finished bundles/msd_seg3d training / fine-tuning run folder (run.json)")
+    exp = sub.add_parser("export-bundle", help="a self-contained MONAI model-zoo bundle of a trained 3D or 2D "
+                                               "model (inference with MONAI only; 2D networks MONAI lacks travel "
+                                               "in the bundle's scripts/)")
+    exp.add_argument("--run", help="a finished bundles/msd_seg3d training / fine-tuning run folder or a "
+                                   "bundles/seg2d_transfer training run folder (run.json)")
     exp.add_argument("--bank", help="a model bank folder (with --entry)")
     exp.add_argument("--entry", help="bank entry name")
     exp.add_argument("--out", required=True, help="bundle folder to write")

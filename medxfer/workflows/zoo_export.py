@@ -1,38 +1,71 @@
-"""Export a 3D model as a self-contained MONAI model-zoo bundle (issue 15, first part; SPEC section 12).
+"""Export a model as a self-contained MONAI model-zoo bundle (issue 15; SPEC section 12).
 
 From a finished ``bundles/msd_seg3d`` training / fine-tuning run folder (``run.json``, ``plans.json``,
-``model.pt``) or from a model-bank entry, :func:`export_bundle` writes::
+``model.pt``), a finished ``bundles/seg2d_transfer`` training run folder (``run.json``, ``model.pt``)
+or from a model-bank entry, :func:`export_bundle` writes::
 
     <bundle>/
       LICENSE
       configs/metadata.json        # schema 20240725 keys, network_data_format (inputs.image, outputs.pred)
       configs/inference.json       # MONAI only: network_def, preprocessing with the numbers baked in,
-                                   #   SlidingWindowInferer, Invertd, SaveImaged, dataset_dir
-      configs/train.json           # MONAI only: fine-tuning from models/model.pt on dataset_dir/imagesTr+labelsTr
+                                   #   inferer, Invertd, SaveImaged, dataset_dir
+      configs/train.json           # MONAI only: fine-tuning from models/model.pt on dataset_dir
       configs/logging.conf
       models/model.pt              # the network's state dict (+ large_files.yml above the zoo's 25 MB)
+      scripts/                     # 2D networks MONAI lacks: their code, copied (see below)
       docs/README.md               # model card
       docs/data_license.txt
 
-The inference config calls nothing of medxfer: the network is a MONAI class with literal keyword
-arguments (the registry's defaults merged in), the preprocessing is the run's chain written out as
-MONAI transforms (``Orientationd`` RAS, ``Spacingd`` to the planned spacing, ``CropForegroundd`` on
-the body, the plans' CT clip + z-score as one ``ScaleIntensityRanged`` with its numbers, or MR
-per-image z-score), so ``python -m monai.bundle run --config_file configs/inference.json
---dataset_dir D`` predicts what medxfer's own inference predicts, in a venv with MONAI only.
-``required_packages_version`` names only packages on the package index (``nibabel``).
+The inference config calls nothing of medxfer.
 
-Not exported (yet): evaluate / multi-GPU configs, 2D and TATL networks (which need the
-bundle's own ``scripts/``), nnU-Net-preprocessed entries (nnU-Net's preprocessing is not MONAI's).
-SwinUNETR cannot be scripted with TorchScript (``ckpt_export`` fails inside its window attention);
-:func:`export_program` writes a ``torch.export`` program instead.
+3D: the network is a MONAI class with literal keyword arguments (the registry's defaults merged
+in), the preprocessing is the run's chain written out as MONAI transforms (``Orientationd`` RAS,
+``Spacingd`` to the planned spacing, ``CropForegroundd`` on the body, the plans' CT clip + z-score
+as one ``ScaleIntensityRanged`` with its numbers, or MR per-image z-score), so ``python -m
+monai.bundle run --config_file configs/inference.json --dataset_dir D`` predicts what medxfer's own
+inference predicts, in a venv with MONAI only. ``required_packages_version``: ``nibabel``.
+
+2D (``seg2d_transfer`` runs): the thesis networks (``unet2d``, ``resnet50_attention_unet``,
+``swin_unet``), the truncated segmenters and LinkNet-effb0 are not MONAI classes, so their modules
+travel in the bundle's own ``scripts/`` package, as the zoo's bundles carry custom code: the module
+of the class and every medxfer module it imports (found with ``ast``), copied unchanged except
+that imports of medxfer become relative imports inside ``scripts`` (so the bundle imports nothing
+of medxfer); ``network_def`` is ``scripts.<module>.<Class>`` with literal keyword arguments
+(``unet_effb0`` is MONAI's ``FlexibleUNet`` and needs no scripts). MONAI puts the bundle root on
+``sys.path`` only in ``ConfigWorkflow.run``, after the config's imports and outside ``verify_net_in_out``,
+``ckpt_export`` and ``monai.bundle.load``; so ``network_def`` requires the id ``scripts_path``,
+which puts the absolute ``bundle_root`` first on ``sys.path`` and drops a ``scripts`` module
+imported from elsewhere (another bundle's, or a namespace package of some ``scripts/`` folder of
+the working directory). With ``"$import scripts"`` in ``imports`` (the zoo's convention), the bundle
+runs from its own folder or from any other with ``--bundle_root``. The preprocessing is
+medxfer's ``seg2d_transforms("infer", image_size)`` written out: PIL rows first with RGB
+conversion, 0..255 -> 0..1, bilinear resize with anti-aliasing to the run's ``image_size``,
+per-channel normalisation with the ImageNet mean and std (the numbers medxfer's seg2d inference
+uses). The whole resized image goes through the network (``SimpleInferer``, as
+:class:`medxfer.workflows.seg2d_transfer.Seg2DRun`), the logits are resized back to the image's
+size (``Invertd``: plain bilinear), then sigmoid > 0.5 (binary, saved 0/255) or argmax (saved as
+label indices), written as ``<output_dir>/<image stem>.png``: medxfer's own masks, byte for byte.
+``required_packages_version``: ``pillow`` (+ any non-MONAI package the copied code imports).
+
+Not exported (yet): evaluate / multi-GPU configs, TATL's multi-network inference, 2D bank entries
+(pretraining encoders, not segmenters), nnU-Net-preprocessed entries (nnU-Net's preprocessing is
+not MONAI's). SwinUNETR cannot be scripted with TorchScript (``ckpt_export`` fails inside its window
+attention); :func:`export_program` writes a ``torch.export`` program instead.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
+import math
+import sys
+import uuid
 from dataclasses import dataclass, field
+from importlib.metadata import packages_distributions
 from importlib.metadata import version as distribution_version
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -42,18 +75,22 @@ import numpy
 import torch
 from monai.bundle import ConfigParser
 
+import medxfer
 from medxfer.atomic import atomic_directory, atomic_torch_save, atomic_write_text
+from medxfer.data.image_folder import IMAGE_SUFFIXES
 from medxfer.data.problems import DatasetError, read_json
 from medxfer.networks import build_network, network_spec
 from medxfer.transfer.bank import ModelBank
 from medxfer.transfer.weights import read_checkpoint
+from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.transforms.msd import CT_BODY_HU, RAS_LABELS
 from medxfer.transforms.preprocessing import preprocessing_kind
 from medxfer.workflows.msd_seg3d import read_run_record
 
-__all__ = ["ZOO_FILE_LIMIT", "SCHEMA_URL", "METADATA_SCHEMA", "MONAI_CLASSES", "ExportSource", "source_from_run",
-           "source_from_bank", "network_def", "plans_preprocessing", "labelled_preprocessing", "train_augmentation", "export_bundle", "write_metadata_schema",
-           "export_program"]
+__all__ = ["ZOO_FILE_LIMIT", "SCHEMA_URL", "METADATA_SCHEMA", "MONAI_CLASSES", "SCRIPTS_NETWORKS", "ExportSource",
+           "source_from_run", "source_from_seg2d_run", "source_from_bank", "network_def", "plans_preprocessing",
+           "labelled_preprocessing", "train_augmentation", "seg2d_preprocessing", "copy_network_code",
+           "export_bundle", "write_metadata_schema", "export_program"]
 
 #: The model zoo's limit per committed file; larger weights go to ``large_files.yml``.
 ZOO_FILE_LIMIT = 25 * 1024 * 1024
@@ -61,6 +98,18 @@ SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/do
 #: Registered arch -> MONAI network class (``network_def`` ``_target_``).
 MONAI_CLASSES = {"unet": "UNet", "unetr": "UNETR", "swinunetr": "SwinUNETR", "segresnet": "SegResNet",
                  "dynunet": "DynUNet", "basicunet": "BasicUNet", "flexibleunet": "FlexibleUNet"}
+#: Registered 2D arch MONAI lacks -> (medxfer module, class): the module (and the medxfer modules it
+#: imports) is copied into the bundle's ``scripts/``; ``network_def`` is ``scripts.<module>.<class>``.
+SCRIPTS_NETWORKS = {"unet2d": ("medxfer.networks.unet2d", "UNet2D"),
+                    "resnet50_attention_unet": ("medxfer.networks.attention_unet", "ResNet50AttentionUNet"),
+                    "swin_unet": ("medxfer.networks.swin_unet", "SwinUNet"),
+                    "truncated_resnet50": ("medxfer.networks.truncated", "TruncatedSegmenter"),
+                    "truncated_densenet121": ("medxfer.networks.truncated", "TruncatedSegmenter"),
+                    "linknet_effb0": ("medxfer.networks.linknet", "LinkNetEffB0")}
+#: The id that puts the bundle's ``scripts`` package on ``sys.path`` (required by a scripts ``network_def``).
+SCRIPTS_PATH_ID = "scripts_path"
+#: Packages the metadata names with their own keys (``monai_version``...), never in ``required_packages_version``.
+_SCHEMA_PACKAGES = {"monai", "torch", "numpy"}
 
 _TENSOR = {"type": "object", "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range"],
            "properties": {"type": {"type": "string"}, "format": {"type": "string"},
@@ -134,6 +183,8 @@ class ExportSource:
     description: str = ""
     provenance: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
+    kind: str = "seg3d"                    # "seg3d" (NIfTI volumes) or "seg2d" (PIL images; patch_size = image size)
+    normalization: dict = field(default_factory=dict)  # seg2d: per-channel "mean" and "std" on the 0..1 scale
 
 
 def plans_preprocessing(plans: dict, label: bool = False) -> list[dict]:
@@ -199,9 +250,10 @@ def network_def(arch: str, arch_kwargs: Mapping, in_channels: int, out_channels:
     spec = network_spec(arch)
     if spec.name == "network_def":
         return dict(arch_kwargs["network_def"], in_channels=int(in_channels), out_channels=int(out_channels))
+    if spec.name in SCRIPTS_NETWORKS or spec.name == "unet_effb0":
+        return _network_def_2d(spec.name, spec.kwargs(arch_kwargs), int(in_channels), int(out_channels), patch_size)
     if spec.name not in MONAI_CLASSES:
-        raise ValueError(f"{spec.name} is not a MONAI network: its bundle needs the network's code in scripts/ "
-                         "(not exported yet)")
+        raise ValueError(f"{spec.name} is not a MONAI network and has no scripts/ export")
     kwargs = json.loads(json.dumps(spec.kwargs(arch_kwargs)))  # tuples -> lists: plain JSON
     out = {"_target_": MONAI_CLASSES[spec.name], "spatial_dims": len(patch_size), "in_channels": int(in_channels),
            "out_channels": int(out_channels), **kwargs}
@@ -210,12 +262,209 @@ def network_def(arch: str, arch_kwargs: Mapping, in_channels: int, out_channels:
     return out
 
 
+def _plain(value):
+    """Tuples -> lists (JSON), recursively."""
+    return json.loads(json.dumps(value))
+
+
+def _network_def_2d(name: str, kwargs: dict, in_channels: int, out_channels: int, image_size: Sequence[int]) -> dict:
+    """``network_def`` of a registered 2D network: ``scripts.<module>.<Class>`` with the arguments
+    the registry's builder passes (:mod:`medxfer.networks.registry`), or MONAI's ``FlexibleUNet``
+    for ``unet_effb0``; the arguments are checked against the class's signature here."""
+    kwargs = _plain(dict(kwargs))
+    if kwargs.pop("encoder_classifier", False):
+        raise ValueError(f"{name}: an encoder classifier (pretraining) is not a segmentation network; export the "
+                         "segmentation run trained from it")
+    if name == "unet_effb0":  # medxfer.networks.effnet_unet.unet_effb0: MONAI's FlexibleUNet, never pretrained
+        kwargs.pop("backbone", None)
+        if kwargs.pop("pretrained", False):
+            raise ValueError("unet_effb0: pretrained=True would download weights; export the trained weights instead")
+        return {"_target_": "FlexibleUNet", "in_channels": in_channels, "out_channels": out_channels,
+                "backbone": "efficientnet-b0", "pretrained": False, "spatial_dims": 2, **kwargs}
+    module, cls = SCRIPTS_NETWORKS[name]
+    if name.startswith("truncated_"):  # TruncatedSegmenter(encoder arch, level, out, in, ...)
+        args = {"arch": name[len("truncated_"):], "level": int(kwargs.pop("level", 3)), "out_channels": out_channels,
+                "in_channels": in_channels, **kwargs}
+    else:
+        args = {"in_channels": in_channels, "out_channels": out_channels, **kwargs}
+        if name == "swin_unet":  # medxfer.networks.seg2d.build_thesis_network: the nominal size, first side
+            args["img_size"] = int(image_size[0])
+    target = getattr(importlib.import_module(module), cls)
+    try:
+        inspect.signature(target).bind(**args)
+    except TypeError as e:
+        raise ValueError(f"{name}: {cls} does not take these arguments {args}: {e}") from None
+    return {"_target_": f"scripts.{module.rsplit('.', 1)[1]}.{cls}", "_requires_": f"@{SCRIPTS_PATH_ID}", **args}
+
+
+def _stdlib(name: str) -> bool:
+    return name in sys.stdlib_module_names or name == "__future__"
+
+
+def _byte_to_char(line: str, col: int) -> int:
+    """``ast`` column offsets count UTF-8 bytes; string slicing counts characters."""
+    return len(line.encode("utf-8")[:col].decode("utf-8", errors="ignore"))
+
+
+def copy_network_code(modules: Sequence[str], dest) -> tuple[dict[str, str], dict[str, str]]:
+    """Copy the medxfer ``modules`` and every medxfer module they import (at any depth, also
+    imports inside functions) into the package folder ``dest`` (``<bundle>/scripts``), one file
+    per module named by its last component, with each medxfer import rewritten to a relative
+    import of the copy (``from medxfer.networks.layout import X`` -> ``from .layout import X``);
+    nothing else changes. Writes ``dest/__init__.py``.
+
+    Returns ``({medxfer module: file name}, {distribution: version})``: the packages besides MONAI,
+    PyTorch, NumPy and the standard library that the copied code imports (for
+    ``required_packages_version``). Refused (ValueError, naming the file): ``import medxfer...``
+    statements, imports of a medxfer package (``from medxfer.networks import x``: it would pull in
+    the whole package), two modules with one file name, third-party imports that are not installed."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    todo, files, third_party = list(modules), {}, set()
+    sources: dict[str, tuple[Path, str, list]] = {}
+    while todo:
+        module = todo.pop(0)
+        if module in sources:
+            continue
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None or spec.submodule_search_locations is not None:
+            raise ValueError(f"{module}: not a medxfer module file (packages are not copied into scripts/)")
+        path = Path(spec.origin)
+        text = path.read_text(encoding="utf-8")
+        rewrites = []
+        for node in ast.walk(ast.parse(text, filename=str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    top = alias.name.split(".")[0]
+                    if top == "medxfer":
+                        raise ValueError(f"{path}:{node.lineno}: `import {alias.name}` cannot be rewritten into "
+                                         "the bundle's scripts/ package; use `from <module> import <name>`")
+                    if not _stdlib(top):
+                        third_party.add(top)
+            elif isinstance(node, ast.ImportFrom):
+                target = (importlib.util.resolve_name("." * node.level + (node.module or ""), module.rpartition(".")[0])
+                          if node.level else node.module)
+                top = target.split(".")[0]
+                if top != "medxfer":
+                    if not _stdlib(top):
+                        third_party.add(top)
+                    continue
+                todo.append(target)
+                rewrites.append((node, target))
+        sources[module] = (path, text, rewrites)
+        name = module.rsplit(".", 1)[1]
+        if name in files.values() or name == "__init__":
+            raise ValueError(f"{path}: two modules would be scripts/{name}.py")
+        files[module] = name
+    for module, (path, text, rewrites) in sources.items():
+        lines = text.splitlines(keepends=True)
+        starts = [0]
+        for line in lines:
+            starts.append(starts[-1] + len(line))
+        # from the end, so that earlier offsets stay valid
+        for node, target in sorted(rewrites, key=lambda r: (r[0].lineno, r[0].col_offset), reverse=True):
+            begin = starts[node.lineno - 1] + _byte_to_char(lines[node.lineno - 1], node.col_offset)
+            end = starts[node.end_lineno - 1] + _byte_to_char(lines[node.end_lineno - 1], node.end_col_offset)
+            names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
+            text = text[:begin] + f"from .{files[target]} import {names}" + text[end:]
+        rel = path.relative_to(Path(medxfer.__file__).parent.parent).as_posix()
+        header = (f"# Copied from {rel} (medxfer {medxfer.__version__}) by `medxfer export-bundle`: imports of "
+                  "medxfer modules\n# point to their copies in this package; the code is otherwise unchanged.\n")
+        (dest / f"{files[module]}.py").write_text(header + text, encoding="utf-8")
+    (dest / "__init__.py").write_text(
+        '"""The network code of this bundle (copied by `medxfer export-bundle`; nothing here imports medxfer)."""\n')
+    owners = packages_distributions()
+    required = {}
+    for top in sorted(third_party - _SCHEMA_PACKAGES):
+        if top not in owners:
+            raise ValueError(f"{dest}: the copied code imports {top!r}, which no installed distribution provides")
+        dist = owners[top][0]
+        required[dist] = distribution_version(dist)
+    return files, required
+
+
+def seg2d_preprocessing(image_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                        labels: Mapping | None = None, train: bool = False) -> list[dict]:
+    """:func:`medxfer.transforms.seg2d.seg2d_transforms` as MONAI transform configs with the numbers
+    written in: ``"infer"`` (image only), with ``labels`` ``"eval"``, with ``train`` too ``"train"``
+    (flips and one affine, same draw for image and mask). PIL reads rows first (``reverse_indexing``
+    false, as :func:`medxfer.transforms.dermoscopy.image_reader`) and converts to RGB (masks to 8-bit
+    grey); a binary dataset's 0/255 (or 0/1) masks become 0/1."""
+    size = [int(s) for s in image_size]
+    rgb = {"_target_": "PILReader", "converter": "$lambda im: im if im.mode == 'RGB' else im.convert('RGB')",
+           "reverse_indexing": False}
+    chain = [{"_target_": "LoadImaged", "keys": "image", "reader": rgb, "image_only": True},
+             {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": -1},
+             {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
+              "b_max": 1.0},
+             {"_target_": "Resized", "keys": "image", "spatial_size": size, "mode": "bilinear", "anti_aliasing": True}]
+    keys = ["image"]
+    if labels is not None:
+        grey = {"_target_": "PILReader", "converter": "$lambda im: im if im.mode == 'L' else im.convert('L')",
+                "reverse_indexing": False}
+        chain += [{"_target_": "LoadImaged", "keys": "label", "reader": grey, "image_only": True},
+                  {"_target_": "EnsureChannelFirstd", "keys": "label", "channel_dim": "no_channel"}]
+        if len(labels) == 2:  # medxfer.data.seg2d.mask_to_index: any non-zero value is the foreground
+            chain.append({"_target_": "Lambdad", "keys": "label", "func": "$lambda m: (m > 0).float()"})
+        chain.append({"_target_": "Resized", "keys": "label", "spatial_size": size, "mode": "nearest-exact"})
+        keys = ["image", "label"]
+        if train:  # medxfer.transforms.seg2d._augment, prob 0.5
+            chain += [{"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
+                      {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 1},
+                      {"_target_": "RandAffined", "keys": keys, "prob": 0.5, "rotate_range": math.radians(15),
+                       "scale_range": [0.1, 0.1], "mode": ["bilinear", "nearest"], "padding_mode": "zeros"}]
+    chain += [{"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": [float(m) for m in mean],
+               "divisor": [float(s) for s in std], "channel_wise": True},
+              {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32"}]
+    return chain
+
+
+def _finite_metrics(summary: Mapping) -> dict:
+    return {f"val_{k}": v["mean"] for k, v in summary.items()
+            if isinstance(v, Mapping) and isinstance(v.get("mean"), (int, float)) and math.isfinite(v["mean"])}
+
+
+def source_from_seg2d_run(run_dir, name: str | None = None) -> ExportSource:
+    """A finished ``bundles/seg2d_transfer`` training run folder (``run.json`` + ``model.pt``): the
+    network :class:`medxfer.workflows.seg2d_transfer.Seg2DRun` rebuilds, its weights, and the
+    chain its inference uses (``seg2d_transforms("infer", image_size)``: ImageNet mean and std,
+    which the run does not change). ``evaluation/metrics.json`` (``evaluate.yaml``) gives the
+    metadata's ``eval_metrics`` when present."""
+    run = Path(run_dir)
+    record = read_json(run / "run.json", "not a seg2d_transfer training folder (no run.json)")
+    if not (run / "model.pt").is_file():
+        raise DatasetError(run / "model.pt", "not found: the run has not finished (no checkpoint)")
+    size = record["image_size"]
+    size = [int(size)] * 2 if isinstance(size, (int, float)) else [int(s) for s in size]
+    labels = {str(k): v for k, v in record["labels"].items()}
+    out_channels = int(record.get("out_channels", 1 if len(labels) == 2 else len(labels)))
+    metrics = {}
+    eval_file = run / "evaluation" / "metrics.json"
+    if eval_file.is_file():
+        metrics = _finite_metrics(read_json(eval_file).get("summary", {}))
+    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    return ExportSource(name=name or run.name, arch=record["arch"], arch_kwargs=dict(record.get("arch_kwargs") or {}),
+                        in_channels=int(record.get("in_channels", 3)), out_channels=out_channels, patch_size=size,
+                        labels=labels, channels={"0": "R", "1": "G", "2": "B"},
+                        preprocessing=seg2d_preprocessing(size, norm["mean"], norm["std"]),
+                        state=read_checkpoint(run / "model.pt"),
+                        description=f"{record['arch']} 2D segmentation trained with medxfer "
+                                    f"({record.get('workflow', 'seg2d_transfer/train')}) on "
+                                    f"{Path(str(record.get('settings', {}).get('data_root', 'its data'))).name}",
+                        provenance={"run": str(run.resolve()), "transfer": record.get("transfer")},
+                        eval_metrics=metrics, kind="seg2d", normalization=norm)
+
+
 def source_from_run(run_dir, name: str | None = None) -> ExportSource:
-    """A finished ``bundles/msd_seg3d`` run folder (``run.json`` + ``plans.json`` + ``model.pt``)."""
+    """A finished training run folder: ``bundles/msd_seg3d`` (``run.json`` + ``plans.json`` +
+    ``model.pt``) or ``bundles/seg2d_transfer`` (its ``run.json`` says ``"workflow":
+    "seg2d_transfer/..."``; :func:`source_from_seg2d_run`)."""
     run = Path(run_dir)
     record = read_run_record(run)
     if record is None:
         raise DatasetError(run / "run.json", "not a medxfer training run folder (run.json not found)")
+    if str(record.get("workflow", "")).startswith("seg2d_transfer"):
+        return source_from_seg2d_run(run, name)
     plans = read_json(run / record.get("plans_file", "plans.json"))
     if preprocessing_kind(plans.get("preprocessing")) == "nnunet":
         raise DatasetError(run / "plans.json", "this model expects nnU-Net's own preprocessing, which MONAI-only "
@@ -244,6 +493,11 @@ def source_from_bank(bank_root, entry: str, labels: Mapping | None = None) -> Ex
     source plans' numbers recorded by medxfer's pretraining)."""
     bank = ModelBank.open(bank_root)
     e = bank.get(entry)
+    spec = network_spec(e.arch)
+    if spec.spatial_dims == 2 and not spec.any_dims:
+        raise DatasetError(bank.manifest, f"entry {entry!r} is a 2D {e.arch} (an encoder pretraining checkpoint "
+                                          "records no segmentation preprocessing); export the seg2d_transfer "
+                                          "training run folder instead")
     kind = preprocessing_kind(e.preprocessing)
     if kind == "nnunet":
         raise DatasetError(bank.manifest, f"entry {entry!r} expects nnU-Net's own preprocessing, which MONAI-only "
@@ -268,7 +522,163 @@ def source_from_bank(bank_root, entry: str, labels: Mapping | None = None) -> Ex
                         provenance=dict(e.provenance, bank=str(bank.root.resolve()), sha256=e.sha256))
 
 
+def _scripts_ids() -> dict:
+    """``bundle_dir`` + :data:`SCRIPTS_PATH_ID` (see the module docstring): ``bundle_root`` first on
+    ``sys.path``, and any ``scripts`` module not loaded from ``<bundle_root>/scripts`` dropped."""
+    own = "os.path.join(@bundle_dir, 'scripts') + os.sep"
+    return {
+        "bundle_dir": "$os.path.abspath(os.path.expanduser(@bundle_root))",
+        SCRIPTS_PATH_ID: "$sys.path.insert(0, @bundle_dir) or [sys.modules.pop(m) for m in sorted(sys.modules) "
+                         "if m.split('.')[0] == 'scripts' and not os.path.abspath(getattr(sys.modules[m], "
+                         f"'__file__', None) or os.sep).startswith({own})]",
+    }
+
+
+def _image_list(folder: str) -> str:
+    """Expression: the image files of ``folder`` (medxfer's suffixes, any case; ``glob`` leaves hidden
+    files out), sorted; none for a missing folder."""
+    return (f"$sorted(p for p in glob.glob(os.path.join({folder}, '*')) "
+            f"if os.path.splitext(p)[1].lower() in {list(IMAGE_SUFFIXES)})")
+
+
+def _without_scripts(cfg: dict) -> dict:
+    """``cfg`` without the scripts import and ids when its ``network_def`` is a MONAI class."""
+    if cfg["network_def"].get("_requires_") is None:
+        cfg["imports"] = [i for i in cfg["imports"] if i != "$import scripts"]
+        for key in ("bundle_dir", SCRIPTS_PATH_ID):
+            cfg.pop(key)
+    return cfg
+
+
+def _seg2d_inference_config(src: ExportSource) -> dict:
+    """``configs/inference.json`` of a 2D network (module docstring): ``dataset_dir/images`` (the
+    folder-pair layout) or ``dataset_dir`` itself holds the images; masks go to ``output_dir``."""
+    binary = src.out_channels == 1
+    decide = ({"_target_": "Lambdad", "keys": "pred", "func": "$lambda p: (torch.sigmoid(p) > 0.5).float()"}
+              if binary else {"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
+    return _without_scripts({
+        "imports": ["$import glob", "$import os", "$import sys", "$import numpy", "$import torch", "$import scripts"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "/workspace/data",
+        "image_dir": "$os.path.join(@dataset_dir, 'images') if os.path.isdir(os.path.join(@dataset_dir, 'images')) "
+                     "else @dataset_dir",
+        "datalist": _image_list("@image_dir"),
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        **_scripts_ids(),
+        "network_def": network_def(src.arch, src.arch_kwargs, src.in_channels, src.out_channels, src.patch_size),
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": src.preprocessing},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        # rows first, as read: the PNG writer must not swap the axes (its default assumes MONAI's PILReader)
+        "saver": {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
+                  "output_ext": ".png", "output_dtype": "$numpy.uint8", "scale": 255 if binary else None,
+                  "resample": False, "separate_folder": False, "writer": "PILWriter", "print_log": False},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            decide,
+            "$@saver.set_options(write_kwargs={'reverse_indexing': False})"]},
+        "handlers": [{"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
+                      "load_dict": {"model": "@network"}, "map_location": "@device"},
+                     {"_target_": "StatsHandler", "iteration_log": False}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+    })
+
+
+def _seg2d_train_config(src: ExportSource) -> dict:
+    """``configs/train.json`` of a 2D network: ``bundles/seg2d_transfer/configs/train.yaml`` in MONAI
+    only, fine-tuning every layer from ``models/model.pt`` (``--init_from_bundle false``: from the
+    random init). ``dataset_dir`` is a folder-pair set (``images/`` + ``masks/<stem>.png``); the
+    first 80 % of the sorted images train, the rest validate (``train#dataset#data`` and
+    ``validate#dataset#data`` are overridable, as MONAI Label does). Dice loss (sigmoid binary,
+    softmax otherwise), SGD momentum 0.9, weight decay 1e-4, poly decay 0.9."""
+    binary = src.out_channels == 1
+    n = len(src.labels)
+    mean, std = src.normalization["mean"], src.normalization["std"]
+    post = ([{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+             {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}] if binary else
+            [{"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False], "to_onehot": [n, n]}])
+    records = "$[{'image': i, 'label': l} for i, l in zip(@images[%s], @labels[%s])]"
+    return _without_scripts({
+        "imports": ["$import glob", "$import os", "$import sys", "$import torch", "$import monai", "$import scripts"],
+        "bundle_root": ".",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "output_dir": "$@bundle_root + '/runs'",
+        "dataset_dir": "/workspace/data",
+        "images": _image_list("os.path.join(@dataset_dir, 'images')"),
+        "labels": "$[os.path.join(@dataset_dir, 'masks', os.path.splitext(os.path.basename(i))[0] + '.png') "
+                  "for i in @images]",
+        "n_train": "$int(len(@images) * 0.8) if len(@images) > 1 else len(@images)",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        **_scripts_ids(),
+        "network_def": network_def(src.arch, src.arch_kwargs, src.in_channels, src.out_channels, src.patch_size),
+        "network": "$@network_def.to(@device)",
+        "init_from_bundle": True,
+        "max_epochs": 100, "val_interval": 1, "batch_size": 8, "learning_rate": 0.01,
+        "loss": {"_target_": "DiceLoss", "sigmoid": binary, "softmax": not binary, "to_onehot_y": not binary},
+        "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": "@learning_rate",
+                      "momentum": 0.9, "weight_decay": 1.0e-4},
+        "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.PolynomialLR", "optimizer": "@optimizer",
+                         "total_iters": "@max_epochs", "power": 0.9},
+        "train": {
+            "preprocessing": {"_target_": "Compose", "transforms": seg2d_preprocessing(
+                src.patch_size, mean, std, src.labels, train=True)},
+            "dataset": {"_target_": "CacheDataset", "data": records % (":@n_train", ":@n_train"),
+                        "transform": "@train#preprocessing", "cache_rate": 1.0, "num_workers": 0},
+            "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
+                           "shuffle": True, "num_workers": 0},
+            "inferer": {"_target_": "SimpleInferer"},
+            "handlers": [
+                {"_target_": "CheckpointLoader", "_disabled_": "$not @init_from_bundle",
+                 "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
+                 "map_location": "@device"},
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+                 "interval": "@val_interval"},
+                {"_target_": "StatsHandler", "tag_name": "train_loss",
+                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}],
+            "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
+                        "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@loss",
+                        "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
+                        "amp": "$torch.cuda.is_available()"},
+        },
+        "validate": {
+            "preprocessing": {"_target_": "Compose", "transforms": seg2d_preprocessing(src.patch_size, mean, std,
+                                                                                        src.labels)},
+            "dataset": {"_target_": "CacheDataset", "data": records % ("@n_train:", "@n_train:"),
+                        "transform": "@validate#preprocessing", "cache_rate": 1.0, "num_workers": 0},
+            "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": "@batch_size",
+                           "shuffle": False, "num_workers": 0},
+            "inferer": {"_target_": "SimpleInferer"},
+            "postprocessing": {"_target_": "Compose", "transforms": post},
+            "handlers": [
+                {"_target_": "StatsHandler", "iteration_log": False},
+                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
+                 "save_key_metric": True, "key_metric_filename": "model_finetuned.pt"}],
+            "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": binary,
+                                             "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
+            "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
+                          "val_data_loader": "@validate#dataloader", "network": "@network",
+                          "inferer": "@validate#inferer", "postprocessing": "@validate#postprocessing",
+                          "key_val_metric": "@validate#key_metric", "val_handlers": "@validate#handlers",
+                          "amp": "$torch.cuda.is_available()"},
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@train#trainer.run()"],
+    })
+
+
 def _inference_config(src: ExportSource) -> dict:
+    if src.kind == "seg2d":
+        return _seg2d_inference_config(src)
     return {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
         "bundle_root": ".",
@@ -304,6 +714,12 @@ def _inference_config(src: ExportSource) -> dict:
 
 
 def _train_config(src: ExportSource) -> dict:
+    if src.kind == "seg2d":
+        return _seg2d_train_config(src)
+    return _seg3d_train_config(src)
+
+
+def _seg3d_train_config(src: ExportSource) -> dict:
     """``configs/train.json``: MONAI only, the zoo's conventions (``dataset_dir`` with ``imagesTr`` /
     ``labelsTr``, ``train#dataset#data`` overridable, ``train#handlers`` a list of dicts, as MONAI
     Label's bundle trainer expects); starts from ``models/model.pt`` (fine-tuning) unless
@@ -410,6 +826,37 @@ def _metadata(src: ExportSource, version: str, authors: str) -> dict:
     }
 
 
+def _seg2d_metadata(src: ExportSource, version: str, authors: str, required: Mapping[str, str]) -> dict:
+    """Metadata of a 2D bundle: the keys of :func:`_metadata`, 2D ``network_data_format`` (RGB
+    ``(3, H, W)`` at the run's image size, whole images, not patches)."""
+    meta = _metadata(src, version, authors)
+    labels = {k: src.labels[k] for k in sorted(src.labels, key=int)}
+    binary = src.out_channels == 1
+    size = [int(s) for s in src.patch_size]
+    net = network_def(src.arch, src.arch_kwargs, src.in_channels, src.out_channels, src.patch_size)["_target_"]
+    pred_def = ({"0": f"logit of {labels.get('1', 'the foreground')} (sigmoid > 0.5)"} if binary
+                else {k: f"logit of {v}" for k, v in labels.items()})
+    meta.update({
+        "required_packages_version": {"pillow": _version("pillow"), **dict(required)},
+        "task": f"2D segmentation: {', '.join(v for k, v in labels.items() if k != '0')}",
+        "description": src.description + f"; {net} on the whole image resized to {size[0]} x {size[1]}, logits "
+                       "resized back to the image's size, " + ("sigmoid > 0.5" if binary else "argmax"),
+        "data_type": "png/jpeg (PIL)",
+        "image_classes": "RGB image (grey repeated to 3 channels), 0..255 scaled to 0..1, resized to "
+                         f"{size[0]} x {size[1]}, normalised per channel with mean {src.normalization['mean']} "
+                         f"and std {src.normalization['std']} (configs/inference.json#preprocessing)",
+        "pred_classes": json.dumps(labels) + (": saved as 0/255 masks" if binary else ": saved as label indices"),
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "RGB", "modality": "2D image (as trained)",
+                                 "num_channels": src.in_channels, "spatial_shape": size, "dtype": "float32",
+                                 "value_range": [], "is_patch_data": False, "channel_def": dict(src.channels)}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": src.out_channels,
+                                 "spatial_shape": size, "dtype": "float32", "value_range": [],
+                                 "is_patch_data": False, "channel_def": pred_def}}},
+    })
+    return meta
+
+
 def _version(package: str) -> str:
     return distribution_version(package)
 
@@ -457,6 +904,74 @@ Not for clinical use.
 """
 
 
+def _seg2d_model_card(src: ExportSource, cfg: dict, meta: dict) -> str:
+    steps = "\n".join(f"- `{t['_target_']}` " + ", ".join(f"{k}={v}" for k, v in t.items()
+                                                          if k not in ("_target_", "keys")) for t in src.preprocessing)
+    scripts = cfg["network_def"].get("_requires_") is not None
+    code = ("The network's code is in `scripts/` (copied from medxfer, imports rewritten: nothing imports "
+            "medxfer); `network_def` requires `scripts_path`, which puts `bundle_root` on `sys.path`, so pass "
+            "`--bundle_root` when running from another folder, or run from this one (`monai.bundle.load` "
+            "uses the working directory as `bundle_root`).\n" if scripts else "")
+    return f"""# {src.name}
+
+{meta['description']}.
+
+Exported by medxfer: a self-contained MONAI bundle. Inference needs MONAI and Pillow only.
+{code}
+## Run
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --bundle_root . --dataset_dir /path/to/images
+```
+
+`dataset_dir` holds `images/` (a folder-pair set) or the images themselves (png, jpg, bmp, tif);
+masks go to `eval/<image stem>.png` at each image's size ({'0/255' if src.out_channels == 1 else 'label indices'}).
+Fine-tuning: `configs/train.json` on `dataset_dir/images` + `dataset_dir/masks` (starts from `models/model.pt`).
+
+## Network
+
+`{cfg['network_def']['_target_']}`, {src.in_channels} input channels, {src.out_channels} output(s)
+({', '.join(f'{k}: {v}' for k, v in src.labels.items())}), image size {src.patch_size}.
+
+## Preprocessing (configs/inference.json#preprocessing)
+
+{steps}
+
+## Provenance
+
+{json.dumps(src.provenance, indent=2, default=str)}
+
+## Evaluation
+
+{json.dumps(src.eval_metrics) if src.eval_metrics else 'none recorded with the run'}
+
+Not for clinical use.
+"""
+
+
+def _check_scripts(bundle: Path, net_def: dict, state: Mapping[str, torch.Tensor]) -> None:
+    """Import the bundle's ``scripts`` (under a private name, not on ``sys.path``), build
+    ``network_def`` from it and load ``state`` strictly: the copied code is complete and builds
+    the trained network. ValueError naming the folder otherwise."""
+    alias = f"_medxfer_export_check_{uuid.uuid4().hex}"
+    folder = bundle / "scripts"
+    spec = importlib.util.spec_from_file_location(alias, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = package
+    try:
+        spec.loader.exec_module(package)
+        _, module, cls = net_def["_target_"].split(".")
+        target = getattr(importlib.import_module(f"{alias}.{module}"), cls)
+        target(**{k: v for k, v in net_def.items() if not k.startswith("_")}).load_state_dict(dict(state), strict=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the copy is unusable; one line names it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{folder}: the copied network code does not rebuild {net_def['_target_']}: {first}") from e
+    finally:
+        for name in [m for m in sys.modules if m == alias or m.startswith(alias + ".")]:
+            del sys.modules[name]
+
+
 def export_bundle(out, source: ExportSource, version: str = "0.1.0", authors: str = "medxfer user",
                   licence: str = "Apache License 2.0", overwrite: bool = False) -> Path:
     """Write the bundle folder ``out`` (see the module doc); written beside it and renamed when complete,
@@ -469,11 +984,18 @@ def export_bundle(out, source: ExportSource, version: str = "0.1.0", authors: st
     own = {k: tuple(v.shape) for k, v in built.state_dict().items()}
     if own != {k: tuple(v.shape) for k, v in source.state.items()}:
         raise ValueError(f"{source.name}: the weights do not match {source.arch} {source.arch_kwargs}")
-    meta = _metadata(source, version, authors)
+    code = SCRIPTS_NETWORKS.get(network_spec(source.arch).name) if source.kind == "seg2d" else None
+    meta = _metadata(source, version, authors) if source.kind != "seg2d" else None
     with atomic_directory(out, overwrite=overwrite or out.exists()) as tmp:
         tmp = Path(tmp)
         for sub in ("configs", "models", "docs"):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
+        if source.kind == "seg2d":
+            required = {}
+            if code is not None:  # the network's modules travel in scripts/
+                _, required = copy_network_code([code[0]], tmp / "scripts")
+                _check_scripts(tmp, cfg["network_def"], source.state)
+            meta = _seg2d_metadata(source, version, authors, required)
         (tmp / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
         (tmp / "configs" / "train.json").write_text(json.dumps(_train_config(source), indent=4) + "\n")
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
@@ -485,7 +1007,8 @@ def export_bundle(out, source: ExportSource, version: str = "0.1.0", authors: st
             (tmp / "large_files.yml").write_text(
                 "large_files:\n  - path: models/model.pt\n    url: ''   # upload models/model.pt and put its URL here\n"
                 f"    hash_val: {digest}\n    hash_type: sha256\n")
-        (tmp / "docs" / "README.md").write_text(_model_card(source, cfg, meta))
+        card = _seg2d_model_card if source.kind == "seg2d" else _model_card
+        (tmp / "docs" / "README.md").write_text(card(source, cfg, meta))
         (tmp / "docs" / "data_license.txt").write_text(
             "The weights were trained on the data named in docs/README.md (Provenance); its licence applies to "
             "any use of the weights. Generated data (medxfer synth) carries no restriction.\n")
