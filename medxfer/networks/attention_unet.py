@@ -54,6 +54,9 @@ for every conv, encoder included; zero biases; batch norm 1 / 0).
 Input sides must be multiples of 32 (5 stride-2 steps); ``forward`` raises ``ValueError`` otherwise.
 Parameters (``in_channels=3``, ``out_channels=1``): encoder 23,508,032, decoder 7,829,788, head 17,
 total 31,337,837.
+
+TorchScript: ``torch.jit.script(net)`` (what ``monai.bundle ckpt_export`` runs) works and matches
+eager, size check included (its message prints the shape as a list, which TorchScript can format).
 """
 
 from __future__ import annotations
@@ -187,7 +190,7 @@ class ResNet50AttentionUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)`` logits."""
         if x.ndim != 4 or x.shape[-1] % self.size_divisor or x.shape[-2] % self.size_divisor:
-            raise ValueError(f"ResNet50AttentionUNet: input {tuple(x.shape)} must be (B, C, H, W) with H and W "
+            raise ValueError(f"ResNet50AttentionUNet: input {list(x.shape)} must be (B, C, H, W) with H and W "
                              f"multiples of {self.size_divisor}")
         return self.head(self.decoder(self.encode(x)))
 

@@ -29,6 +29,9 @@ internet. Here the networks are built with random initialisation and ``pretraine
 a local copy of that file (lukemelas naming, ``_blocks.<i>.*`` with a flat block index, see
 :func:`lukemelas_key`), or any state dict of a MONAI EfficientNet-b0 encoder / ``FlexibleUNet`` /
 ``LinkNetEffB0``, is loaded by the one weight path, :func:`medxfer.transfer.weights.load_encoder_weights`.
+
+TorchScript: both shapes script with ``torch.jit.script`` as built and match eager
+(tests/test_torchscript.py).
 """
 
 from __future__ import annotations

@@ -100,9 +100,9 @@ class LinkNetEffB0(nn.Module):
     it, held as ``self.encoder`` so that its state-dict keys ``encoder.*`` equal ``FlexibleUNet``'s),
     ``Convolution`` / ``UpSample`` blocks, and ``FlexibleUNet``'s ``SegmentationHead``
     (``self.segmentation_head``). Module names follow ``FlexibleUNet`` (``decoder.blocks.<i>``), so
-    :func:`medxfer.networks.effnet_unet.effb0_layout` describes both. ``torch.export.export`` works as
-    is; ``torch.jit.script`` after ``net.encoder.set_swish(memory_efficient=False)`` (as for MONAI's
-    EfficientNet).
+    :func:`medxfer.networks.effnet_unet.effb0_layout` describes both. ``torch.export.export`` and
+    ``torch.jit.script`` both work as built (MONAI's memory-efficient swish is ``F.silu`` now, so no
+    ``set_swish(memory_efficient=False)`` is needed) and match eager.
 
     Args:
         in_channels: image channels (default 3). out_channels: output maps (default 1).

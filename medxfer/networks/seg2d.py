@@ -19,6 +19,11 @@ pooling of its deepest feature map and a linear layer. Its parameter names are t
 network's ``encoder.*`` names plus ``classifier.*``, so a pretraining checkpoint initialises a
 segmentation network's encoder directly (transfer mode ``all_but_head`` loads every matching key:
 the encoder; decoder and head stay at their initialisation).
+
+TorchScript: the three networks and their :class:`EncoderClassifier` s script with
+``torch.jit.script`` and match eager. The classifier picks its encoder's feature path by the
+encoder's submodules (``hasattr``, which TorchScript resolves when compiling) rather than by passing
+the encoder to :func:`encoder_features` (TorchScript cannot take a module as an argument).
 """
 
 from __future__ import annotations
@@ -113,8 +118,20 @@ class EncoderClassifier(nn.Module):
         deepest = DEEPEST_CHANNELS[arch]
         if arch == "unet2d" and "channels" in arch_kwargs:  # a narrower U-Net (tests, small data)
             deepest = int(arch_kwargs["channels"][-1])
+        if arch == "swin_unet":  # 8 * embed_dim (768 by default): read from the encoder's final norm
+            deepest = int(self.encoder.norm.normalized_shape[0])
         self.classifier = nn.Linear(deepest, num_classes)
 
+    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`encoder_features` of ``self.encoder``, told apart by the encoder's modules
+        (TorchScript resolves these ``hasattr`` tests when compiling and compiles only the branch taken)."""
+        if hasattr(self.encoder, "levels"):  # UNet2DEncoder
+            return self.encoder(x)[-1]
+        if hasattr(self.encoder, "patch_embed"):  # SwinEncoder
+            return self.encoder(x)[1]
+        e = self.encoder  # MONAI resnet50 (resnet50_attention_unet)
+        x = e.maxpool(e.act(e.bn1(e.conv1(x))))
+        return e.layer4(e.layer3(e.layer2(e.layer1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = encoder_features(self.arch, self.encoder, x)
-        return self.classifier(features.mean(dim=(2, 3)))
+        return self.classifier(self.deepest_features(x).mean(dim=(2, 3)))

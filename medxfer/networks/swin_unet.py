@@ -42,12 +42,26 @@ parameters. Thesis Table 2.4 gives 21.2 M for its Swin Transformer (3.7 % more),
 encoder plus the ImageNet classification head it was pretrained with (thesis 2.2.2: pooling + one
 dense layer, 768 -> 1000 = 0.77 M; 20.41 M + 0.77 M = 21.18 M).
 
-Reused from MONAI, unchanged: ``monai.networks.nets.swin_unetr.BasicLayer`` (2 ``SwinTransformerBlock``
+Reused from MONAI: ``monai.networks.nets.swin_unetr.BasicLayer`` (2 ``SwinTransformerBlock``
 with regular / shifted windows, relative position bias, attention mask; channel-first in and out;
 ``downsample=None``) for every level and decoder stage, ``PatchMergingV2`` (2D: the original Swin
-concatenation order) and ``monai.networks.blocks.patchembedding.PatchEmbed``. Written by hand here:
-the patch expanding layers (:class:`PatchExpand`; MONAI has none), the skip fusion (concat + linear)
-and the wiring.
+concatenation order) and ``monai.networks.blocks.patchembedding.PatchEmbed``, built by MONAI's own
+constructors (their parameters, buffers, initialisation and state-dict keys are MONAI's), with
+MONAI's ``WindowAttention`` and ``MLPBlock`` running unchanged inside. Written by hand here: the
+patch expanding layers (:class:`PatchExpand`; MONAI has none), the skip fusion (concat + linear),
+the wiring, and the 2D forwards below.
+
+TorchScript: ``torch.jit.script(net)`` works (and matches eager). MONAI's Swin blocks cannot be
+scripted as they are: one ``forward`` serves 2D and 3D (``len(x.size())`` branches that index a
+third window side TorchScript sees as out of range, tuples of varying length), with einops
+``rearrange``, ``numpy.ceil``, ``itertools.product``, Python ``slice`` objects and
+``torch.utils.checkpoint`` in it. So the stages, blocks, patch merging and patch embedding here are
+thin subclasses (:class:`SwinStage2D`, :class:`SwinBlock2D`, :class:`PatchMerging2D`,
+:class:`PatchEmbed2D`) that keep MONAI's constructors and restate only MONAI's 2D forward path,
+operation for operation (tests/test_torchscript.py checks each against MONAI's own forward). Two
+choices there: a block without a shift gets an all-zero attention mask instead of none (adding 0 is
+exact, and MONAI's ``WindowAttention.forward`` then compiles with a tensor mask), and gradient
+checkpointing (``use_checkpoint``, off in MONAI and here) is not offered.
 
 Input sizes: ``H`` and ``W`` must be multiples of 32 (patch 4 x three merges); ``forward`` raises
 ``ValueError`` otherwise. Multiples of 224 (= 32 x window 7) give exactly the windows of the paper at
@@ -69,12 +83,15 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+from monai.networks.blocks.patchembedding import PatchEmbed
+from monai.networks.nets.swin_unetr import BasicLayer, PatchMergingV2, SwinTransformerBlock
 from torch import nn
 
 from medxfer.networks.layout import ArchLayout
 
 __all__ = ["ARCH", "SIZE_DIVISOR", "PatchExpand", "SwinEncoder", "SwinDecoderStage", "SwinDecoder", "SwinHead",
-           "SwinUNet", "swin_unet_layout"]
+           "SwinUNet", "swin_unet_layout", "PatchEmbed2D", "PatchMerging2D", "SwinBlock2D", "SwinStage2D"]
 
 #: Architecture name (``ArchLayout.arch``).
 ARCH = "swin_unet"
@@ -92,12 +109,145 @@ def _to_first(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def _basic_layer(dim: int, depth: int, heads: int, window: int, drop_path: Sequence[float]) -> nn.Module:
-    from monai.networks.nets.swin_unetr import BasicLayer
+# --- MONAI's Swin blocks with a 2D forward TorchScript compiles (module docstring) ----------------
+# Written by hand: the 2D path of MONAI's forwards (monai.networks.nets.swin_unetr and
+# monai.networks.blocks.patchembedding, MONAI 1.6), restated with fixed-rank, typed code.
 
-    return BasicLayer(dim=dim, depth=depth, num_heads=heads, window_size=(window, window), drop_path=list(drop_path),
-                      mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0, norm_layer=nn.LayerNorm,
-                      downsample=None)
+def _window_and_shift(size: list[int], window: list[int], shift: list[int]) -> tuple[list[int], list[int]]:
+    """MONAI's ``get_window_size``: a side not larger than the window is one window, unshifted."""
+    ws, ss = [window[0], window[1]], [shift[0], shift[1]]
+    for i in range(2):
+        if size[i] <= window[i]:
+            ws[i], ss[i] = size[i], 0
+    return ws, ss
+
+
+def _window_partition(x: torch.Tensor, ws: list[int]) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B * windows, ws0 * ws1, C)`` (MONAI's ``window_partition``, 2D)."""
+    b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    x = x.view(b, h // ws[0], ws[0], w // ws[1], ws[1], c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws[0] * ws[1], c)
+
+
+def _window_reverse(windows: torch.Tensor, ws: list[int], b: int, h: int, w: int) -> torch.Tensor:
+    """``(B * windows, ws0, ws1, C)`` -> ``(B, H, W, C)`` (MONAI's ``window_reverse``, 2D)."""
+    x = windows.view(b, h // ws[0], w // ws[1], ws[0], ws[1], -1)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
+
+
+def _shift_mask(hp: int, wp: int, ws: list[int], ss: list[int], device: torch.device) -> torch.Tensor:
+    """MONAI's ``compute_mask`` (2D): ``(windows, n, n)``, 0 within a region, -100 across regions.
+
+    The regions are MONAI's slices ``slice(-ws)``, ``slice(-ws, -ss)``, ``slice(-ss, None)`` per side,
+    written as tensor slices with the same bounds (a shift of 0 gives the same empty / full slices)."""
+    img_mask = torch.zeros((1, hp, wp, 1), device=device)
+    cnt = 0
+    for h0, h1 in [(0, -ws[0]), (-ws[0], -ss[0]), (-ss[0], hp)]:
+        for w0, w1 in [(0, -ws[1]), (-ws[1], -ss[1]), (-ss[1], wp)]:
+            img_mask[:, h0:h1, w0:w1, :] = cnt
+            cnt += 1
+    mask_windows = _window_partition(img_mask, ws).squeeze(-1)
+    attn_mask = mask_windows.unsqueeze(1) - mask_windows.unsqueeze(2)
+    return attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
+
+
+class PatchEmbed2D(PatchEmbed):
+    """MONAI ``PatchEmbed`` (``spatial_dims=2``) with its 2D forward: ``(B, C, H, W)`` -> ``(B, E, H/p, W/p)``
+    (sides padded up to multiples of the patch, conv, LayerNorm over the channels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        ph, pw = self.patch_size[0], self.patch_size[1]
+        if w % pw != 0:
+            x = F.pad(x, [0, pw - w % pw])
+        if h % ph != 0:
+            x = F.pad(x, [0, 0, 0, ph - h % ph])
+        x = self.proj(x)
+        if self.norm is not None:
+            wh, ww = x.shape[2], x.shape[3]
+            x = self.norm(x.flatten(2).transpose(1, 2))
+            x = x.transpose(1, 2).view(-1, self.embed_dim, wh, ww)
+        return x
+
+
+class PatchMerging2D(PatchMergingV2):
+    """MONAI ``PatchMergingV2`` (``spatial_dims=2``) with its 2D forward: ``(B, H, W, C)`` ->
+    ``(B, H/2, W/2, 2C)`` (odd sides zero-padded; the 2x2 neighbours concatenated in MONAI's order)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1], x.shape[2]
+        if h % 2 == 1 or w % 2 == 1:
+            x = F.pad(x, [0, 0, 0, w % 2, 0, h % 2])
+        # MONAI: [x[:, j::2, i::2] for i, j in itertools.product(range(2), range(2))]
+        x = torch.cat([x[:, 0::2, 0::2, :], x[:, 1::2, 0::2, :], x[:, 0::2, 1::2, :], x[:, 1::2, 1::2, :]], -1)
+        return self.reduction(self.norm(x))
+
+
+class SwinBlock2D(SwinTransformerBlock):
+    """MONAI ``SwinTransformerBlock`` with its 2D forward: ``(B, H, W, C)`` and the stage's shift mask ->
+    ``(B, H, W, C)``: LayerNorm, (shifted) window attention with padding to whole windows, residual;
+    LayerNorm, MLP, residual. A block without a shift gets an all-zero mask (MONAI passes none; adding
+    0 to the attention logits changes nothing). Made from MONAI's blocks by :class:`SwinStage2D`."""
+
+    def forward(self, x: torch.Tensor, mask_matrix: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        ws, ss = _window_and_shift([h, w], [self.window_size[0], self.window_size[1]],
+                                   [self.shift_size[0], self.shift_size[1]])
+        x = self.norm1(x)
+        pad_b = (ws[0] - h % ws[0]) % ws[0]
+        pad_r = (ws[1] - w % ws[1]) % ws[1]
+        x = F.pad(x, [0, 0, 0, pad_r, 0, pad_b])
+        hp, wp = x.shape[1], x.shape[2]
+        shifted = ss[0] > 0 or ss[1] > 0
+        if shifted:
+            x = torch.roll(x, shifts=[-ss[0], -ss[1]], dims=[1, 2])
+            mask = mask_matrix
+        else:
+            mask = torch.zeros_like(mask_matrix)
+        windows = self.attn(_window_partition(x, ws), mask)
+        x = _window_reverse(windows.view(-1, ws[0], ws[1], c), ws, b, hp, wp)
+        if shifted:
+            x = torch.roll(x, shifts=[ss[0], ss[1]], dims=[1, 2])
+        if pad_r > 0 or pad_b > 0:
+            x = x[:, :h, :w, :].contiguous()
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage2D(BasicLayer):
+    """MONAI ``BasicLayer`` (2D window, no downsampling) with its 2D forward: ``(B, C, H, W)`` ->
+    ``(B, C, H, W)`` through its Swin blocks (regular / shifted windows) with MONAI's shift mask.
+
+    MONAI's constructor builds the layer and its ``SwinTransformerBlock`` s; the blocks are then given
+    the class :class:`SwinBlock2D` (a subclass that only adds a forward: no parameter, buffer or
+    random draw changes), since ``BasicLayer`` offers no way to choose the block class.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if len(self.window_size) != 2 or self.downsample is not None or self.use_hyena or self.use_checkpoint:
+            raise ValueError("SwinStage2D: a 2D window, no downsample, no Hyena blocks and no checkpointing only")
+        for block in self.blocks:
+            block.__class__ = SwinBlock2D
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        ws, ss = _window_and_shift([h, w], [self.window_size[0], self.window_size[1]],
+                                   [self.shift_size[0], self.shift_size[1]])
+        hp = (h + ws[0] - 1) // ws[0] * ws[0]  # MONAI: int(np.ceil(h / ws)) * ws
+        wp = (w + ws[1] - 1) // ws[1] * ws[1]
+        mask = _shift_mask(hp, wp, ws, ss, x.device)
+        x = x.permute(0, 2, 3, 1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x.permute(0, 3, 1, 2)
+
+
+def _basic_layer(dim: int, depth: int, heads: int, window: int, drop_path: Sequence[float]) -> nn.Module:
+    return SwinStage2D(dim=dim, depth=depth, num_heads=heads, window_size=(window, window), drop_path=list(drop_path),
+                       mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0, norm_layer=nn.LayerNorm,
+                       downsample=None)
 
 
 # Written by hand: MONAI has no patch expanding layer (Cao et al. 2022, PatchExpand / FinalPatchExpand_X4).
@@ -139,30 +289,25 @@ class SwinEncoder(nn.Module):
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, patch_size: int = 4,
                  drop_path: Sequence[float] | None = None) -> None:
         super().__init__()
-        from monai.networks.blocks.patchembedding import PatchEmbed
-        from monai.networks.nets.swin_unetr import PatchMergingV2
-
         n = len(depths)
         dpr = list(drop_path) if drop_path is not None else [0.0] * sum(depths)
-        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_channels, embed_dim=embed_dim,
-                                      norm_layer=nn.LayerNorm, spatial_dims=2)
+        self.patch_embed = PatchEmbed2D(patch_size=patch_size, in_chans=in_channels, embed_dim=embed_dim,
+                                        norm_layer=nn.LayerNorm, spatial_dims=2)
         dims = [embed_dim * 2 ** i for i in range(n)]
         self.layers = nn.ModuleList(
             _basic_layer(dims[i], depths[i], num_heads[i], window_size, dpr[sum(depths[:i]):sum(depths[:i + 1])])
             for i in range(n))
-        self.merges = nn.ModuleList(PatchMergingV2(dims[i], norm_layer=nn.LayerNorm, spatial_dims=2)
+        self.merges = nn.ModuleList(PatchMerging2D(dims[i], norm_layer=nn.LayerNorm, spatial_dims=2)
                                     for i in range(n - 1))
         self.norm = nn.LayerNorm(dims[-1])
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = self.patch_embed(x)
-        skips = []
-        for i, layer in enumerate(self.layers):
-            if i < len(self.merges):
-                skips.append(x)
-            x = layer(x.contiguous())
-            if i < len(self.merges):
-                x = _to_first(self.merges[i](_to_last(x)))
+        skips: list[torch.Tensor] = []
+        for layer, merge in zip(self.layers, self.merges):  # levels 1..n-1, each ending in its merging
+            skips.append(x)
+            x = _to_first(merge(_to_last(layer(x.contiguous()))))
+        x = self.layers[-1](x.contiguous())  # the bottleneck level
         return skips, _to_first(self.norm(_to_last(x)))
 
 
@@ -288,7 +433,7 @@ class SwinUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)`` logits."""
         if x.ndim != 4 or x.shape[-1] % self.size_divisor or x.shape[-2] % self.size_divisor:
-            raise ValueError(f"SwinUNet: input {tuple(x.shape)} must be (B, C, H, W) with H and W multiples of "
+            raise ValueError(f"SwinUNet: input {list(x.shape)} must be (B, C, H, W) with H and W multiples of "
                              f"{self.size_divisor} (multiples of {self.size_divisor * 7} give the paper's windows)")
         skips, bottleneck = self.encoder(x)
         return self.head(self.decoder(skips, bottleneck))

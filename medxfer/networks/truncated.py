@@ -55,6 +55,10 @@ The networks here start from random initialisation and never download anything; 
 encoder weights (a state dict or a local file) are loaded by the one weight path,
 :func:`medxfer.transfer.weights.load_pretrained` (mode ``encoder_only``, keys named by
 :func:`truncated_key`), which reports what was loaded and what the cut dropped.
+
+TorchScript: :class:`TruncatedSegmenter` and :class:`TruncatedClassifier` script with
+``torch.jit.script`` and match eager at every level; :class:`TruncatedEncoder` runs its kept modules
+through ``named_children`` (which TorchScript unrolls) instead of looking them up by name.
 """
 
 from __future__ import annotations
@@ -223,6 +227,8 @@ class TruncatedEncoder(nn.Module):
     def __init__(self, arch: str, level: int, modules: list[tuple[str, nn.Module]], taps: list[tuple[str, int, int]],
                  container: str | None, final_relu: bool):
         super().__init__()
+        if container not in (None, "features"):  # the forwards name the container (TorchScript)
+            raise ValueError(f"TruncatedEncoder: container must be None or 'features', got {container!r}")
         self.arch, self.level = arch, level
         self._container = container
         self._names = tuple(name for name, _ in modules)
@@ -240,21 +246,34 @@ class TruncatedEncoder(nn.Module):
     def _parent(self) -> nn.Module:
         return self._modules[self._container] if self._container else self
 
+    # The forwards run the kept modules through ``named_children`` of the container (``features``,
+    # DenseNet121) or of the encoder itself (ResNet50), which TorchScript compiles (it unrolls the
+    # loop and resolves ``hasattr`` when compiling); the modules hold nothing else.
+    def _tap(self, name: str, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self._final_relu and name == self._names[-1]:
+            x = F.relu(x)
+        if name in self._taps:
+            feats.append(x)
+        return x
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[(B, feature_channels[i], H / feature_strides[i], W / feature_strides[i])]``, shallow to deep."""
-        parent, feats = self._parent(), []
-        for name in self._names:
-            x = parent._modules[name](x)
-            if name == self._names[-1] and self._final_relu:
-                x = F.relu(x)
-            if name in self._taps:
-                feats.append(x)
+        feats: list[torch.Tensor] = []
+        if hasattr(self, "features"):
+            for name, module in self.features.named_children():
+                x = self._tap(name, module(x), feats)
+        else:
+            for name, module in self.named_children():
+                x = self._tap(name, module(x), feats)
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parent = self._parent()
-        for name in self._names:
-            x = parent._modules[name](x)
+        if hasattr(self, "features"):
+            for module in self.features.children():
+                x = module(x)
+        else:
+            for module in self.children():
+                x = module(x)
         return F.relu(x) if self._final_relu else x
 
     def extra_repr(self) -> str:
@@ -446,18 +465,20 @@ class TruncatedSegmenter(nn.Module):
                                 upsample="nontrainable", pre_conv=None, interp_mode="bilinear", align_corners=False))
             in_ch = width
         self.decoder = nn.ModuleList(stages)
-        self._skip_index = [strides.index(s) if s in skip_ch else None
+        # per stage, the index of its skip in forward_features' list, -1 for none
+        self._skip_index = [strides.index(s) if s in skip_ch else -1
                             for s in [strides[-1] // 2 ** (i + 1) for i in range(n_stages)]]
         self.head = Convolution(2, widths[-1], int(out_channels), kernel_size=1, conv_only=True, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[2:]
+        h, w = x.shape[2], x.shape[3]
         s = self.encoder.stride
         pad_h, pad_w = (-h) % s, (-w) % s
         if pad_h or pad_w:  # bottom/right replicate padding to a multiple of s_k, cropped below
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         feats = self.encoder.forward_features(x)
         y = self.bottleneck(feats[-1])
-        for stage, idx in zip(self.decoder, self._skip_index):
-            y = stage(y, feats[idx] if idx is not None else None)
+        for i, stage in enumerate(self.decoder):
+            idx = self._skip_index[i]
+            y = stage(y, feats[idx] if idx >= 0 else None)
         return self.head(y)[:, :, :h, :w]

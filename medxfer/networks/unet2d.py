@@ -40,6 +40,10 @@ zero biases, batch norm weight 1 / bias 0.
 
 Input sides must be multiples of ``2 ** (len(channels) - 1)`` (16 for 5 levels); ``forward``
 raises ``ValueError`` otherwise.
+
+TorchScript: ``torch.jit.script(net)`` (what ``monai.bundle ckpt_export`` runs) works and matches
+eager; the size check stays in the scripted network (its message prints the shape as a list, which
+TorchScript can format).
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ class UNet2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)`` logits."""
         if x.ndim != 4 or x.shape[-1] % self.size_divisor or x.shape[-2] % self.size_divisor:
-            raise ValueError(f"UNet2D: input {tuple(x.shape)} must be (B, C, H, W) with H and W multiples of "
+            raise ValueError(f"UNet2D: input {list(x.shape)} must be (B, C, H, W) with H and W multiples of "
                              f"{self.size_divisor}")
         return self.head(self.decoder(self.encoder(x)))
 
