@@ -636,19 +636,7 @@ def _seg2d_train_config(src: ExportSource) -> dict:
             "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                            "shuffle": True, "num_workers": 0},
             "inferer": {"_target_": "SimpleInferer"},
-            "handlers": [
-                {"_target_": "CheckpointLoader", "_disabled_": "$not @init_from_bundle",
-                 "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
-                 "map_location": "@device"},
-                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
-                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-                 "interval": "@val_interval"},
-                {"_target_": "StatsHandler", "tag_name": "train_loss",
-                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}],
-            "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                        "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@loss",
-                        "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
-                        "amp": "$torch.cuda.is_available()"},
+            **_trainer_parts(),
         },
         "validate": {
             "preprocessing": {"_target_": "Compose", "transforms": seg2d_preprocessing(src.patch_size, mean, std,
@@ -713,6 +701,26 @@ def _inference_config(src: ExportSource) -> dict:
     }
 
 
+def _trainer_parts() -> dict:
+    """``train#handlers`` (a list of dicts: load the bundle's weights unless ``init_from_bundle`` is
+    false, poly schedule, validation every ``val_interval`` epochs, loss log) and ``train#trainer``,
+    shared by the 3D and 2D ``train.json``."""
+    return {
+        "handlers": [
+            {"_target_": "CheckpointLoader", "_disabled_": "$not @init_from_bundle",
+             "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+            {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+             "interval": "@val_interval"},
+            {"_target_": "StatsHandler", "tag_name": "train_loss",
+             "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}],
+        "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
+                    "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@loss",
+                    "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
+                    "amp": "$torch.cuda.is_available()"},
+    }
+
+
 def _train_config(src: ExportSource) -> dict:
     if src.kind == "seg2d":
         return _seg2d_train_config(src)
@@ -753,19 +761,7 @@ def _seg3d_train_config(src: ExportSource) -> dict:
             "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": 2, "shuffle": True,
                            "num_workers": 0},
             "inferer": {"_target_": "SimpleInferer"},
-            "handlers": [
-                {"_target_": "CheckpointLoader", "_disabled_": "$not @init_from_bundle",
-                 "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
-                 "map_location": "@device"},
-                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
-                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-                 "interval": "@val_interval"},
-                {"_target_": "StatsHandler", "tag_name": "train_loss",
-                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}],
-            "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                        "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@loss",
-                        "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
-                        "amp": "$torch.cuda.is_available()"},
+            **_trainer_parts(),
         },
         "validate": {
             "preprocessing": {"_target_": "Compose", "transforms": labelled_preprocessing(src)},
