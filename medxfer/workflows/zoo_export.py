@@ -647,17 +647,7 @@ def _seg2d_train_config(src: ExportSource) -> dict:
                            "shuffle": False, "num_workers": 0},
             "inferer": {"_target_": "SimpleInferer"},
             "postprocessing": {"_target_": "Compose", "transforms": post},
-            "handlers": [
-                {"_target_": "StatsHandler", "iteration_log": False},
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
-                 "save_key_metric": True, "key_metric_filename": "model_finetuned.pt"}],
-            "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": binary,
-                                             "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
-            "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
-                          "val_data_loader": "@validate#dataloader", "network": "@network",
-                          "inferer": "@validate#inferer", "postprocessing": "@validate#postprocessing",
-                          "key_val_metric": "@validate#key_metric", "val_handlers": "@validate#handlers",
-                          "amp": "$torch.cuda.is_available()"},
+            **_validator_parts(include_background=binary),
         },
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@train#trainer.run()"],
@@ -721,6 +711,23 @@ def _trainer_parts() -> dict:
     }
 
 
+def _validator_parts(include_background: bool) -> dict:
+    """``validate#handlers`` (log, best model saved as ``models/model_finetuned.pt``), the mean-Dice
+    key metric and ``validate#evaluator``, shared by the 3D and 2D ``train.json``."""
+    return {
+        "handlers": [
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
+             "save_key_metric": True, "key_metric_filename": "model_finetuned.pt"}],
+        "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": bool(include_background),
+                                         "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
+                      "network": "@network", "inferer": "@validate#inferer",
+                      "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
+                      "val_handlers": "@validate#handlers", "amp": "$torch.cuda.is_available()"},
+    }
+
+
 def _train_config(src: ExportSource) -> dict:
     if src.kind == "seg2d":
         return _seg2d_train_config(src)
@@ -775,17 +782,7 @@ def _seg3d_train_config(src: ExportSource) -> dict:
             "postprocessing": {"_target_": "Compose", "transforms": [
                 {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
                  "to_onehot": [src.out_channels, src.out_channels]}]},
-            "handlers": [
-                {"_target_": "StatsHandler", "iteration_log": False},
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
-                 "save_key_metric": True, "key_metric_filename": "model_finetuned.pt"}],
-            "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": False,
-                                             "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
-            "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
-                          "val_data_loader": "@validate#dataloader", "network": "@network",
-                          "inferer": "@validate#inferer", "postprocessing": "@validate#postprocessing",
-                          "key_val_metric": "@validate#key_metric", "val_handlers": "@validate#handlers",
-                          "amp": "$torch.cuda.is_available()"},
+            **_validator_parts(include_background=False),
         },
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@train#trainer.run()"],
