@@ -1,7 +1,8 @@
 """GBC and TransRate (medxfer.transferability.gbc / .transrate) against straightforward numpy
 transcriptions of their formulas, written here with loops and dense matrices (PCA through the
 eigenvectors of the covariance, not an SVD; coding rates through slogdet in D dimensions, not
-through eigenvalues of the smaller Gram matrix)."""
+through eigenvalues of the smaller Gram matrix; the official TransRate's rank through
+``np.linalg.matrix_rank`` of the (D, D) matrix, as the authors' code computes it)."""
 
 import numpy as np
 import pytest
@@ -43,19 +44,28 @@ def reference_rate(z, eps2):
     return 0.5 * np.linalg.slogdet(np.eye(d) + z.T @ z / (n * eps2))[1]
 
 
-def reference_transrate(features, labels, eps2=1e-4):
-    z = np.asarray(features, dtype=float)
-    z = z - z.mean(axis=0)
+def normalise_rows(z):
+    z = z.copy()
     for i in range(len(z)):
         norm = np.sqrt(np.sum(z[i] ** 2))
         if norm > 1e-9:
             z[i] = z[i] / norm
         else:
             z[i] = 0.0
+    return z
+
+
+def reference_transrate(features, labels, eps2=1e-4, variant="paper"):
+    z = np.asarray(features, dtype=float)
+    if variant == "official":  # authors' code: normalise, centre, normalise again, divide by rank
+        z = normalise_rows(z)
+    z = normalise_rows(z - z.mean(axis=0))
     result = reference_rate(z, eps2)
     for c in sorted(set(labels.tolist())):
         zc = z[labels == c]  # not re-centred (official code)
         result -= len(zc) / len(z) * reference_rate(zc, eps2)
+    if variant == "official":
+        result /= np.linalg.matrix_rank(z.T @ z / len(z))
     return result
 
 
@@ -81,12 +91,37 @@ def test_gbc_equals_numpy_transcription(name):
     assert gbc(f, labels, pca_dim=pca_dim) == pytest.approx(reference_gbc(f, labels, pca_dim), rel=1e-7, abs=1e-10)
 
 
+@pytest.mark.parametrize("variant", ["paper", "official"])
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("eps2", [1e-4, 1e-2])
-def test_transrate_equals_numpy_transcription(name, eps2):
+def test_transrate_equals_numpy_transcription(name, eps2, variant):
     n, d, k, _ = CASES[name]
     f, labels = blobs(n, d, k, separation=0.7, seed=2)
-    assert transrate(f, labels, eps2=eps2) == pytest.approx(reference_transrate(f, labels, eps2), rel=1e-8, abs=1e-8)
+    f = f * np.random.default_rng(12).uniform(0.2, 5.0, size=(n, 1))  # rows of different norms
+    expected = reference_transrate(f, labels, eps2, variant)
+    assert transrate(f, labels, eps2=eps2, variant=variant) == pytest.approx(expected, rel=1e-8, abs=1e-8)
+
+
+def test_transrate_default_is_the_paper_variant():
+    f, labels = blobs(80, 10, 3, separation=0.7, seed=13)
+    assert transrate(f, labels) == transrate(f, labels, variant="paper")
+    assert transrate(f, labels) != pytest.approx(transrate(f, labels, variant="official"), rel=1e-3)
+
+
+def test_transrate_official_is_the_paper_rate_over_the_rank_on_unit_rows():
+    # rows already on the unit sphere: the first normalisation does nothing, only the rank division is left
+    for n, d in [(200, 12), (20, 60)]:
+        f, labels = blobs(n, d, 3, separation=1.0, seed=14)
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        rank = min(d, n - 1)  # centring removes one dimension when N <= D
+        assert transrate(f, labels, variant="official") * rank == pytest.approx(transrate(f, labels), rel=1e-9)
+
+
+def test_transrate_official_ignores_row_norms_paper_does_not():
+    f, labels = blobs(150, 16, 3, separation=1.0, seed=15)
+    scaled = f * np.random.default_rng(15).uniform(0.1, 10.0, size=(150, 1))
+    assert transrate(scaled, labels, variant="official") == pytest.approx(transrate(f, labels, variant="official"), rel=1e-9)
+    assert abs(transrate(scaled, labels) - transrate(f, labels)) > 1e-2
 
 
 @pytest.mark.parametrize("shape", [(50, 7), (7, 50)])
@@ -158,6 +193,9 @@ def test_duplicate_rows_are_defined():
     # all rows identical: nothing to code after centring, every rate is 0; GBC sees identical classes
     same = np.tile(base[:1], (30, 1))
     assert transrate(same, labels) == pytest.approx(0.0, abs=1e-12)
+    assert transrate(same, labels, variant="official") == 0.0  # rank 0 (the authors' code: NaN)
+    assert t == pytest.approx(reference_transrate(f, labels), rel=1e-8)
+    assert transrate(f, labels, variant="official") == pytest.approx(reference_transrate(f, labels, variant="official"), rel=1e-8)
     assert gbc(same, labels) == pytest.approx(-6.0)  # 6 ordered pairs with BD = 0
 
 
@@ -170,3 +208,5 @@ def test_invalid_inputs_raise():
             score(f[:, :0], labels)
     with pytest.raises(ValueError):
         transrate(f, labels, eps2=0.0)
+    with pytest.raises(ValueError, match="variant"):
+        transrate(f, labels, variant="rank")

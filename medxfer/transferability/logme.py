@@ -45,6 +45,13 @@ Conventions (documented decisions):
   ``max_beta L(t beta, beta)``, which is closed-form: ``beta*(t) = N / (||y - F m||^2 + t m^T m)``.
   The fixed-point updates then reach the maximum to well within 1e-3 nats per sample, for
   ``N < D`` and ``N >= D``.
+* Update denominators. The official code (thuml/LogME, ``each_evidence``) adds ``epsilon = 1e-5``
+  to both denominators, ``alpha <- gamma / (m^T m + 1e-5)`` and ``beta <- (N - gamma) /
+  (||y - F m||^2 + 1e-5)``, which caps ``beta`` (and ``alpha``) when the residual (the weights) is
+  tiny. We do not (SPEC section 5): the updates are the exact stationarity conditions, guarded
+  only against a zero denominator (``alpha`` is kept when ``m^T m = 0``; the residual is floored at
+  the smallest positive float). The ``1e-5`` matters only when ``m^T m`` or ``||y - F m||^2`` is
+  not far above it (a target almost in the span of ``F``, or almost no weight needed).
 * A single class present: the score is the evidence of the constant all-ones target, a finite
   number that says nothing about class separation (do not rank models on it).
 * When the evidence only approaches its supremum as ``alpha -> inf`` (a class with no linear
