@@ -1,12 +1,14 @@
 """TATL U-shape (FlexibleUNet effb0) and Link-shape (LinkNetEffB0) segmenters: shapes, shared encoder keys,
-skip addition, local encoder weights (never downloaded), parameter counts, gradients, layout."""
+skip addition, the decoder stage of TATL section 4.1 layer by layer, local encoder weights (never
+downloaded), parameter counts (closed form), gradients, layout."""
 
 import re
 
 import pytest
 import torch
 
-from medxfer.networks.effnet_unet import EFFB0_CHANNELS, ENCODER_PREFIX, effb0_layout, parameter_counts, unet_effb0
+from medxfer.networks.effnet_unet import (EFFB0_CHANNELS, ENCODER_PREFIX, PAPER_UNET_KWARGS, effb0_layout,
+                                          parameter_counts, unet_effb0)
 from medxfer.networks.linknet import LinkNetEffB0
 from medxfer.transfer.weights import init_from_checkpoint, load_encoder_weights
 
@@ -41,9 +43,11 @@ def _lukemelas_state(encoder):
     return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
 
 
-@pytest.mark.parametrize("kind", ["unet", "link", "link_deconv"])
+@pytest.mark.parametrize("kind", ["unet", "unet_paper", "link", "link_deconv", "link_linknet", "link_linknet_deconv"])
 def test_both_shapes_map_bchw_to_b_out_h_w_on_non_square_input(kind):
-    kwargs = {"upsample": "deconv"} if kind == "link_deconv" else {}
+    kwargs = {"upsample": "deconv"} if kind.endswith("deconv") else {}
+    kwargs.update({"decoder_block": "linknet"} if "linknet" in kind else {})
+    kwargs.update(PAPER_UNET_KWARGS if kind == "unet_paper" else {})
     net = _build(kind.split("_")[0], in_channels=3, out_channels=2, **kwargs).eval()
     with torch.no_grad():
         assert net(torch.randn(2, 3, H, W)).shape == (2, 2, H, W)
@@ -91,10 +95,12 @@ def _batch_statistics(net):
     return net
 
 
-def test_link_decoder_adds_the_encoder_feature_of_the_same_scale():
-    link = _batch_statistics(_build("link"))
+@pytest.mark.parametrize("decoder_block", ["paper", "linknet"])
+def test_link_decoder_adds_the_encoder_feature_of_the_same_scale(decoder_block):
+    link = _batch_statistics(_build("link", decoder_block=decoder_block))
     for block, channels in zip(link.decoder.blocks, list(EFFB0_CHANNELS[::-1][1:]) + [EFFB0_CHANNELS[0]]):
-        assert block.expand.conv.out_channels == channels  # decoder output = encoder channels (addable)
+        last = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        assert last.out_channels == channels  # decoder output = encoder channels (addable)
     x = torch.randn(2, 3, H, W)
     captured = []
     link.decoder.blocks[0].register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
@@ -204,18 +210,101 @@ def _linknet_decoder_count_closed_form():
     return total
 
 
+def _two_conv_count(cin, cout):
+    """3x3 conv cin -> cout, 3x3 conv cout -> cout, no bias, a BN (2 per channel) after each."""
+    return 9 * cin * cout + 2 * cout + 9 * cout * cout + 2 * cout
+
+
+def _paper_link_decoder_count_closed_form():
+    chans = list(EFFB0_CHANNELS)
+    return sum(_two_conv_count(cin, cout) for cin, cout in zip(chans[::-1], chans[::-1][1:] + [chans[0]]))
+
+
+def _paper_unet_decoder_count_closed_form():
+    """U stages: deeper input + the skip concatenated -> two 3x3 convs (decoder 256, 128, 64, 32, 16)."""
+    ins, skips, outs = [320, 256, 128, 64, 32], [112, 40, 24, 16, 0], [256, 128, 64, 32, 16]
+    return sum(_two_conv_count(i + s, o) for i, s, o in zip(ins, skips, outs))
+
+
 def test_parameter_counts_link_shape_is_smaller_than_u_shape():
     # Measured (MONAI 1.6.1, in 3, out 1): U-shape 7,060,277 = encoder 5,288,548 (3,595,388 used; the
     # unused ImageNet classifier _conv_head/_bn1/_fc holds 1,693,160) + decoder 1,771,584 + head 145;
-    # Link-shape 5,395,469 = same encoder + decoder 106,776 + head 145. (TATL Table 7, Keras: 10,115,501
-    # and 6,096,333 with a wider decoder.)
+    # Link-shape (paper block) 5,803,893 = same encoder + decoder 515,200 + head 145; LinkNet block
+    # 5,395,469 (decoder 106,776); U-shape without the 1x1 pre-conv (TATL section 4.1) 7,527,861.
+    # (TATL Table 7, Keras: 10,115,501 and 6,096,333; the gap is explained in the tatl_skin model card.)
     u, link = parameter_counts(_build("unet")), parameter_counts(_build("link"))
-    assert u["encoder"] == link["encoder"] == 5_288_548  # EfficientNet-b0 with its 1000-class _fc
+    u_paper = parameter_counts(_build("unet", **PAPER_UNET_KWARGS))
+    link_linknet = parameter_counts(_build("link", decoder_block="linknet"))
+    assert u["encoder"] == link["encoder"] == u_paper["encoder"] == 5_288_548  # EfficientNet-b0 with its 1000-class _fc
     assert u["encoder_used"] == link["encoder_used"] == 5_288_548 - (320 * 1280 + 2 * 1280 + 1280 * 1000 + 1000)
-    assert link["decoder"] == _linknet_decoder_count_closed_form() == 106_776
+    assert link["decoder"] == _paper_link_decoder_count_closed_form() == 515_200
+    assert link_linknet["decoder"] == _linknet_decoder_count_closed_form() == 106_776
+    assert u_paper["decoder"] == _paper_unet_decoder_count_closed_form() == 2_239_168
     assert u["head"] == link["head"] == 16 * 9 + 1
-    assert u["total"] == 7_060_277 and link["total"] == 5_395_469
-    assert link["total"] < u["total"] and u["decoder"] > 16 * link["decoder"]
+    assert u["total"] == 7_060_277 and link["total"] == 5_803_893 and link_linknet["total"] == 5_395_469
+    assert u_paper["total"] == 7_527_861
+    assert link["total"] < u["total"] and u_paper["decoder"] > 4 * link["decoder"]
+
+
+def _layer_sequence(block, *inputs):
+    """The leaf modules ``block`` runs, in execution order, as (type, kernel size / scale): what a
+    forward pass actually does, whatever the attributes are called. MONAI's ``Dropout(p=0)`` (an
+    identity FlexibleUNet inserts with ``dropout=0``) is left out."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(m)) for m in block.modules()
+             if not list(m.children())]
+    with torch.no_grad():
+        block(*inputs)
+    for h in hooks:
+        h.remove()
+    out = []
+    for m in seen:
+        if isinstance(m, torch.nn.Dropout) and m.p == 0:
+            continue
+        detail = None
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            detail = tuple(m.kernel_size)
+        elif isinstance(m, torch.nn.Upsample):
+            detail = tuple(float(f) for f in m.scale_factor)
+        out.append((type(m).__name__, detail))
+    return out
+
+
+#: TATL section 4.1: "an up-sampling layer and a sequence of convolutional blocks where each block has
+#: two 3x3 convolution filters with activation functions in between" (batch norm after each conv: our choice).
+SECTION_4_1 = [("Upsample", (2.0, 2.0)), ("Conv2d", (3, 3)), ("BatchNorm2d", None), ("ReLU", None),
+               ("Conv2d", (3, 3)), ("BatchNorm2d", None), ("ReLU", None)]
+
+
+def test_link_decoder_block_has_exactly_the_layers_of_section_4_1_then_adds_the_skip():
+    link = _build("link").eval()
+    for i, block in enumerate(link.decoder.blocks):
+        cin = block.convs.conv_0.conv.in_channels
+        x = torch.randn(1, cin, 2, 3)
+        assert _layer_sequence(block, x) == SECTION_4_1, i
+        out = block(x)
+        skip = torch.randn_like(out)
+        with torch.no_grad():
+            assert torch.allclose(block(x, skip), out + skip, atol=1e-6)  # the skip is added after the convs
+    # the LinkNet block (named option) is the bottleneck: 1x1 -> up + 3x3 -> 1x1
+    old = _build("link", decoder_block="linknet").eval().decoder.blocks[0]
+    cbr = lambda k: [("Conv2d", (k, k)), ("BatchNorm2d", None), ("ReLU", None)]  # noqa: E731
+    assert _layer_sequence(old, torch.randn(1, 320, 2, 3)) == cbr(1) + [("Upsample", (2.0, 2.0))] + cbr(3) + cbr(1)
+    with pytest.raises(ValueError, match="decoder_block must be one of"):
+        LinkNetEffB0(decoder_block="unet")
+
+
+def test_u_decoder_stage_without_pre_conv_is_section_4_1_with_the_skip_concatenated():
+    paper = _build("unet", **PAPER_UNET_KWARGS).eval()
+    for i, block in enumerate(paper.decoder.blocks):
+        cin = block.convs.conv_0.conv.in_channels
+        skip_ch = EFFB0_CHANNELS[::-1][1:][i] if i < 4 else 0
+        x = torch.randn(1, cin - skip_ch, 2, 3)
+        skip = torch.randn(1, skip_ch, 4, 6) if skip_ch else None
+        assert _layer_sequence(block, x, skip) == SECTION_4_1, i
+    # MONAI's default stage starts with a 1x1 conv halving the channels (not in section 4.1)
+    default = _build("unet").eval().decoder.blocks[0]
+    assert _layer_sequence(default, torch.randn(1, 320, 2, 3), torch.randn(1, 112, 4, 6))[0] == ("Conv2d", (1, 1))
 
 
 @pytest.mark.parametrize("kind", ["unet", "link"])

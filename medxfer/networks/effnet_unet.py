@@ -30,6 +30,18 @@ a local copy of that file (lukemelas naming, ``_blocks.<i>.*`` with a flat block
 :func:`lukemelas_key`), or any state dict of a MONAI EfficientNet-b0 encoder / ``FlexibleUNet`` /
 ``LinkNetEffB0``, is loaded by the one weight path, :func:`medxfer.transfer.weights.load_encoder_weights`.
 
+Decoder against TATL section 4.1 ("an up-sampling layer and ... two 3x3 convolution filters with
+activation functions in between", the encoder feature concatenated): ``FlexibleUNet``'s decoder stage
+(MONAI ``UpCat``) is 1x1 conv halving the channels (``pre_conv="default"``) -> x2 interpolation ->
+concatenation -> two 3x3 conv + norm + act. The 1x1 pre-conv is not in the paper (nor in the
+authors' library, qubvel ``segmentation_models`` ``Unet``); ``pre_conv=None``
+(:data:`PAPER_UNET_KWARGS`) drops it and gives section 4.1's stage exactly: x2 interpolation ->
+concatenation -> two 3x3 conv + norm + act. TATL builds its U shape that way
+(:func:`medxfer.transfer.tatl.tatl_arch_kwargs`, ``decoder_block: paper``); :func:`unet_effb0` itself
+keeps ``FlexibleUNet``'s default so that the registry's ``unet_effb0`` stays MONAI's own network (a
+zoo bundle's ``network_def`` is a plain ``FlexibleUNet``; ``pre_conv: null`` travels as an argument).
+Decoder parameters: 1,771,584 with the pre-conv, 2,239,168 without (3 -> 1 channels).
+
 TorchScript: both shapes script with ``torch.jit.script`` as built and match eager
 (tests/test_torchscript.py).
 """
@@ -46,7 +58,7 @@ from medxfer.networks.layout import ArchLayout
 
 __all__ = [
     "ENCODER_PREFIX", "EFFB0_CHANNELS", "IMAGENET_URL", "build_effb0_encoder", "unet_effb0",
-    "no_download", "lukemelas_key", "effb0_layout", "parameter_counts",
+    "no_download", "lukemelas_key", "effb0_layout", "parameter_counts", "PAPER_UNET_KWARGS",
 ]
 
 BACKBONE = "efficientnet-b0"
@@ -58,6 +70,8 @@ EFFB0_CHANNELS = (16, 24, 40, 112, 320)
 IMAGENET_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-b0-355c32eb.pth"
 #: Encoder modules of the ImageNet classifier: in the state dict, never used by the segmenters.
 UNUSED_ENCODER_MODULES = ("_conv_head", "_bn1", "_fc")
+#: ``unet_effb0`` arguments of TATL section 4.1's U-shape decoder stage (no 1x1 conv before the up-sampling).
+PAPER_UNET_KWARGS = {"pre_conv": None}
 
 
 def no_download(pretrained: bool) -> None:
@@ -98,7 +112,8 @@ def unet_effb0(in_channels: int = 3, out_channels: int = 1, spatial_dims: int = 
         spatial_dims: 2 (default) or 3.
         pretrained: must stay ``False``: ``FlexibleUNet(pretrained=True)`` would download (raises).
         kwargs: passed to ``FlexibleUNet`` (``decoder_channels=(256, 128, 64, 32, 16)``,
-            ``norm``, ``act``, ``dropout``, ``upsample="nontrainable"``, ``interp_mode``, ``is_pad``...).
+            ``norm``, ``act``, ``dropout``, ``upsample="nontrainable"``, ``interp_mode``, ``is_pad``,
+            ``pre_conv``: ``None`` for TATL section 4.1's decoder stage, see :data:`PAPER_UNET_KWARGS`).
     """
     backbone = kwargs.pop("backbone", BACKBONE)
     if backbone != BACKBONE:

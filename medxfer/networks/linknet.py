@@ -1,33 +1,86 @@
-"""Link-shape EfficientNet-b0 segmenter of TATL (SPEC section 6): LinkNet decoder, skip *addition*.
+"""Link-shape EfficientNet-b0 segmenter of TATL (SPEC section 6): decoder stages joined to the encoder by skip *addition*.
 
-Reference: A. Chaurasia, E. Culurciello, "LinkNet: Exploiting encoder representations for efficient
-semantic segmentation", VCIP 2017 (decoder block, their Fig. 3); used with an EfficientNet-b0 encoder
-(Tan & Le 2019) as the "Link-shape" network of TATL (Nguyen et al. 2023, section 4.1).
+TATL (Nguyen et al., section 4.1) describes every decoder stage of its networks the same way: "an
+up-sampling layer and a sequence of convolutional blocks where each block has two 3x3 convolution
+filters with activation functions in between"; the Link shape *adds* the encoder feature of the same
+scale (LinkNet, Chaurasia & Culurciello 2017), the U shape concatenates it
+(:func:`medxfer.networks.effnet_unet.unet_effb0`). Two decoder blocks are offered
+(``decoder_block``):
+
+``"paper"`` (default, :class:`PaperDecoderBlock`)
+    section 4.1: x2 up-sampling (interpolation) -> 3x3 conv -> norm -> act -> 3x3 conv -> norm -> act,
+    then ``+ skip``. The first conv maps the deeper channels to the skip's, so the sum is defined.
+``"linknet"`` (:class:`LinkDecoderBlock`, medxfer's block before issue 17)
+    LinkNet's bottleneck block, as in the authors' library (qubvel ``segmentation_models``
+    ``Linknet``): 1x1 conv (in -> in/4) -> x2 up + 3x3 conv -> 1x1 conv (in/4 -> out), then ``+ skip``.
+    Table 7's Link-shape count (6,096,333) is this block on the Keras EfficientNet-b0 taps; see the
+    ``tatl_skin`` model card ("Parameter counts") for the arithmetic.
+
+Where the paper is silent (chosen here): batch norm after each conv (as the authors' library and
+MONAI's ``TwoConv``), ReLU, nearest-neighbour x2 interpolation (Keras ``UpSampling2D``), no
+activation after the addition, no skip for the last block (there is no encoder feature at the input
+resolution).
+
+Remaining deviations from Table 7 (reasons in the model card): MONAI's encoder gives the block
+outputs (16/24/40/112/320 channels) where the Keras encoder taps the expansion activations
+(96/144/240/672) and the 1280-channel head conv; the unused ImageNet classifier stays in the state
+dict (so that MONAI / lukemelas weights load unchanged) and is counted.
 """
 
 from __future__ import annotations
 
 import torch
 from monai.networks.blocks import Convolution, UpSample
+from monai.networks.nets.basic_unet import TwoConv
 from monai.networks.nets.flexible_unet import SegmentationHead
 from torch import nn
 
 from medxfer.networks.effnet_unet import EFFB0_CHANNELS, build_effb0_encoder, no_download
 
-__all__ = ["LinkNetEffB0", "LinkDecoderBlock", "LinkNetDecoder", "SIZE_DIVISOR"]
+__all__ = ["LinkNetEffB0", "PaperDecoderBlock", "LinkDecoderBlock", "LinkNetDecoder", "DECODER_BLOCKS",
+           "SIZE_DIVISOR"]
 
 #: Every side of the input must be a multiple of this (5 stride-2 stages of EfficientNet-b0).
 SIZE_DIVISOR = 32
+#: ``decoder_block`` values: section 4.1's two-conv block, LinkNet's bottleneck block.
+DECODER_BLOCKS = ("paper", "linknet")
+
+
+class PaperDecoderBlock(nn.Module):
+    """TATL section 4.1 decoder stage: ``(B, in, S) -> (B, out, 2S)``, plus the encoder feature ``(B, out, 2S)`` if given.
+
+    ``up`` (x2: MONAI ``UpSample``, interpolation without a conv for ``upsample="nontrainable"``, or a
+    2x2 transposed conv ``in -> in`` for ``"deconv"``) -> ``convs`` (MONAI ``TwoConv``: 3x3 conv
+    ``in -> out``, norm, act, 3x3 conv ``out -> out``, norm, act) -> ``+ skip``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout,
+                 bias: bool = False, upsample: str = "nontrainable", interp_mode: str = "nearest") -> None:
+        super().__init__()
+        if upsample == "nontrainable":
+            self.up = UpSample(spatial_dims, scale_factor=2, mode="nontrainable", pre_conv=None,
+                               interp_mode=interp_mode, align_corners=None)
+        elif upsample == "deconv":
+            self.up = UpSample(spatial_dims, in_channels, in_channels, scale_factor=2, mode="deconv", bias=bias)
+        else:
+            raise ValueError(f"upsample must be 'nontrainable' or 'deconv', got {upsample!r}")
+        self.convs = TwoConv(spatial_dims, in_channels, out_channels, act, norm, bias, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.convs(self.up(x))
+        if skip is not None:
+            x = x + skip
+        return x
 
 
 class LinkDecoderBlock(nn.Module):
-    """LinkNet decoder block: ``(B, in, S) -> (B, out, 2S)``, plus the encoder feature ``(B, out, 2S)`` if given.
+    """LinkNet decoder block (``decoder_block="linknet"``): ``(B, in, S) -> (B, out, 2S)``, plus the encoder feature.
 
     ``conv 1x1 (in -> in/4) -> x2 up (in/4 -> in/4) -> conv 1x1 (in/4 -> out)``, each conv followed by
     norm and activation (MONAI ``Convolution``), then ``+ skip`` (Chaurasia & Culurciello 2017, Fig. 3).
     The x2 up is ``upsample="nontrainable"``: interpolation (MONAI ``UpSample``) then a 3x3 conv, as in
     the upsampling decoder block the TATL authors' library uses; or ``"deconv"``: a 3x3 transposed conv
-    with stride 2, the paper's "full-conv".
+    with stride 2, the LinkNet paper's "full-conv".
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout,
@@ -65,12 +118,16 @@ class LinkNetDecoder(nn.Module):
     ``3-i``; ``blocks[4]`` maps ``c[0] -> c[0]`` up to the input resolution, without a skip.
     """
 
-    def __init__(self, spatial_dims: int, encoder_channels=EFFB0_CHANNELS, **block_kwargs) -> None:
+    def __init__(self, spatial_dims: int, encoder_channels=EFFB0_CHANNELS, decoder_block: str = "paper",
+                 **block_kwargs) -> None:
         super().__init__()
+        if decoder_block not in DECODER_BLOCKS:
+            raise ValueError(f"LinkNetEffB0: decoder_block must be one of {DECODER_BLOCKS}, got {decoder_block!r}")
+        block = PaperDecoderBlock if decoder_block == "paper" else LinkDecoderBlock
         chans = list(encoder_channels)
         ins = chans[::-1]                   # 320, 112, 40, 24, 16
         outs = chans[::-1][1:] + [chans[0]]  # 112, 40, 24, 16, 16
-        self.blocks = nn.ModuleList(LinkDecoderBlock(spatial_dims, i, o, **block_kwargs) for i, o in zip(ins, outs))
+        self.blocks = nn.ModuleList(block(spatial_dims, i, o, **block_kwargs) for i, o in zip(ins, outs))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         n = len(features)
@@ -91,10 +148,11 @@ class LinkNetEffB0(nn.Module):
 
     Encoder features ``f1..f5`` (16, 24, 40, 112, 320 channels at H/2 .. H/32) are decoded as
     ``d4 = B0(f5) + f4, d3 = B1(d4) + f3, d2 = B2(d3) + f2, d1 = B3(d2) + f1, d0 = B4(d1)``, with
-    :class:`LinkDecoderBlock` ``B*``; the head is a 3x3 conv ``16 -> out_channels``. Compared with the
+    decoder blocks ``B*`` (:class:`PaperDecoderBlock` by default, :class:`LinkDecoderBlock` with
+    ``decoder_block="linknet"``); the head is a 3x3 conv ``16 -> out_channels``. Compared with the
     U shape (skip concatenation, :func:`medxfer.networks.effnet_unet.unet_effb0`), the decoder
-    outputs exactly the encoder's channels, so it is far smaller (about 0.11 M parameters against
-    1.77 M).
+    outputs exactly the encoder's channels, so it is smaller: 0.52 M decoder parameters with the
+    paper block, 0.11 M with the LinkNet block, against 1.77 M / 2.45 M for the U shape.
 
     Reused from MONAI, unchanged: the encoder (``EfficientNetEncoder`` built as ``FlexibleUNet`` builds
     it, held as ``self.encoder`` so that its state-dict keys ``encoder.*`` equal ``FlexibleUNet``'s),
@@ -113,15 +171,20 @@ class LinkNetEffB0(nn.Module):
             ``FlexibleUNet``); the encoder keeps its own BatchNorm (eps 1e-3, momentum 0.01).
         act: decoder activation, default ``("relu", {"inplace": True})``. dropout: decoder dropout, 0.
         decoder_bias: bias in decoder convs (default ``False``, a norm follows).
-        upsample: ``"nontrainable"`` (interpolate + 3x3 conv, default) or ``"deconv"`` (3x3
-            transposed conv, stride 2).
+        decoder_block: ``"paper"`` (default: TATL section 4.1, x2 up + two 3x3 convs + skip
+            addition) or ``"linknet"`` (1x1 -> x2 up + 3x3 -> 1x1 + skip addition; the networks
+            medxfer built before issue 17). The two have different state dicts.
+        upsample: the x2 up-sampling. ``"nontrainable"`` (default): interpolation (paper block), or
+            interpolation + 3x3 conv (LinkNet block); ``"deconv"``: a transposed conv (2x2 ``in -> in``
+            in the paper block, 3x3 stride 2 in the LinkNet block).
         interp_mode: interpolation of ``"nontrainable"``, default ``"nearest"``.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, spatial_dims: int = 2, pretrained: bool = False,
                  norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.1}),
                  act: str | tuple = ("relu", {"inplace": True}), dropout: float | tuple = 0.0,
-                 decoder_bias: bool = False, upsample: str = "nontrainable", interp_mode: str = "nearest") -> None:
+                 decoder_bias: bool = False, decoder_block: str = "paper", upsample: str = "nontrainable",
+                 interp_mode: str = "nearest") -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError("spatial_dims can only be 2 or 3.")
@@ -129,7 +192,8 @@ class LinkNetEffB0(nn.Module):
         self.spatial_dims = spatial_dims
         self.size_divisor = SIZE_DIVISOR
         self.encoder = build_effb0_encoder(in_channels=in_channels, spatial_dims=spatial_dims)
-        self.decoder = LinkNetDecoder(spatial_dims, EFFB0_CHANNELS, act=act, norm=norm, dropout=dropout,
+        self.decoder = LinkNetDecoder(spatial_dims, EFFB0_CHANNELS, decoder_block, act=act, norm=norm,
+                                      dropout=dropout if dropout else None,  # no identity Dropout(0) modules
                                       bias=decoder_bias, upsample=upsample, interp_mode=interp_mode)
         self.segmentation_head = SegmentationHead(spatial_dims, EFFB0_CHANNELS[0], out_channels, kernel_size=3)
 
