@@ -75,15 +75,17 @@ def test_offline_selection_scores_every_checkpoint_and_reports_tis(pretrained, d
             w.writerow([n, robust_online[bank.get(n).epoch]])
     out = tmp_path / "selection"
     _cli("configs/select_checkpoint.yaml", tmp_path, "--bundle_root", ".", "--bank_root", str(pretrained / "bank"),
-         "--target_root", str(data["binary"]), "--output_dir", str(out), "--image_size", "32", "--max_cases", "16",
-         "--dice_csv", str(dice), "--device", "cpu")
+         "--target_root", str(data["binary"]), "--output_dir", str(out), "--image_size", "32",
+         "--dice_csv", str(dice), "--device", "cpu", "--start_epoch", "1")
     rows = json.loads((out / "scores.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == bank.names()
-    for r in rows:  # offline robustness of epoch k == what the online rule measured after epoch k
+    # the random init (epoch 0) is an offline candidate, before the bank's checkpoints
+    assert [r["model"] for r in rows] == ["unet2d_random_init"] + bank.names() and rows[0]["epoch"] == 0
+    for r in rows[1:]:  # offline robustness of epoch k == what the online rule measured after epoch k
         assert r["robustness"] == pytest.approx(robust_online[r["epoch"]], abs=1e-6)
-        assert all(np.isfinite(r[e]) for e in ("ccfv", "logme", "gbc", "transrate"))
+    for r in rows:
+        assert all(np.isfinite(r[e]) for e in ("robustness", "ccfv", "logme", "gbc", "transrate"))
     selection = json.loads((out / "selection.json").read_text())
-    best = max(rows, key=lambda r: r["robustness"])
+    best = max(rows[1:], key=lambda r: r["robustness"])
     assert selection["model"] == best["model"] and selection["select_by"] == "robustness"
     assert selection["tis"]["robustness"] == pytest.approx(1.0)
 

@@ -49,13 +49,15 @@ class RobustnessEarlyStopping:
         output_dir: where ``robust_selected.pt`` and ``robustness.json`` go (None: memory only).
         stop: terminate the trainer at the maximum (False: only record the curve, offline use).
         score_fn: ``network -> float`` replacing the robustness computation (scripted tests).
-        margin, seed, mode, pooled, batch_size: passed to ``robustness_score``.
+        margin, seed, mode, pooled, batch_size, jitter, distance: passed to ``robustness_score``
+            (``jitter`` None: the authors' strengths; ``distance`` ``"cosine"`` | ``"l2"`` | ``"inverse_pearson"``).
     """
 
     def __init__(self, network: torch.nn.Module, feature_module: str, images=None, normalize=None,
                  epochs: Sequence[int] | None = None, start_epoch: int = 1, score_initial: bool = True,
                  output_dir=None, stop: bool = True, score_fn: Callable[[torch.nn.Module], float] | None = None,
-                 margin: float = 0.5, seed: int = 0, mode: str = "auto", pooled: bool = True, batch_size: int = 8):
+                 margin: float = 0.5, seed: int = 0, mode: str = "auto", pooled: bool = True, batch_size: int = 8,
+                 jitter=None, distance: str = "cosine"):
         if score_fn is None and images is None:
             raise ValueError("RobustnessEarlyStopping needs target images (or a score_fn)")
         self.network, self.feature_module = network, feature_module
@@ -67,7 +69,8 @@ class RobustnessEarlyStopping:
         self.start_epoch, self.score_initial, self.stop = int(start_epoch), score_initial, stop
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.score_fn = score_fn
-        self.kwargs = dict(margin=margin, seed=seed, mode=mode, pooled=pooled, batch_size=batch_size)
+        self.kwargs = dict(margin=margin, seed=seed, mode=mode, pooled=pooled, batch_size=batch_size, jitter=jitter,
+                           distance=distance)
         self.scores: list[float] = []
         self.scored_epochs: list[int] = []
         self.selected_epoch: int | None = None
@@ -119,7 +122,9 @@ class RobustnessEarlyStopping:
     def summary(self) -> dict:
         return {"epochs": self.scored_epochs, "robustness": self.scores, "selected_epoch": self.selected_epoch,
                 "stopped_at_epoch": self.stopped_at if self.stop else None, "start_epoch": self.start_epoch,
-                "feature_module": self.feature_module}
+                "feature_module": self.feature_module,
+                "settings": {k: (vars(v) if k == "jitter" and v is not None and not isinstance(v, (str, dict)) else v)
+                             for k, v in self.kwargs.items()}}
 
     def _write(self, engine: Engine | None = None) -> None:
         if self.output_dir is None:

@@ -4,39 +4,63 @@ SPEC section 5), and the online rule that stops pretraining at its first local m
 For each target image ``q_i`` (``i = 1..N``) three jittered views are drawn: the anchor
 ``q~_i`` and the positive ``k+_i`` (two views of ``q_i``), and a view of a *different* image
 ``q_j``, ``j = neg[i] != i``, as the negative ``k-_i``. With ``f^`` the features of an encoder level
-(the second-to-last in the thesis), pooled over space (mean) or not (flattened):
+(the second-to-last in the thesis), pooled over space (mean) or not (flattened over channels and
+spatial positions):
 
-    ``d(q, k) = 1 - <q, k> / (|q| |k|)``                                            (eq. 4.3)
     ``h_i = max(0, d(f^(q~_i), f^(k+_i)) - d(f^(q~_i), f^(k-_i)) + eps)``,  ``eps = 0.5``  (eq. 4.1)
     ``rho = 1 - (1/N) sum_i h_i``                                                  (eq. 4.2)
 
-Higher = more robust = (offline) the checkpoint to transfer. ``rho`` lies in ``[-1 - eps, 1]``;
-features that ignore the image entirely give ``h_i = eps``, i.e. ``rho = 1 - eps``.
+Distances ``d`` (``distance=``; thesis section 4.2 and Tables 4.2-4.4, written after the authors'
+``src/robustness/distance.py``):
 
-Jitter (the parameters of the thesis's Algorithm 2.3 did not survive in our copy; ours follow
-torchvision's ``ColorJitter`` and are arguments, :class:`~medxfer.transforms.jitter.JitterConfig`;
-the transforms live in :mod:`medxfer.transforms.jitter`):
+- ``"cosine"`` (the thesis' choice, eq. 4.3): ``d(q, k) = 1 - <q, k> / (|q| |k|)``;
+- ``"l2"``: the mean squared difference ``mean_f (q_f - k_f)^2`` (what the authors' code computes
+  for the "L2" rows; not bounded, so ``rho`` is not either);
+- ``"inverse_pearson"``: ``1 - r(q, k)``, ``r`` Pearson's correlation of the two feature rows.
+
+Higher = more robust = (offline) the checkpoint to transfer. With the cosine distance ``rho`` lies
+in ``[-1 - eps, 1]``; features that ignore the image entirely give ``h_i = eps``, i.e. ``rho = 1 - eps``.
+
+Pooling (``pooled=``): the thesis scores unpooled features when the whole segmentation network is
+fine-tuned and pooled ones when only the decoder is trained (section 4.2); :func:`robustness_options`
+picks that from the downstream transfer mode when ``pooled`` is not given. Distances are computed
+batch by batch, so unpooled features of many images never sit in memory together.
+
+Jitter (:class:`~medxfer.transforms.jitter.JitterConfig`; the transforms live in
+:mod:`medxfer.transforms.jitter`):
 
 - ``"color"`` (RGB 2D images in ``[0, 1]``): brightness, contrast, saturation and hue jitter
-  in a random order, each clamped to ``[0, 1]`` like torchvision. MONAI has no colour (hue /
-  saturation) transforms, so this part is written by hand (:func:`~medxfer.transforms.jitter.color_jitter`).
+  in a random order, each clamped to ``[0, 1]`` like torchvision. The default strengths are the
+  authors' (:data:`THESIS_JITTER`: brightness 0.1, contrast 0.05, saturation 0.1, hue 0.05, their
+  ``torchvision.transforms.ColorJitter`` in ``src/robustness/eval.py``); ``"strong"``
+  (:data:`STRONG_JITTER`, 0.4 / 0.4 / 0.4 / 0.1, medxfer's default before) stays available.
+  MONAI has no colour (hue / saturation) transforms, so this part is written by hand
+  (:func:`~medxfer.transforms.jitter.color_jitter`).
 - ``"intensity"`` (grey / multi-channel scans, 2D or 3D): multiplicative scale
   ``v (1 + s)`` (MONAI ``ScaleIntensity(factor=s)``), shift by a multiple of the image's standard
   deviation ``v + t std(v)`` (MONAI ``StdShiftIntensity``, scale-free for HU and z-scored data),
   and gamma on the min-max range (MONAI ``AdjustContrast``)
-  (:func:`~medxfer.transforms.jitter.intensity_jitter`).
+  (:func:`~medxfer.transforms.jitter.intensity_jitter`); the thesis has no 3D case, these
+  strengths are medxfer's.
 
 All randomness (the negative assignment and every view's jitter parameters) comes from one
 ``torch.Generator`` seeded with ``seed``, drawn up front, so a score does not depend on
 ``batch_size``. ``neg`` is a random single-cycle derangement (a random permutation ``p`` and
 ``neg[p[k]] = p[(k + 1) mod N]``), so no image is its own negative for any ``N >= 2``, odd or even;
 with ``N = 1`` there is no other image and a ``ValueError`` is raised.
+
+Deviations from the authors' code, kept on purpose: their negative of image ``i`` is the
+*positive view* of another image (a fixed reversal-and-shift of the batch), ours an independent
+third view of a random other image (so anchor, positive and negative are three independent draws);
+their ``ColorJitter`` draws one set of factors per batch of images, ours one per view (a score
+that does not depend on how the images are batched).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from dataclasses import fields, replace
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +70,15 @@ from medxfer.transforms.jitter import JitterConfig, color_jitter, intensity_jitt
 __all__ = [
     "cyclic_derangement",
     "triplet_views",
+    "THESIS_JITTER",
+    "STRONG_JITTER",
+    "JITTER_PRESETS",
+    "DISTANCES",
+    "jitter_config",
+    "robustness_options",
     "cosine_distance",
+    "l2_distance",
+    "inverse_pearson_distance",
     "robustness_from_features",
     "robustness_score",
     "hooked_output",
@@ -56,6 +88,35 @@ __all__ = [
 ]
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: The authors' colour jitter (``ColorJitter(brightness=0.1, contrast=0.05, hue=0.05, saturation=0.1)``
+#: in ``src/robustness/eval.py``); the intensity strengths (3D) are :class:`JitterConfig`'s defaults.
+THESIS_JITTER = JitterConfig(brightness=0.1, contrast=0.05, saturation=0.1, hue=0.05)
+#: medxfer's colour jitter before issue 17 (4-8x the authors'), kept as the ``"strong"`` preset.
+STRONG_JITTER = JitterConfig(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+JITTER_PRESETS = {"thesis": THESIS_JITTER, "strong": STRONG_JITTER}
+
+
+def jitter_config(spec=None) -> JitterConfig:
+    """A :class:`JitterConfig` from ``None`` (:data:`THESIS_JITTER`), a preset name (``"thesis"``,
+    ``"strong"``), a mapping of strengths (the others from :data:`THESIS_JITTER`, e.g. a bundle's
+    ``{brightness: 0.1, contrast: 0.05, saturation: 0.1, hue: 0.05}``) or a ``JitterConfig``."""
+    if spec is None:
+        return THESIS_JITTER
+    if isinstance(spec, JitterConfig):
+        return spec
+    if isinstance(spec, str):
+        if spec not in JITTER_PRESETS:
+            raise ValueError(f"jitter preset must be one of {sorted(JITTER_PRESETS)}, got {spec!r}")
+        return JITTER_PRESETS[spec]
+    if isinstance(spec, Mapping):
+        known = {f.name for f in fields(JitterConfig)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"jitter: unknown strength(s) {unknown}; choose from {sorted(known)}")
+        values = {k: (tuple(float(x) for x in v) if k == "gamma_range" else float(v)) for k, v in spec.items()}
+        return replace(THESIS_JITTER, **values)
+    raise ValueError(f"jitter must be a preset name, a mapping of strengths or a JitterConfig, got {type(spec).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +193,7 @@ class _Plan:
 
 
 def triplet_views(images, seed: int = 0, mode: str = "auto",
-                  jitter: JitterConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  jitter=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The jittered views :func:`robustness_score` uses (same ``seed``, ``mode``, ``jitter``).
 
     Args:
@@ -140,14 +201,14 @@ def triplet_views(images, seed: int = 0, mode: str = "auto",
         seed: seed of the ``torch.Generator`` that draws the negatives and the jitter.
         mode: ``"auto"`` (``"color"`` for 3-channel 2D images, else ``"intensity"``), ``"color"``
             or ``"intensity"``.
-        jitter: jitter strengths (default :class:`JitterConfig()`).
+        jitter: jitter strengths, a :func:`jitter_config` spec (default :data:`THESIS_JITTER`).
 
     Returns:
         ``anchor, positive, negative`` ``(N, C, H, W[, D])`` each and ``neg`` ``(N,)``:
         ``negative[i]`` is a view of ``images[neg[i]]``, ``neg[i] != i``.
     """
     images = _as_batch(images)
-    plan = _Plan(images.shape[0], _resolve_mode(mode, images), jitter or JitterConfig(),
+    plan = _Plan(images.shape[0], _resolve_mode(mode, images), jitter_config(jitter),
                  torch.Generator().manual_seed(int(seed)))
     return (*plan.triplets(images, range(images.shape[0])), plan.neg.clone())
 
@@ -161,6 +222,53 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-8)
 
 
+def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise mean squared difference ``mean_f (a_f - b_f)^2`` of ``(N, F)`` -> ``(N,)`` (the
+    "L2" distance of the thesis' Tables 4.2-4.4 as the authors' code computes it)."""
+    return ((a - b) ** 2).mean(dim=1)
+
+
+def inverse_pearson_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``1 - r(a, b)`` of ``(N, F)`` -> ``(N,)``, ``r`` Pearson's correlation of the two
+    rows (the "PCC" rows of Tables 4.2-4.4). A constant row has ``r = 0`` (its deviations' norm is
+    clamped at 1e-8), i.e. distance 1, as a zero row has for the cosine."""
+    return cosine_distance(a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True))
+
+
+#: ``distance=`` name -> row-wise distance of ``(N, F)`` feature rows.
+DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cosine": cosine_distance, "l2": l2_distance, "inverse_pearson": inverse_pearson_distance}
+
+
+def _distance_fn(distance: str):
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {distance!r}")
+    return DISTANCES[distance]
+
+
+def robustness_options(jitter=None, pooled: bool | None = None, distance: str = "cosine", margin: float = 0.5,
+                       transfer_mode: str | None = None) -> dict:
+    """Checked keyword arguments of :func:`robustness_score` from a bundle's ``robustness`` settings.
+
+    Args:
+        jitter: see :func:`jitter_config` (``None``: the authors' strengths).
+        pooled: ``None``: as the thesis does for the downstream ``transfer_mode`` -- pooled for
+            ``decoder_only`` (frozen encoder), unpooled otherwise (the whole network fine-tuned).
+        distance: ``"cosine"`` | ``"l2"`` | ``"inverse_pearson"``.
+        margin: ``eps`` of eq. 4.1 (>= 0).
+        transfer_mode: the downstream training's transfer mode (only read when ``pooled`` is None).
+
+    Returns:
+        ``{"jitter": JitterConfig, "pooled": bool, "distance": str, "margin": float}``.
+    """
+    _distance_fn(distance)
+    if float(margin) < 0:
+        raise ValueError(f"robustness margin must be >= 0, got {margin}")
+    if pooled is None:
+        pooled = transfer_mode == "decoder_only"
+    return {"jitter": jitter_config(jitter), "pooled": bool(pooled), "distance": str(distance), "margin": float(margin)}
+
+
 def _flatten(features: torch.Tensor, pooled: bool) -> torch.Tensor:
     features = torch.as_tensor(features)
     if features.ndim < 2:
@@ -171,14 +279,19 @@ def _flatten(features: torch.Tensor, pooled: bool) -> torch.Tensor:
 
 
 def robustness_from_features(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                             margin: float = 0.5) -> float:
+                             margin: float = 0.5, distance: str = "cosine") -> float:
     """Eq. 4.2 on ``(N, F)`` feature rows: ``1 - mean_i max(0, d(a_i, p_i) - d(a_i, n_i) + margin)``."""
-    hinge = torch.clamp(cosine_distance(anchor, positive) - cosine_distance(anchor, negative) + margin, min=0.0)
+    d = _distance_fn(distance)
+    return _from_distances(d(anchor, positive), d(anchor, negative), margin)
+
+
+def _from_distances(positive: torch.Tensor, negative: torch.Tensor, margin: float) -> float:
+    hinge = torch.clamp(positive - negative + margin, min=0.0)
     return float(1.0 - hinge.mean())
 
 
 def robustness_score(images, feature_fn: FeatureFn, pooled: bool = True, margin: float = 0.5, seed: int = 0,
-                     mode: str = "auto", jitter: JitterConfig | None = None, batch_size: int = 8) -> float:
+                     mode: str = "auto", jitter=None, batch_size: int = 8, distance: str = "cosine") -> float:
     """Robustness ``rho`` (eq. 4.2) of an encoder's representation of the target images.
 
     Args:
@@ -189,13 +302,16 @@ def robustness_score(images, feature_fn: FeatureFn, pooled: bool = True, margin:
             under ``torch.no_grad()`` on batches of ``3 * batch_size`` views (anchors, positives,
             negatives), so it must not depend on the batch composition: put networks in
             ``eval()`` mode (a warning is given for an ``nn.Module`` in training mode).
-        pooled: ``True``: mean over space -> ``(B, F)``; ``False``: flattened ``(B, F h w [d])``.
+        pooled: ``True``: mean over space -> ``(B, F)``; ``False``: flattened ``(B, F h w [d])``
+            (every spatial position of every channel is one coordinate of the feature row).
         margin: ``eps`` of eq. 4.1 (thesis: 0.5).
-        seed, mode, jitter: as :func:`triplet_views` (the views are exactly those).
+        seed, mode: as :func:`triplet_views` (the views are exactly those).
+        jitter: :func:`jitter_config` spec (``None``: the authors' strengths, :data:`THESIS_JITTER`).
         batch_size: images per ``feature_fn`` call group; does not change the score.
+        distance: ``"cosine"`` (eq. 4.3), ``"l2"`` or ``"inverse_pearson"`` (:data:`DISTANCES`).
 
     Returns:
-        ``rho`` in ``[-1 - margin, 1]``; higher = more robust.
+        ``rho``; in ``[-1 - margin, 1]`` for the cosine and inverse-Pearson distances; higher = more robust.
     """
     images = _as_batch(images)
     if margin < 0:
@@ -204,17 +320,18 @@ def robustness_score(images, feature_fn: FeatureFn, pooled: bool = True, margin:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(feature_fn, torch.nn.Module) and feature_fn.training:
         warnings.warn("feature_fn is an nn.Module in training mode; call .eval() for a batch-independent score")
+    d = _distance_fn(distance)
     n = images.shape[0]
-    plan = _Plan(n, _resolve_mode(mode, images), jitter or JitterConfig(), torch.Generator().manual_seed(int(seed)))
-    feats: list[list[torch.Tensor]] = [[], [], []]
+    plan = _Plan(n, _resolve_mode(mode, images), jitter_config(jitter), torch.Generator().manual_seed(int(seed)))
+    positive, negative = [], []   # per-image distances only: unpooled features are never all kept
     with torch.no_grad():
         for start in range(0, n, batch_size):
             idx = range(start, min(start + batch_size, n))
             views = plan.triplets(images, idx)
-            out = _flatten(feature_fn(torch.cat(views)), pooled)
-            for k, part in enumerate(out.split(len(idx))):
-                feats[k].append(part.cpu())
-    return robustness_from_features(*(torch.cat(f) for f in feats), margin=margin)
+            a, p, q = _flatten(feature_fn(torch.cat(views)), pooled).split(len(idx))
+            positive.append(d(a, p).cpu())
+            negative.append(d(a, q).cpu())
+    return _from_distances(torch.cat(positive), torch.cat(negative), margin)
 
 
 def hooked_output(model: torch.nn.Module, module: str | torch.nn.Module, index: int | None = None) -> FeatureFn:

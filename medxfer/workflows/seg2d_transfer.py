@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -47,16 +48,17 @@ from medxfer.jsonfile import write_json
 from medxfer.metrics.segmentation import case_metrics, summarize_cases
 from medxfer.networks import arch_layout, build_network
 from medxfer.networks.truncated import TruncatedSegmenter
-from medxfer.transfer.bank import ModelBank
+from medxfer.transfer.bank import ModelBank, entry_layout
 from medxfer.transfer.weights import load_pretrained, read_checkpoint, truncated_encoder_weights
 from medxfer.transferability.evaluate import evaluate_estimators, table_from_files, write_report
 from medxfer.transferability.features import SamplingConfig
-from medxfer.transferability.score import score_into, score_target, seg2d_key, seg2d_target
+from medxfer.transferability.robustness import module_robustness, robustness_options
+from medxfer.transferability.score import ScoringTarget, score_into, score_target, seg2d_key, write_scores
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 
 __all__ = ["SEG2D_TRANSFER_MODES", "classification_datalists", "seg2d_datalists", "is_binary", "seg_out_channels",
-           "seg2d_network", "target_images", "online_selection_handlers", "pretraining_settings", "run_pretraining",
+           "seg2d_network", "selection_records", "target_images", "online_selection_handlers", "RANDOM_INIT", "pretraining_settings", "run_pretraining",
            "score_checkpoints", "select_checkpoint",
            "discrete_postprocessing", "save_run_info", "Seg2DRun", "evaluate_seg2d", "predict_folder"]
 
@@ -147,25 +149,51 @@ def seg2d_network(arch: str, labels, image_size, init_entry: str | None = None, 
     return network
 
 
-def target_images(data_root, image_size, max_images: int = 16) -> torch.Tensor:
-    """``(N, 3, H, W)`` target images in ``[0, 1]`` for the robustness score (first ``max_images``
-    of a 2D segmentation folder, or of a class-per-folder set)."""
-    records, _ = load_seg2d(data_root)
-    check_seg2d_records(data_root, records[:max_images])
-    return unnormalized_images(records, image_size, max_images)
+def selection_records(data_root, fold: int | None = None, n_folds: int = 5, split_seed: int = 0, splits_file=None,
+                      max_cases: int | None = None) -> tuple[list[dict], dict]:
+    """``(records, labels)`` of the target images checkpoint selection scores (offline and online).
+
+    ``fold`` not None: the *training* images of that fold of the downstream fine-tuning (the split
+    :func:`seg2d_datalists` makes with the same ``fold``, ``n_folds``, ``split_seed``, read from
+    ``splits_file`` when it exists), so selection never looks at the validation images; ``None``:
+    every image of the folder. ``max_cases`` keeps the first ones; ``None`` (or 0) keeps them all
+    (thesis: the whole target training set)."""
+    records, labels = load_seg2d(data_root)
+    if fold is not None:
+        records, _ = fold_records(records, int(fold), int(n_folds), int(split_seed), splits_file)
+    if max_cases:
+        records = records[:int(max_cases)]
+    check_seg2d_records(data_root, records)  # every image decoded once (cached)
+    return records, labels
+
+
+def target_images(data_root, image_size, max_images: int | None = None, fold: int | None = None, n_folds: int = 5,
+                  split_seed: int = 0, splits_file=None) -> torch.Tensor:
+    """``(N, 3, H, W)`` target images in ``[0, 1]`` for the robustness score: the images of
+    :func:`selection_records` (every image of the folder, or of the fine-tuning fold's training part)."""
+    records, _ = selection_records(data_root, fold, n_folds, split_seed, splits_file, max_images)
+    return unnormalized_images(records, image_size)
 
 
 def online_selection_handlers(enabled: bool, network, arch: str, target_root, image_size, output_dir,
-                              epochs=None, max_images: int = 16, seed: int = 0, mean=None, std=None) -> list:
-    """``[RobustnessEarlyStopping]`` for the pretraining trainer when ``enabled`` (else ``[]``)."""
+                              epochs=None, max_images: int | None = None, seed: int = 0, mean=None, std=None,
+                              robustness: dict | None = None, transfer_mode: str = "encoder_only",
+                              fold: int | None = None, n_folds: int = 5, split_seed: int = 0, splits_file=None) -> list:
+    """``[RobustnessEarlyStopping]`` for the pretraining trainer when ``enabled`` (else ``[]``).
+
+    ``robustness``: the bundle's settings (:func:`~medxfer.transferability.robustness.robustness_options`:
+    jitter, pooled, distance, margin; ``pooled`` null follows ``transfer_mode``); the images are
+    :func:`target_images` of ``fold`` (``None``: the whole folder) -- with the same settings
+    ``select_checkpoint`` measures the same numbers offline."""
     if not enabled:
         return []
     if target_root is None:
         raise ValueError("online selection needs target_root (the target segmentation images)")
-    images = target_images(target_root, image_size, max_images)
+    options = robustness_options(**dict(robustness or {}), transfer_mode=transfer_mode)
+    images = target_images(target_root, image_size, max_images, fold, n_folds, split_seed, splits_file)
     return [RobustnessEarlyStopping(network, arch_layout(arch, network).penultimate_encoder, images,
                                     normalize=(mean or IMAGENET_MEAN, std or IMAGENET_STD), epochs=epochs,
-                                    output_dir=output_dir, seed=seed, mode="color")]
+                                    output_dir=output_dir, seed=seed, mode="color", **options)]
 
 
 def pretraining_settings(datalists: dict, **settings) -> dict:
@@ -194,52 +222,244 @@ def run_pretraining(trainer, bank_saver: BankCheckpointer) -> None:
     trainer.run()
 
 
+# ----------------------------------------------------------------------------------------------
+# Offline selection
+
+#: Bank entry name suffix of the randomly initialised encoder scored as an offline candidate.
+RANDOM_INIT = "random_init"
+
+
+def _selection_target(data_root, records: list[dict], labels: dict, size) -> ScoringTarget:
+    """The selection images as a :class:`~medxfer.transferability.score.ScoringTarget`: labelled
+    cases through the evaluation chain (feature estimators) and the same images in ``[0, 1]``
+    (robustness), as :func:`medxfer.transferability.score.seg2d_target` builds them for a folder."""
+    chain = seg2d_transforms("eval", size, labels)
+    cases = []
+    for r in records:
+        item = chain(r)
+        cases.append({"id": r["id"], "image": torch.as_tensor(np.asarray(item["image"])),
+                      "label": np.asarray(item["label"]).astype(np.int64)})
+    return ScoringTarget(str(data_root), cases, list(size), unnormalized_images(records, size), "color",
+                         (IMAGENET_MEAN, IMAGENET_STD), robustness_batch=4)
+
+
+def _random_init_bank(bank_root, out_dir, seed: int) -> Path:
+    """A one-entry-per-architecture bank under ``out_dir`` holding the randomly initialised
+    encoder(s) of the architectures in ``bank_root`` (``<arch>_random_init``, epoch 0; the
+    registry's initialisation after ``torch.manual_seed(seed)``). Rebuilt identically each time."""
+    bank = ModelBank.open(bank_root)
+    tiny = ModelBank.open(out_dir, create=True, description="random-init candidates of checkpoint selection")
+    seen = set()
+    for name in bank.names():
+        e = bank.get(name)
+        key = json.dumps([e.arch, e.arch_kwargs, e.in_channels, e.out_channels, list(e.patch_size)], sort_keys=True,
+                         default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        entry_name = f"{e.arch}_{RANDOM_INIT}" + (f"_{len(seen)}" if len(seen) > 1 else "")
+        torch.manual_seed(int(seed))
+        network = build_network(e.arch, e.in_channels, e.out_channels, list(e.patch_size), **e.arch_kwargs)
+        if entry_name in tiny.names() and tiny.get(entry_name).sha256 and \
+                all(torch.equal(a, b) for a, b in zip(tiny.load_state_dict(entry_name).values(),
+                                                      network.state_dict().values())):
+            continue
+        tiny.add(entry_name, network, arch=e.arch, in_channels=e.in_channels, out_channels=e.out_channels,
+                 patch_size=list(e.patch_size), arch_kwargs=e.arch_kwargs, epoch=0, overwrite=True,
+                 notes=f"random initialisation (seed {seed}) of {name}'s architecture")
+    return Path(out_dir)
+
+
+def _bank_robustness(bank_root, images: torch.Tensor, options: dict, seed: int, device, cache_dir=None,
+                     entries: Sequence[str] | None = None) -> dict[str, dict]:
+    """``{model: {"score", "seconds", "error"}}``: robustness of every entry of ``bank_root`` with the
+    thesis settings ``options`` (:func:`robustness_options`) on ``images`` (``[0, 1]``, ImageNet
+    normalisation before the network), the second-to-last encoder level.
+
+    Written here, not in :func:`medxfer.transferability.score.score_target`, because that loop
+    scores robustness with fixed settings (pooled features, default jitter) and offers no way to
+    pass the bundle's; each model's result is kept in ``cache_dir`` (with the entry's sha256, the
+    settings and the images' digest; ``None``: not kept) so a killed selection resumes."""
+    bank = ModelBank.open(bank_root)
+    dev = resolve_device(device)
+    digest = hashlib.sha256(np.ascontiguousarray(images.numpy()).tobytes()).hexdigest()
+    settings = json.loads(json.dumps({**options, "jitter": vars(options["jitter"])}, default=list))
+    out = {}
+    for name in entries or bank.names():
+        entry = bank.get(name)
+        key = {"sha256": entry.sha256, "options": settings, "images": digest, "seed": seed}
+        cached = None if cache_dir is None else Path(cache_dir) / f"{name}.json"
+        if cached is not None and cached.exists():
+            try:
+                record = json.loads(cached.read_text())
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and record.get("for") == key:
+                out[name] = record["result"]
+                continue
+        net = build_network(entry.arch, entry.in_channels, entry.out_channels, list(images.shape[2:]), **entry.arch_kwargs)
+        net.load_state_dict(bank.load_state_dict(name))
+        net.to(dev).eval()
+        t0 = time.perf_counter()
+        try:
+            value, error = module_robustness(net, entry_layout(entry, net).penultimate_encoder, images,
+                                             (IMAGENET_MEAN, IMAGENET_STD), seed=seed, mode="color", batch_size=4,
+                                             **options), None
+        except ValueError as e:  # e.g. a single target image: no negative
+            value, error = float("nan"), f"ValueError: {e}"
+        out[name] = {"score": float(value), "seconds": time.perf_counter() - t0, "error": error}
+        if cached is not None:
+            write_json(cached, {"for": key, "result": out[name]})
+        del net
+    return out
+
+
+def _merge_robustness(rows: list[dict], robust: dict[str, dict], estimators: Sequence[str]) -> list[dict]:
+    """Rows with the ``robustness`` column (and its seconds / error) in ``estimators`` order."""
+    merged = []
+    for r in rows:
+        result = robust[r["model"]]
+        scores = {e: (result["score"] if e == "robustness" else r[e]) for e in estimators}
+        head = {k: r[k] for k in ("model", "arch", "source", "epoch")}
+        rest = {k: v for k, v in r.items() if k not in head and k not in scores and k != "errors"
+                and k != "seconds_robustness"}
+        rest["seconds_estimators"] = rest.get("seconds_estimators", 0.0) + result["seconds"]
+        errors = {k: v for k, v in dict(r.get("errors") or {}).items() if k != "robustness"}
+        if result["error"]:
+            errors["robustness"] = result["error"]
+        merged.append({**head, **scores, **rest, "seconds_robustness": result["seconds"], "errors": errors})
+    return merged
+
+
+def _score_candidates(bank_root, target_root, output_dir, image_size, estimators, max_cases, seed, device, fold,
+                      n_folds, split_seed, splits_file, robustness, transfer_mode, random_init, progress) -> list[dict]:
+    """Rows of every candidate (the bank's entries; with ``random_init`` first the random-init
+    encoder(s), epoch 0) on the selection images, into ``output_dir`` (resumable)."""
+    size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(v) for v in image_size]
+    output_dir = Path(output_dir)
+    records, labels = selection_records(target_root, fold, n_folds, split_seed, splits_file, max_cases)
+    features = [e for e in estimators if e != "robustness"]
+    key = {**seg2d_key(target_root, size, None), "cases": [r["id"] for r in records]}
+    target = None
+
+    def make_target() -> ScoringTarget:
+        nonlocal target
+        if target is None:
+            target = _selection_target(target_root, records, labels, size)
+        return target
+
+    banks = [Path(bank_root)]
+    if random_init:
+        banks.insert(0, _random_init_bank(bank_root, output_dir / "random_init" / "bank", seed))
+    rows = []
+    for bank in banks:
+        where = output_dir if bank == Path(bank_root) else output_dir / "random_init"
+        names = ModelBank.open(bank).names()
+        part: list[dict] = []
+        if features:
+            # score_into's own scores.json is rewritten below with every candidate: keep this bank's rows
+            got, _ = score_into(where, bank, make_target, key, features, SamplingConfig(seed=seed), device=device,
+                                seed=seed, overwrite=True, progress=progress,
+                                meta={"bank_root": str(bank), "target": str(target_root), "estimators": features})
+            part = [r for r in got if r["model"] in names]
+        else:
+            bank_obj = ModelBank.open(bank)
+            part = [{"model": n, "arch": bank_obj.get(n).arch, "source": "+".join(bank_obj.get(n).source) or "scratch",
+                     "epoch": bank_obj.get(n).epoch} for n in names]
+        if "robustness" in estimators:
+            options = robustness_options(**dict(robustness or {}), transfer_mode=transfer_mode)
+            robust = _bank_robustness(bank, make_target().robustness_images, options, seed, device,
+                                      where / "robustness.partial")
+            part = _merge_robustness(part, robust, estimators)
+        rows += part
+    write_scores(rows, output_dir, {"bank_root": str(bank_root), "target": str(target_root),
+                                    "estimators": list(estimators), "cases": [r["id"] for r in records],
+                                    "fold": fold, "random_init": bool(random_init),
+                                    "robustness": json.loads(json.dumps(robustness or {}, default=str))})
+    return rows
+
+
 def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators: Sequence[str] = (
         "robustness", "ccfv", "logme", "gbc", "transrate"), entries: Sequence[str] | None = None, device=None,
-        max_cases: int | None = 16, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Scores of every encoder checkpoint of the bank on the 2D target (offline selection): the one
-    scoring loop, :func:`medxfer.transferability.score.score_target`, on
-    :func:`~medxfer.transferability.score.seg2d_target`.
+        max_cases: int | None = None, seed: int = 0, progress: bool = True, fold: int | None = None,
+        n_folds: int = 5, split_seed: int = 0, splits_file=None, robustness: dict | None = None,
+        transfer_mode: str = "encoder_only") -> list[dict]:
+    """Scores of every encoder checkpoint of the bank on the 2D target (offline selection), no files
+    written: the feature estimators through the one scoring loop
+    (:func:`medxfer.transferability.score.score_target`), robustness with the thesis settings.
 
-    Robustness: colour-jittered target images in ``[0, 1]``, normalised like the pretraining, the
-    second-to-last encoder level, pooled (thesis chapter 4). The feature-based estimators
-    (CC-FV, LogME, GBC, TransRate) read the encoder's last two levels at sampled pixels (an encoder
-    checkpoint has no decoder; LEEP / NCE need a segmentation head and are refused for it).
-    """
-    return score_target(bank_root, seg2d_target(target_root, image_size, max_cases), estimators,
-                        SamplingConfig(seed=seed), entries, device, progress, seed)
+    Images: :func:`selection_records` (``fold`` None: every image of the folder; ``max_cases``
+    None: all of them). Robustness: colour-jittered images in ``[0, 1]``, normalised like the
+    pretraining, the second-to-last encoder level, ``robustness`` settings as
+    :func:`~medxfer.transferability.robustness.robustness_options` (default: the authors' jitter,
+    cosine distance, margin 0.5, unpooled for ``encoder_only`` fine-tuning). The feature-based
+    estimators (CC-FV, LogME, GBC, TransRate) read the encoder's last two levels at sampled pixels
+    (an encoder checkpoint has no decoder; LEEP / NCE need a segmentation head and are refused)."""
+    size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(v) for v in image_size]
+    records, labels = selection_records(target_root, fold, n_folds, split_seed, splits_file, max_cases)
+    target = _selection_target(target_root, records, labels, size)
+    features = [e for e in estimators if e != "robustness"]
+    rows = score_target(bank_root, target, features, SamplingConfig(seed=seed), entries, device, progress, seed) \
+        if features else []
+    if "robustness" not in estimators:
+        return rows
+    if not features:
+        bank = ModelBank.open(bank_root)
+        rows = [{"model": n, "arch": bank.get(n).arch, "source": "+".join(bank.get(n).source) or "scratch",
+                 "epoch": bank.get(n).epoch, "seconds_estimators": 0.0} for n in (entries or bank.names())]
+    options = robustness_options(**dict(robustness or {}), transfer_mode=transfer_mode)
+    robust = _bank_robustness(bank_root, target.robustness_images, options, seed, device, None, entries)
+    return _merge_robustness(rows, robust, estimators)
 
 
 def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
                       estimators: Sequence[str] = ("robustness", "ccfv", "logme", "gbc", "transrate"),
-                      select_by: str = "robustness", start_epoch: int = 1, dice_csv=None, device=None,
-                      max_cases: int | None = 16, seed: int = 0) -> dict:
-    """Score the bank (as :func:`score_checkpoints`), pick the checkpoint with the highest ``select_by``
-    score among epochs ``>= start_epoch`` (random init excluded, thesis section 4.2), write
-    ``scores.csv`` / ``scores.json`` / ``selection.json``; with ``dice_csv`` (``model,dice`` of
-    fine-tuned checkpoints) also the estimators' weighted tau and TIS (``te_evaluation.*``).
+                      select_by: str = "robustness", start_epoch: int = 0, dice_csv=None, device=None,
+                      max_cases: int | None = None, seed: int = 0, fold: int | None = 0, n_folds: int = 5,
+                      split_seed: int = 0, splits_file=None, robustness: dict | None = None,
+                      transfer_mode: str = "encoder_only", random_init: bool = True) -> dict:
+    """Score every candidate (as :func:`score_checkpoints`), pick the one with the highest
+    ``select_by`` score among epochs ``>= start_epoch``, write ``scores.csv`` / ``scores.json`` /
+    ``selection.json``; with ``dice_csv`` (``model,dice`` of fine-tuned checkpoints) also the
+    estimators' weighted tau and TIS (``te_evaluation.*``).
 
-    The scoring resumes (:func:`medxfer.transferability.score.score_into`): a killed selection run
-    again scores only the checkpoints not scored yet; scores of other settings in ``output_dir``
-    are replaced. ``selection.json`` is written last."""
+    Candidates: the bank's checkpoints and, with ``random_init`` (default), the randomly initialised
+    encoder (``<arch>_random_init``, epoch 0, built in ``output_dir/random_init/bank``): the thesis'
+    offline method chooses among every measured checkpoint, "no pretraining" included; only the
+    online rule disregards the random init (``start_epoch`` 1 there; 1 here leaves it out too).
+    Images: the training part of the fine-tuning ``fold`` (``n_folds``, ``split_seed``,
+    ``splits_file`` as the downstream ``train.yaml``; ``fold`` None: the whole folder), all of them
+    when ``max_cases`` is None. ``robustness``: :func:`robustness_options` settings.
+
+    The scoring resumes (:func:`medxfer.transferability.score.score_into` for the feature
+    estimators, per-model robustness results in ``robustness.partial/``): a killed selection run
+    again scores only what was not scored yet; scores of other settings in ``output_dir`` are
+    replaced. ``selection.json`` is written last."""
     if select_by not in estimators:
         raise ValueError(f"select_by {select_by!r} must be one of the estimators {list(estimators)}")
     output_dir = Path(output_dir)
-    # resumable (score_into): models scored before for the same inputs are read back, not scored again
-    rows, _ = score_into(output_dir, bank_root, lambda: seg2d_target(target_root, image_size, max_cases),
-                         seg2d_key(target_root, image_size, max_cases), estimators, SamplingConfig(seed=seed),
-                         device=device, seed=seed, overwrite=True,
-                         meta={"bank_root": str(bank_root), "target": str(target_root), "estimators": list(estimators)})
+    rows = _score_candidates(bank_root, target_root, output_dir, image_size, estimators, max_cases, seed, device,
+                             fold, n_folds, split_seed, splits_file, robustness, transfer_mode, random_init, False)
     eligible = [r for r in rows if (r["epoch"] or 0) >= start_epoch and np.isfinite(r.get(select_by, np.nan))]
     if not eligible:
         raise ValueError(f"no checkpoint from epoch {start_epoch} on has a finite {select_by} score")
     best = max(eligible, key=lambda r: r[select_by])
     selection = {"select_by": select_by, "model": best["model"], "epoch": best["epoch"], "score": best[select_by],
-                 "start_epoch": start_epoch,
+                 "start_epoch": start_epoch, "random_init": bool(random_init),
                  "per_estimator": {e: max((r for r in eligible if np.isfinite(r.get(e, np.nan))),
                                           key=lambda r: r[e], default={"model": None})["model"] for e in estimators}}
+    if selection["model"].endswith(RANDOM_INIT) or f"_{RANDOM_INIT}_" in selection["model"]:
+        selection["note"] = "the random initialisation scores highest: train with transfer_mode scratch"
     if dice_csv is not None:
-        result = evaluate_estimators(table_from_files(output_dir / "scores.json", dice_csv), list(estimators))
+        scores_file = output_dir / "scores.json"
+        with open(dice_csv, newline="") as fh:
+            measured = {r.get("model") for r in csv.DictReader(fh)}
+        random_rows = [r["model"] for r in rows if r["epoch"] == 0 and RANDOM_INIT in r["model"]]
+        if random_rows and not set(random_rows) <= measured:  # no Dice of the random init: leave it out of TIS
+            write_scores([r for r in rows if r["model"] not in random_rows], output_dir / "te_scores",
+                         {"target": str(target_root), "estimators": list(estimators)})
+            scores_file = output_dir / "te_scores" / "scores.json"
+        result = evaluate_estimators(table_from_files(scores_file, dice_csv), list(estimators))
         write_report(result, output_dir)
         selection["tis"] = {e: result["mean"][e]["tis"] for e in estimators if e in result.get("mean", {})}
     atomic_write_text(output_dir / "selection.json", json.dumps(selection, indent=1, default=float) + "\n")
