@@ -3,7 +3,10 @@ rules (files, metadata schema, verify_net_in_out, ckpt_export, bundle properties
 ``monai.bundle.load``, and predictions of the MONAI-only inference config equal to medxfer's own."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -12,7 +15,12 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow, ckpt_export, load, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, load, verify_metadata, verify_net_in_out
+from monai.data import load_net_with_metadata
+from monai.inferers import SlidingWindowInferer
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+from monai.transforms import LoadImaged
 
 from medxfer.cli import main
 from medxfer.data.msd import load_task
@@ -24,7 +32,9 @@ from medxfer.workflows.zoo_export import (METADATA_SCHEMA, ZOO_FILE_LIMIT, expor
 
 KW = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
 FAST = {"num_workers": 0, "device": "cpu", "n_folds": 2, "batch_size": 1, "num_samples": 1}
-REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt", "docs/README.md")
+REQUIRED = ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
+            "configs/multi_gpu_train.json", "configs/logging.conf", "LICENSE", "models/model.pt", "docs/README.md",
+            "docs/data_license.txt")
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +191,86 @@ def test_an_imported_zoo_bundle_entry_re_exports_with_its_own_transforms(tmp_pat
     assert cfg["network_def"]["_target_"] == "SegResNet"
     verify_net_in_out(net_id="network_def", meta_file=str(out / "configs" / "metadata.json"),
                       config_file=str(out / "configs" / "inference.json"), device="cpu")
+
+
+def test_exported_evaluate_config_reports_the_dice_of_model_pt_on_the_validation_cases(trained, exported, tmp_path):
+    bundle = shutil.copytree(exported, tmp_path / "spleen_unet")
+    configs = [str(bundle / "configs" / name) for name in ("train.json", "evaluate.json")]
+    assert "medxfer" not in (bundle / "configs" / "evaluate.json").read_text()
+    workflow = ConfigWorkflow(config_file=configs, workflow_type="eval", bundle_root=str(bundle),
+                              dataset_dir=str(trained["task"]))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    rows = (bundle / "eval" / "val_mean_dice_raw.csv").read_text().strip().splitlines()
+    assert rows[0].split(",")[0] == "filename"
+    saved = {line.split(",")[0]: float(line.split(",")[-1]) for line in rows[1:]}
+    # independently: model.pt through MONAI's sliding window on the same preprocessed validation cases
+    parser = workflow.parser
+    net = build_network("unet", 1, 2, [32, 32, 16], **KW).eval()
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    inferer = SlidingWindowInferer(roi_size=parser["validate#inferer#roi_size"], sw_batch_size=2, overlap=0.5,
+                                   mode="gaussian")
+    cases = parser.get_parsed_content("validate#dataset")
+    assert len(saved) == len(cases) >= 1
+    for case in cases:
+        with torch.no_grad():
+            pred = inferer(case["image"][None], net).argmax(1, keepdim=True)
+        dice = compute_dice(one_hot(pred, 2), one_hot(case["label"][None].long(), 2), include_background=False)
+        name = Path(case["image"].meta["filename_or_obj"]).name.split(".")[0]
+        key = next(k for k in saved if Path(k).name.split(".")[0] == name)
+        assert saved[key] == pytest.approx(float(dice.mean()), abs=1e-4)
+    name, value = (bundle / "eval" / "metrics.csv").read_text().strip().split(",")
+    assert name == "val_mean_dice" and float(value) == pytest.approx(np.mean(list(saved.values())), abs=1e-6)
+
+
+def test_exported_multi_gpu_config_trains_under_torchrun_with_two_gloo_processes(trained, exported, tmp_path):
+    bundle = shutil.copytree(exported, tmp_path / "spleen_unet")
+    configs = "['configs/train.json','configs/multi_gpu_train.json']"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle),
+                           "--dataset_dir", str(trained["task"]), "--max_epochs", "1", "--val_interval", "1",
+                           "--num_samples", "1"], cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(bundle / "models" / "model_finetuned.pt", weights_only=True)
+    start = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(saved) == set(start)  # rank 0 saved the unwrapped network (no DDP "module." prefix)
+    assert any(not torch.equal(saved[k], start[k]) for k in start)  # and it trained
+
+
+def test_torchscript_with_embedded_configs_is_enough_to_run_inference_monai_deploy_style(trained, exported, tmp_path):
+    """MONAI Deploy's bundle operator reads the TorchScript file only: the network plus the
+    ``metadata.json`` / ``inference.json`` that ``ckpt_export`` embeds; it feeds its own loaded image
+    to the config's preprocessing (load / save transforms left out) and the config's inferer."""
+    cfg, meta = str(exported / "configs" / "inference.json"), str(exported / "configs" / "metadata.json")
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(exported / "models" / "model.pt"),
+                meta_file=meta, config_file=cfg, bundle_root=str(exported))
+    moved = tmp_path / "deploy" / "model.ts"  # nothing of the bundle folder is reachable from here
+    moved.parent.mkdir()
+    shutil.move(str(ts), moved)
+    net, embedded_meta, extra = load_net_with_metadata(str(moved), more_extra_files=("inference.json",))
+    assert embedded_meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    parser = ConfigParser(json.loads(extra["inference.json"]))
+    steps = [t for t in parser["preprocessing"]["transforms"] if not t["_target_"].startswith("Load")]
+    parser["preprocessing"]["transforms"] = steps
+    post = [t for t in parser["postprocessing"]["transforms"] if not t["_target_"].startswith("Save")]
+    parser["postprocessing"]["transforms"] = post
+    preprocessing, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
+    postprocessing = parser.get_parsed_content("postprocessing")
+    images = tmp_path / "images"
+    images.mkdir()
+    image = Path(load_task(trained["task"]).training[0]["image"])
+    shutil.copy(image, images / image.name)
+    workflow = ConfigWorkflow(config_file=cfg, workflow_type="inference", bundle_root=str(exported),
+                              dataset_dir=str(images), output_dir=str(tmp_path / "zoo_pred"))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    case = preprocessing(LoadImaged(keys="image", image_only=True)({"image": str(image)}))
+    with torch.no_grad():
+        case["pred"] = inferer(case["image"][None], net.eval())[0]
+    mask = postprocessing(case)["pred"]
+    theirs = np.asarray(nib.load(next((tmp_path / "zoo_pred").glob("*_seg.nii.gz"))).dataobj)
+    assert np.array_equal(np.asarray(mask[0]).astype(np.uint8), theirs)

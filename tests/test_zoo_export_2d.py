@@ -17,6 +17,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, load, verify_metadata, verify_net_in_out
+from monai.metrics import compute_dice
 from PIL import Image
 
 from bundle_cli import cache_env
@@ -29,7 +30,8 @@ from medxfer.workflows.zoo_export import (METADATA_SCHEMA, ExportSource, export_
                                           write_metadata_schema)
 
 KW = {"channels": [4, 8, 16]}
-REQUIRED = ("configs/metadata.json", "configs/inference.json", "configs/train.json", "LICENSE", "models/model.pt",
+REQUIRED = ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
+            "configs/multi_gpu_train.json", "LICENSE", "models/model.pt",
             "docs/README.md", "scripts/__init__.py", "scripts/unet2d.py", "scripts/layout.py")
 # Run in a fresh interpreter where `import medxfer` fails: nothing of the bundle may need it.
 NO_MEDXFER = "import sys; sys.modules['medxfer'] = None; "
@@ -254,3 +256,27 @@ def test_weights_or_arguments_that_do_not_fit_the_network_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not take these arguments"):
         export_bundle(tmp_path / "bad", ExportSource(**{**src.__dict__, "arch_kwargs": {"widths": [4, 8]},
                                                         "state": net.state_dict()}))
+
+
+def test_exported_2d_evaluate_config_runs_without_medxfer_and_reports_the_dice_of_model_pt(binary, tmp_path):
+    bundle = shutil.copytree(binary["bundle"], tmp_path / "seg2d_unet")
+    configs = str([str(bundle / "configs" / n) for n in ("train.json", "evaluate.json")])
+    argv = ["monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle),
+            "--dataset_dir", str(binary["data"])]
+    code = NO_MEDXFER + f"import runpy; sys.argv = {argv!r}; runpy.run_module('monai.bundle', run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cache_env(tmp_path), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, value = (bundle / "eval" / "metrics.csv").read_text().strip().split(",")
+    # independently: the validation images through model.pt, thresholded, Dice by MONAI's compute_dice
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train",
+                              bundle_root=str(bundle), dataset_dir=str(binary["data"]))
+    workflow.initialize()
+    net = workflow.parser.get_parsed_content("network_def").eval()
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    scores = []
+    for case in workflow.parser.get_parsed_content("validate#dataset"):
+        with torch.no_grad():
+            pred = (torch.sigmoid(net(case["image"][None])) > 0.5).float()
+        scores.append(float(compute_dice(pred, case["label"][None], include_background=True, ignore_empty=False)))
+    assert name == "val_mean_dice" and float(value) == pytest.approx(np.nanmean(scores), abs=1e-4)

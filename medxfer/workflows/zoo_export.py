@@ -10,6 +10,8 @@ or from a model-bank entry, :func:`export_bundle` writes::
       configs/inference.json       # MONAI only: network_def, preprocessing with the numbers baked in,
                                    #   inferer, Invertd, SaveImaged, dataset_dir
       configs/train.json           # MONAI only: fine-tuning from models/model.pt on dataset_dir
+      configs/evaluate.json        # over train.json: mean Dice of models/model.pt on the validation cases
+      configs/multi_gpu_train.json # over train.json: DDP under torchrun (NCCL; gloo on CPU)
       configs/logging.conf
       models/model.pt              # the network's state dict (+ large_files.yml above the zoo's 25 MB)
       scripts/                     # 2D networks MONAI lacks: their code, copied (see below)
@@ -47,7 +49,7 @@ size (``Invertd``: plain bilinear), then sigmoid > 0.5 (binary, saved 0/255) or 
 label indices), written as ``<output_dir>/<image stem>.png``: medxfer's own masks, byte for byte.
 ``required_packages_version``: ``pillow`` (+ any non-MONAI package the copied code imports).
 
-Not exported (yet): evaluate / multi-GPU configs, TATL's multi-network inference, 2D bank entries
+Not exported (yet): TATL's multi-network inference, 2D bank entries
 (pretraining encoders, not segmenters), nnU-Net-preprocessed entries (nnU-Net's preprocessing is
 not MONAI's). SwinUNETR cannot be scripted with TorchScript (``ckpt_export`` fails inside its window
 attention); :func:`export_program` writes a ``torch.export`` program instead.
@@ -728,6 +730,61 @@ def _validator_parts(include_background: bool) -> dict:
     }
 
 
+def _evaluate_config(src: ExportSource) -> dict:
+    """``configs/evaluate.json``, layered over ``train.json`` as the zoo's bundles do
+    (``--config_file "['configs/train.json','configs/evaluate.json']"``): the validation cases of
+    ``train.json`` (the last 20 % of the sorted ``dataset_dir`` cases; ``validate#dataset#data``
+    overridable) through ``models/model.pt``, mean Dice on the validation grid (the same key metric
+    as ``train.json``'s validation: the 3D case after the bundle's preprocessing, the 2D image at the
+    network's size), written by MONAI's ``MetricsSaver`` to ``<bundle>/eval`` (``metrics.csv``, per-case
+    ``val_mean_dice_raw.csv``, summary statistics). MONAI only."""
+    return {
+        "output_dir": "$@bundle_root + '/eval'",
+        "validate#handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
+             "map_location": "@device"},
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": ["val_mean_dice"],
+             "metric_details": ["val_mean_dice"], "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
+             "summary_ops": "*"}],
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@validate#evaluator.run()"],
+    }
+
+
+def _multi_gpu_train_config() -> dict:
+    """``configs/multi_gpu_train.json``, layered over ``train.json`` as the zoo's bundles do::
+
+        torchrun --standalone --nproc_per_node=NUM_GPUS -m monai.bundle run \\
+            --config_file "['configs/train.json','configs/multi_gpu_train.json']" --dataset_dir D
+
+    DistributedDataParallel, a ``DistributedSampler`` for training (even split) and validation, one
+    GPU per process with NCCL; without GPUs the same command runs CPU processes with gloo. The key
+    metric is synced by ignite across ranks; ignite's savers write on rank 0 only, so ignite's view
+    of the process group is made on every rank first (``idist.sync()``), before any handler asks for it."""
+    return {
+        "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
+        "device": "$torch.device(f'cuda:{dist.get_rank()}') if torch.cuda.is_available() else torch.device('cpu')",
+        "network": "$torch.nn.parallel.DistributedDataParallel(@network_def.to(@device), "
+                   "device_ids=[@device] if torch.cuda.is_available() else None)",
+        "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
+                          "shuffle": True},
+        "train#dataloader#sampler": "@train#sampler",
+        "train#dataloader#shuffle": False,
+        "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False,
+                             "shuffle": False},
+        "validate#dataloader#sampler": "@validate#sampler",
+        "initialize": ["$import torch.distributed as dist",
+                       "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
+                       "$import ignite.distributed as idist", "$idist.sync()",
+                       "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+                       "$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@train#trainer.run()"],
+        "finalize": ["$dist.is_initialized() and dist.barrier()",
+                     "$dist.is_initialized() and dist.destroy_process_group()", "$idist.sync()"],
+    }
+
+
 def _train_config(src: ExportSource) -> dict:
     if src.kind == "seg2d":
         return _seg2d_train_config(src)
@@ -876,6 +933,15 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 
 `dataset_dir` holds `imagesTs/*.nii.gz` (an MSD task) or `*.nii.gz`; predictions go to `eval/`.
 
+Evaluation of `models/model.pt` (mean Dice on the last 20 % of the sorted labelled cases (`imagesTr` / `labelsTr`), MONAI's
+`MetricsSaver` writes `eval/metrics.csv` and per-case `eval/val_mean_dice_raw.csv`), fine-tuning on
+several GPUs (DistributedDataParallel; gloo processes on a machine without GPUs):
+
+```bash
+python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --bundle_root . --dataset_dir /path/to/labelled
+torchrun --standalone --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root . --dataset_dir /path/to/labelled
+```
+
 ## Network
 
 `{cfg['network_def']['_target_']}`, {src.in_channels} input channel(s), {src.out_channels} outputs
@@ -920,6 +986,15 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 `dataset_dir` holds `images/` (a folder-pair set) or the images themselves (png, jpg, bmp, tif);
 masks go to `eval/<image stem>.png` at each image's size ({'0/255' if src.out_channels == 1 else 'label indices'}).
 Fine-tuning: `configs/train.json` on `dataset_dir/images` + `dataset_dir/masks` (starts from `models/model.pt`).
+
+Evaluation of `models/model.pt` (mean Dice on the last 20 % of the sorted labelled images (`images/` + `masks/`), MONAI's
+`MetricsSaver` writes `eval/metrics.csv` and per-case `eval/val_mean_dice_raw.csv`), fine-tuning on
+several GPUs (DistributedDataParallel; gloo processes on a machine without GPUs):
+
+```bash
+python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --bundle_root . --dataset_dir /path/to/labelled
+torchrun --standalone --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root . --dataset_dir /path/to/labelled
+```
 
 ## Network
 
@@ -991,6 +1066,8 @@ def export_bundle(out, source: ExportSource, version: str = "0.1.0", authors: st
             meta = _seg2d_metadata(source, version, authors, required)
         (tmp / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
         (tmp / "configs" / "train.json").write_text(json.dumps(_train_config(source), indent=4) + "\n")
+        (tmp / "configs" / "evaluate.json").write_text(json.dumps(_evaluate_config(source), indent=4) + "\n")
+        (tmp / "configs" / "multi_gpu_train.json").write_text(json.dumps(_multi_gpu_train_config(), indent=4) + "\n")
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         (tmp / "configs" / "logging.conf").write_text(_LOGGING_CONF)
         atomic_torch_save({k: v.detach().cpu() for k, v in source.state.items()}, tmp / "models" / "model.pt")
