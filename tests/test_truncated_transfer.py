@@ -87,18 +87,23 @@ def test_every_level_gives_documented_channels_strides_and_output_shapes(arch, l
                                                    zip(enc.feature_channels, enc.feature_strides)]
     assert enc.feature_strides[0] == 2 and all(b == 2 * a for a, b in zip(enc.feature_strides, enc.feature_strides[1:]))
 
-    clf = TruncatedClassifier(arch, level, num_classes=3).eval()
+    clf = TruncatedClassifier(arch, level, num_classes=3, image_size=64).eval()
+    gap = TruncatedClassifier(arch, level, num_classes=3, head="gap").eval()
     seg = TruncatedSegmenter(arch, level, out_channels=2).eval()
     with torch.no_grad():
-        assert tuple(clf(x).shape) == (2, 3)
+        assert tuple(clf(x).shape) == (2, 3) and tuple(gap(x).shape) == (2, 3)
+        assert tuple(gap(torch.randn(1, 3, 96, 96)).shape) == (1, 3)  # pooling: any input size
+        with pytest.raises(ValueError, match="built for 64x64 inputs, got 96x96"):
+            clf(torch.randn(1, 3, 96, 96))
         assert tuple(seg(x).shape) == (2, 2, 64, 64)
         if level == 4:  # sides that are not multiples of 32: padded inside, cropped back
             assert tuple(seg(torch.randn(1, 3, 50, 70)).shape) == (1, 2, 50, 70)
-    assert clf.head.in_features == channels
+    # flatten head (the authors' default): every position of the C_k x 64/s x 64/s map; pooling: C_k
+    assert clf.head.in_features == channels * (64 // stride) ** 2 and gap.head.in_features == channels
 
 
 def test_grayscale_input_and_invalid_arguments():
-    clf = TruncatedClassifier("densenet121", 1, num_classes=1, in_channels=1).eval()
+    clf = TruncatedClassifier("densenet121", 1, num_classes=1, in_channels=1, image_size=32).eval()
     with torch.no_grad():
         assert tuple(clf(torch.randn(1, 1, 32, 32)).shape) == (1, 1)
     with pytest.raises(ValueError, match="level"):
@@ -178,13 +183,17 @@ def test_torchvision_densenet_keys_and_shape_mismatch_are_handled():
 @pytest.mark.parametrize("arch", list(EXPECTED))
 def test_parameter_count_decreases_strictly_with_smaller_level(arch):
     enc = [parameter_count(truncate_encoder(_encoder(arch), arch, k)) for k in LEVELS]
-    clf = [parameter_count(TruncatedClassifier(arch, k, num_classes=2)) for k in LEVELS]
+    clf = [parameter_count(TruncatedClassifier(arch, k, num_classes=2, head="gap")) for k in LEVELS]
     seg = [parameter_count(TruncatedSegmenter(arch, k, out_channels=1)) for k in LEVELS]
     for counts in (enc, clf, seg):
         assert all(a < b for a, b in zip(counts, counts[1:])), counts
     assert enc[-1] == TORCHVISION_ENCODER_PARAMS[arch] == parameter_count(_encoder(arch))
     head = EXPECTED[arch][1][0] * 2 + 2
     assert clf[0] == enc[0] + head
+    # flatten head at 224 x 224 (the paper's input): C_k * (224 / s_k)^2 inputs per class, + bias
+    channels, stride = EXPECTED[arch][1]
+    flat = TruncatedClassifier(arch, 1, num_classes=2)
+    assert parameter_count(flat) == enc[0] + channels * (224 // stride) ** 2 * 2 + 2
 
 
 # --- (d) every kept layer is fine-tuned -------------------------------------------------------
@@ -192,7 +201,7 @@ def test_parameter_count_decreases_strictly_with_smaller_level(arch):
 @pytest.mark.parametrize("arch,level", ARCH_LEVELS)
 def test_one_sgd_step_changes_every_kept_encoder_tensor(arch, level):
     torch.manual_seed(0)
-    clf = TruncatedClassifier(arch, level, num_classes=3)
+    clf = TruncatedClassifier(arch, level, num_classes=3, image_size=64)
     truncated_encoder_weights(clf, _pretrained_like(arch))
     clf.train()
     before = {k: p.detach().clone() for k, p in clf.encoder.named_parameters()}

@@ -1,19 +1,29 @@
-"""Truncated transfer learning (SPEC section 8): a pretrained encoder cut after level k, fine-tuned whole.
+"""Truncated transfer learning (SPEC section 8): a pretrained encoder cut after level k (or at one of the
+paper's cuts, Res-T1..T5 / Dens-T1..F), fine-tuned whole.
 
 Method (Peng, Liang, Luo, Li & Sun, "Rethink Transfer Learning in Medical Image Classification",
 2021): medical pathologies are mostly low- to mid-level features (textures, blobs), so instead of
 fine-tuning a whole ImageNet network, keep its bottom layers up to a level "commensurate with the
 level of features needed", drop the top, put a new head on the cut and fine-tune **every kept
 layer** from the pretrained weights (only the new head starts from random; nothing is frozen).
-Paper facts used here:
+Paper facts used here (and, where the paper is silent, the authors' code, PL97/TTL):
 
 * DenseNet121 truncated after its first 1 / 2 / 3 dense blocks (Dens-T1/T2/T3) against the full
   network (Dens-F); on their COVID-19 chest X-rays Dens-T1 and Dens-T2 were the two best models and
   Dens-T1 beat Dens-F "with 79% parameter reduction"; on CheXpert Dens-T3 was best.
-* ResNet50 was truncated at the first 25 / 37 / 43 / 46 / 49 conv layers (Res-T1..T5).
-* The classification head is global average pooling + a new fully-connected layer; training used
-  Adam (lr 1e-5), batches of 64, 224x224 inputs, 200 epochs, lr halved when the validation AUPRC
-  stops improving.
+* ResNet50 truncated at the first 25 / 37 / 43 / 46 / 49 conv layers (Res-T1..T5). Counting the
+  main path (stem conv + 3 convs per bottleneck, the 4 1x1 downsample shortcuts not counted; the
+  authors cut their unrolled ResNet50 at bottleneck boundaries, ``layerttl_resnet50``), that is the
+  stem + 8 / 12 / 14 / 15 / 16 bottlenecks: Res-T1 ends after ``layer3.0`` (1024 ch, /16), Res-T2
+  after ``layer3.4`` (1024, /16), Res-T3 after ``layer4.0`` (2048, /32), Res-T4 after ``layer4.1``
+  and Res-T5 after ``layer4.2``, i.e. the whole encoder (:data:`PAPER_CUTS`; build them by name,
+  ``TruncatedClassifier("resnet50", "Res-T2", ...)``). Encoder parameters 2,957,376 / 7,426,112 /
+  14,582,848 / 19,045,440 / 23,508,032.
+* The head (authors' code): the truncated feature map flattened into one new linear layer
+  (``flatten``; global average pooling + linear is their ``--pooling`` option, ``head="gap"`` here).
+  Training: Adam (lr 1e-5), batches of 64, 224x224 inputs, 200 epochs, lr halved when the
+  validation AUPRC stops improving, the best-validation model on a separate test set, 3 repeats
+  (:mod:`medxfer.workflows.truncated_classification`, ``configs/truncated_paper.yaml``).
 * AUPRC is reported beside AUROC because AUROC saturates under class imbalance (their example, 10
   positives in 1000: AUROC 0.999 vs 0.991 but AUPRC 0.990 vs 0.354); see
   :mod:`medxfer.metrics.classification`.
@@ -31,12 +41,18 @@ level  ResNet50 (torchvision layout)                   DenseNet121
                                                        ``norm5``, then ReLU): 1024 ch, /32
 =====  ==============================================  ==========================================
 
-Deviation from the paper, on purpose: the ResNet50 cut points are the SPEC's stage boundaries
-(after layer1/2/3 = the first 10 / 22 / 40 conv layers of the main path, 49 in all), not the
-paper's Res-T1..T5 (25..49 conv layers, i.e. inside layer3/layer4). DenseNet levels include the
-transition that follows dense block k (1x1 conv halving the channels, 2x2 average pool), as the
-SPEC says; the paper's depth shares 12% / 32% for Dens-T1 / Dens-T2 match the 14 / 39 of the 121
+The integer levels are the SPEC's stage boundaries (after layer1/2/3 = the first 10 / 22 / 40
+main-path conv layers, 49 in all; the authors' block-wise ``--trunc 1/2/3``), kept beside the
+paper's cuts. DenseNet levels include the transition that follows dense block k (1x1 conv halving
+the channels, 2x2 average pool), as the SPEC and the authors' code (``features[:4 + 2k]``) do; the
+paper's depth shares 12% / 32% for Dens-T1 / Dens-T2 match the 14 / 39 of the 121
 weight layers kept by levels 1 / 2 (level 3 keeps 88 of 121, 73%; the paper prints "88%").
+
+Remaining deviations from the authors' code: Dens-F (level 4) ends with a ReLU after ``norm5``
+(torchvision's and MONAI's DenseNet forward); the authors' flatten head reads ``norm5`` without it.
+The encoders are MONAI's, whose random initialisation differs from torchvision's (it only matters
+without pretrained weights).
+
 Parameters of the encoders (random init, ``in_channels=3``; :func:`parameter_count`):
 ResNet50 225,344 / 1,444,928 / 8,543,296 / 23,508,032 and DenseNet121 377,856 / 1,429,632 /
 4,793,728 / 6,953,856 for levels 1 / 2 / 3 / 4 (level 4 = torchvision's counts without the fc).
@@ -65,7 +81,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +94,7 @@ from monai.networks.nets.basic_unet import UpCat
 from medxfer.networks.layout import ArchLayout
 
 __all__ = [
-    "ARCHS", "TruncationLevel", "truncation_levels", "resnet50_encoder", "densenet121_encoder",
+    "ARCHS", "PAPER_CUTS", "HEADS", "TruncationLevel", "truncation_levels", "truncation_cuts", "resnet50_encoder", "densenet121_encoder",
     "DenseNet121Encoder", "TruncatedEncoder", "truncate_encoder", "truncated_key", "truncated_layout",
     "TruncatedClassifier", "TruncatedSegmenter", "parameter_count",
 ]
@@ -90,15 +106,21 @@ class TruncationLevel:
     ``channels`` (C_k) and ``stride`` (s_k) describe the output ``(B, C_k, H / s_k, W / s_k)``;
     ``kept`` are the top-level module names kept (relative to the encoder, ``features.`` included for
     DenseNet121); ``conv_layers`` counts the kept main-path conv layers (ResNet50: without the 4
-    1x1 downsample shortcuts; DenseNet121: stem, dense-layer and transition convs).
+    1x1 downsample shortcuts; DenseNet121: stem, dense-layer and transition convs). ``level`` is
+    what the networks take (an integer level or a paper cut name such as ``"Res-T1"``), ``name``
+    a label (``"level2"``, ``"Res-T1"``); ``blocks``: bottleneck blocks kept of the last stage when
+    the cut is inside it (``last_module`` is then that stage, e.g. ``layer3`` with 1 of its 6
+    blocks for Res-T1), else ``None``.
     """
 
-    level: int
+    level: int | str
     channels: int
     stride: int
     last_module: str
     kept: tuple[str, ...]
     conv_layers: int
+    name: str = ""
+    blocks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,29 @@ _SPECS = {
 #: Architectures understood by :func:`truncate_encoder` and the truncated networks.
 ARCHS = tuple(_SPECS)
 
+#: The paper's named cuts. ResNet50: name -> (stage, bottleneck blocks of that stage kept); every
+#: block of the earlier stages is kept, so the main-path conv count is 1 (stem) + 3 per kept block:
+#: 25 / 37 / 43 / 46 / 49. DenseNet121: name -> level (Dens-Tk = after dense block k and its
+#: transition; Dens-F = the full features).
+PAPER_CUTS = {
+    "resnet50": {"Res-T1": ("layer3", 1), "Res-T2": ("layer3", 5), "Res-T3": ("layer4", 1),
+                 "Res-T4": ("layer4", 2), "Res-T5": ("layer4", 3)},
+    "densenet121": {"Dens-T1": 1, "Dens-T2": 2, "Dens-T3": 3, "Dens-F": 4},
+}
+_RESNET50_BLOCKS = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
+_RESNET50_STAGE = {"layer1": (256, 4), "layer2": (512, 8), "layer3": (1024, 16), "layer4": (2048, 32)}
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+@dataclass(frozen=True)
+class _Cut:
+    value: int | str            # what the caller gave, canonical (an int level or the paper's name)
+    last_module: str            # last kept top-level module
+    blocks: int | None          # ResNet50: blocks kept of ``last_module`` (None: all of it)
+
 
 def _spec(arch: str) -> _ArchSpec:
     if arch not in _SPECS:
@@ -137,12 +182,25 @@ def _spec(arch: str) -> _ArchSpec:
     return _SPECS[arch]
 
 
-def _check_level(arch: str, level) -> int:
+def _resolve(arch: str, level) -> _Cut:
+    """An integer level 1..4 or a paper cut name (``"Res-T1"``; case, ``-`` and ``_`` ignored)."""
     spec = _spec(arch)
-    if isinstance(level, bool) or not isinstance(level, int) or level not in spec.level_end:
-        raise ValueError(f"{arch}: truncation level must be one of {sorted(spec.level_end)} "
-                         f"(4 = the full encoder), got {level!r}")
-    return level
+    if isinstance(level, str):
+        names = {_norm_name(n): n for n in PAPER_CUTS[arch]}
+        name = names.get(_norm_name(level))
+        if name is not None:
+            cut = PAPER_CUTS[arch][name]
+            if isinstance(cut, int):
+                return _Cut(name, spec.level_end[cut], None)
+            return _Cut(name, cut[0], cut[1])
+    elif not isinstance(level, bool) and isinstance(level, int) and level in spec.level_end:
+        return _Cut(level, spec.level_end[level], None)
+    raise ValueError(f"{arch}: truncation level must be one of {sorted(spec.level_end)} (4 = the full encoder) "
+                     f"or a cut name {list(PAPER_CUTS[arch])}, got {level!r}")
+
+
+def _check_level(arch: str, level) -> int | str:
+    return _resolve(arch, level).value
 
 
 def _kept(spec: _ArchSpec, level: int) -> tuple[str, ...]:
@@ -150,14 +208,35 @@ def _kept(spec: _ArchSpec, level: int) -> tuple[str, ...]:
 
 
 def truncation_levels(arch: str) -> list[TruncationLevel]:
-    """The valid levels of ``arch`` ("resnet50" or "densenet121") with C_k, s_k and the kept modules."""
+    """The integer levels of ``arch`` ("resnet50" or "densenet121") with C_k, s_k and the kept modules."""
     spec = _spec(arch)
     prefix = f"{spec.container}." if spec.container else ""
     out = []
     for level, (channels, stride, convs) in sorted(spec.table.items()):
         out.append(TruncationLevel(level=level, channels=channels, stride=stride,
                                    last_module=prefix + spec.level_end[level],
-                                   kept=tuple(prefix + m for m in _kept(spec, level)), conv_layers=convs))
+                                   kept=tuple(prefix + m for m in _kept(spec, level)), conv_layers=convs,
+                                   name=f"level{level}"))
+    return out
+
+
+def truncation_cuts(arch: str) -> list[TruncationLevel]:
+    """Every cut of ``arch``: the integer levels (:func:`truncation_levels`), then the paper's named
+    cuts (:data:`PAPER_CUTS`; DenseNet121's are the levels 1..4 under the paper's names)."""
+    spec = _spec(arch)
+    out = truncation_levels(arch)
+    by_level = {lv.level: lv for lv in out}
+    for name, cut in PAPER_CUTS[arch].items():
+        if isinstance(cut, int):
+            out.append(replace(by_level[cut], level=name, name=name))
+            continue
+        stage, blocks = cut
+        kept = _kept(spec, next(k for k, m in spec.level_end.items() if m == stage))
+        convs = 1 + 3 * (sum(_RESNET50_BLOCKS[m] for m in kept[:-1] if m in _RESNET50_BLOCKS) + blocks)
+        channels, stride = _RESNET50_STAGE[stage]
+        out.append(TruncationLevel(level=name, channels=channels, stride=stride, last_module=stage, kept=kept,
+                                   conv_layers=convs, name=name,
+                                   blocks=None if blocks == _RESNET50_BLOCKS[stage] else blocks))
     return out
 
 
@@ -224,14 +303,18 @@ class TruncatedEncoder(nn.Module):
     ``features.denseblock1...``). Build it with :func:`truncate_encoder`.
     """
 
-    def __init__(self, arch: str, level: int, modules: list[tuple[str, nn.Module]], taps: list[tuple[str, int, int]],
-                 container: str | None, final_relu: bool):
+    def __init__(self, arch: str, level: int | str, modules: list[tuple[str, nn.Module]],
+                 taps: list[tuple[str, int, int]], container: str | None, final_relu: bool,
+                 dropped: tuple[str, ...] = ()):
         super().__init__()
         if container not in (None, "features"):  # the forwards name the container (TorchScript)
             raise ValueError(f"TruncatedEncoder: container must be None or 'features', got {container!r}")
         self.arch, self.level = arch, level
         self._container = container
         self._names = tuple(name for name, _ in modules)
+        # source modules deeper than the cut, relative to the container ("layer3.1", "layer4"):
+        # a plain list of str (TorchScript leaves it alone, the forwards never read it)
+        self.dropped: list[str] = list(dropped)
         if container:
             self.add_module(container, nn.Sequential(OrderedDict(modules)))
         else:
@@ -280,12 +363,13 @@ class TruncatedEncoder(nn.Module):
         return f"arch={self.arch!r}, level={self.level}, channels={self.channels}, stride={self.stride}"
 
 
-def _tap_channels(arch: str, root: nn.Module, name: str) -> int:
-    """Output channels of top-level module ``name``, read from the modules (not assumed)."""
+def _tap_channels(arch: str, root: nn.Module, name: str, module: nn.Module) -> int:
+    """Output channels of top-level module ``name`` (kept as ``module``: a stage cut inside is a
+    shorter ``nn.Sequential``), read from the modules (not assumed)."""
     if arch == "resnet50":
         if name == "act":
             return root.bn1.num_features
-        block = root._modules[name][-1]
+        block = module[-1]
         last_norm = block.bn3 if hasattr(block, "bn3") else block.bn2  # bottleneck / basic block
         return last_norm.num_features
     if name == "relu0":
@@ -307,7 +391,11 @@ def truncate_encoder(encoder: nn.Module, arch: str, level: int) -> TruncatedEnco
             ``arch == "densenet121"``: any module with MONAI DenseNet ``features`` (
             :func:`densenet121_encoder` or a MONAI ``DenseNet121``).
         arch: "resnet50" or "densenet121".
-        level: 1..4, see the module table (4 = the whole encoder, DenseNet121 with the final ReLU).
+        level: 1..4, see the module table (4 = the whole encoder, DenseNet121 with the final ReLU),
+            or a paper cut name (:data:`PAPER_CUTS`: ``"Res-T1"`` .. ``"Res-T5"``, ``"Dens-T1"`` ..
+            ``"Dens-F"``). A ResNet50 cut inside a stage keeps that stage's first blocks as a new
+            ``nn.Sequential`` holding the source's block modules under their source names
+            (``layer3.0``), so names and parameters are still the source's.
 
     Returns:
         a :class:`TruncatedEncoder` whose modules *are* the source's (no copy: changing a source
@@ -315,7 +403,7 @@ def truncate_encoder(encoder: nn.Module, arch: str, level: int) -> TruncatedEnco
         referenced. ``(B, C, H, W)`` -> ``(B, C_k, H / s_k, W / s_k)``.
     """
     spec = _spec(arch)
-    level = _check_level(arch, level)
+    cut = _resolve(arch, level)
     root = getattr(encoder, spec.container) if spec.container and hasattr(encoder, spec.container) else encoder
     if spec.container and root is encoder:
         raise ValueError(f"{arch}: the encoder has no '{spec.container}' module (expected a MONAI DenseNet121 "
@@ -331,15 +419,26 @@ def truncate_encoder(encoder: nn.Module, arch: str, level: int) -> TruncatedEnco
         if tuple(root.conv1.stride) != (2, 2):
             raise ValueError(f"resnet50: conv1 has stride {tuple(root.conv1.stride)}; build it with "
                              "conv1_t_stride=2 (torchvision layout), e.g. resnet50_encoder()")
-    kept = _kept(spec, level)
+    kept = spec.order[: spec.order.index(cut.last_module) + 1]
+    modules = [(m, root._modules[m]) for m in kept]
+    dropped = list(spec.order[len(kept):])
+    if cut.blocks is not None:
+        stage = root._modules[cut.last_module]
+        blocks = list(stage.named_children())
+        if cut.blocks > len(blocks):
+            raise ValueError(f"{arch}: cut {cut.value!r} keeps {cut.blocks} blocks of {cut.last_module}, "
+                             f"the encoder's {cut.last_module} has {len(blocks)}")
+        if cut.blocks < len(blocks):  # the first blocks, same module objects under the same names
+            modules[-1] = (cut.last_module, nn.Sequential(OrderedDict(blocks[: cut.blocks])))
+            dropped = [f"{cut.last_module}.{n}" for n, _ in blocks[cut.blocks:]] + dropped
     taps, stride = [], 1
-    for i, name in enumerate(kept):
+    for i, (name, module) in enumerate(modules):
         stride *= 2 if name in spec.downsampling else 1
         last = i == len(kept) - 1
         if last or (kept[i + 1] in spec.downsampling and stride > 1):
-            taps.append((name, _tap_channels(arch, root, name), stride))
+            taps.append((name, _tap_channels(arch, root, name, module), stride))
     final_relu = arch == "densenet121" and kept[-1] == "norm5"
-    return TruncatedEncoder(arch, level, [(m, root._modules[m]) for m in kept], taps, spec.container, final_relu)
+    return TruncatedEncoder(arch, cut.value, modules, taps, spec.container, final_relu, tuple(dropped))
 
 
 # --- checkpoint keys ---------------------------------------------------------------------------
@@ -362,7 +461,7 @@ def truncated_key(key: str) -> str:
     return "encoder." + key
 
 
-def _build_truncated(arch: str, level: int, in_channels: int) -> TruncatedEncoder:
+def _build_truncated(arch: str, level: int | str, in_channels: int) -> TruncatedEncoder:
     _check_level(arch, level)
     if int(in_channels) < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -375,8 +474,10 @@ def truncated_layout(network: nn.Module | None) -> ArchLayout:
     :class:`TruncatedSegmenter`: one encoder level (``encoder``: everything kept), the decoder stages
     of a segmenter, head ``head``; the penultimate encoder module is the second-to-last kept encoder
     module with parameters (``encoder.layer1`` for ResNet50 level 2, ``encoder.features.denseblock1``
-    for DenseNet121 level 1; a module the segmenter's forward really runs); ``cut_off`` names the source encoder's modules deeper than the cut
-    (``encoder.layer4`` ...): a transfer skips their checkpoint keys by design."""
+    for DenseNet121 level 1; a module the segmenter's forward really runs); ``cut_off`` names the source
+    encoder's modules deeper than the cut (``encoder.layer4`` ...; the dropped blocks of a stage cut
+    inside it, ``encoder.layer3.1`` .. ``encoder.layer3.5`` for Res-T1): a transfer skips their
+    checkpoint keys by design."""
     if network is None:
         return ArchLayout("truncated", [["encoder"]], [], ["head"], "encoder")
     encoder = network.encoder
@@ -387,40 +488,92 @@ def truncated_layout(network: nn.Module | None) -> ArchLayout:
     return ArchLayout(f"truncated_{encoder.arch}", [["encoder"]],
                       [f"decoder.{i}" for i in range(len(decoder))] if decoder is not None else [], ["head"],
                       prefix + kept[-2] if len(kept) >= 2 else prefix + kept[-1],
-                      cut_off=[prefix + m for m in spec.order[len(encoder._names):]])
+                      cut_off=[prefix + m for m in encoder.dropped])
 
 
 # --- networks ----------------------------------------------------------------------------------
 
-class TruncatedClassifier(nn.Module):
-    """Truncated encoder + global average pool + dropout + linear head (the paper's Res-T/Dens-T models).
+#: Classifier heads: ``flatten`` (the authors' code: flatten the whole feature map, then linear) and
+#: ``gap`` (global average pooling, then linear).
+HEADS = ("flatten", "gap")
 
-    ``forward``: ``(B, in_channels, H, W)`` -> ``(B, num_classes)`` logits (sigmoid for multi-label,
-    softmax for multi-class, outside). Every parameter is trainable.
+
+def _pair(size, what: str) -> tuple[int, int]:
+    size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+        raise ValueError(f"TruncatedClassifier: {what} must be a positive int or (H, W), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _feature_size(encoder: nn.Module, in_channels: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Spatial size of the encoder's output for ``image_size`` inputs, from a forward pass on the
+    meta device (shapes only: no compute, no memory, the real weights and BN statistics untouched)."""
+    state = {k: torch.empty_like(v, device="meta") for k, v in encoder.state_dict(keep_vars=True).items()}
+    x = torch.empty(1, in_channels, *image_size, device="meta")
+    out = torch.func.functional_call(encoder, state, (x,))
+    return int(out.shape[2]), int(out.shape[3])
+
+
+class TruncatedClassifier(nn.Module):
+    """Truncated encoder + a new linear head (the paper's Res-T / Dens-T models).
+
+    Head ``flatten`` (default, the authors' code): the whole ``(C_k, h, w)`` feature map flattened
+    into ``nn.Linear(C_k * h * w, num_classes)``, so the network is built for one input size
+    (``image_size``; 224 in the paper: Res-T1 has a 1024 x 14 x 14 map, 200,704 inputs per class)
+    and refuses others with a one-line error. Head ``gap``: global average pooling first
+    (``nn.Linear(C_k, num_classes)``, any input size). ResNet50 heads start from Kaiming-normal
+    weights (``torch.nn.init.kaiming_normal_``, as the authors' ``resnet50``), DenseNet121 heads from
+    PyTorch's default ``nn.Linear`` init (as their ``densenet121``).
+
+    ``forward``: ``(B, in_channels, H, W)`` -> ``(B, num_classes)`` logits: softmax outside for
+    multi-class, sigmoid per output for multi-label (CheXpert-style; see
+    :mod:`medxfer.workflows.truncated_classification`). Every parameter is trainable.
 
     Args:
-        arch: "resnet50" or "densenet121". level: 1..4 (see the module table).
-        num_classes: outputs of the new head (``nn.Linear(C_k, num_classes)``, random init).
+        arch: "resnet50" or "densenet121". level: 1..4 (see the module table) or a paper cut name
+            (``"Res-T1"`` .. ``"Res-T5"``, ``"Dens-T1"`` .. ``"Dens-F"``).
+        num_classes: outputs of the new head (random init).
         in_channels: image channels (3: ImageNet weights load fully; otherwise ``conv1``/``conv0`` is
             reported as a shape mismatch and keeps its random init).
         dropout: dropout probability before the head (0: none).
+        head: ``"flatten"`` or ``"gap"`` (:data:`HEADS`).
+        image_size: the input size ``H`` or ``(H, W)`` a ``flatten`` head is built for (unused by ``gap``).
 
-    Attributes: ``encoder`` (:class:`TruncatedEncoder`), ``pool``, ``dropout``, ``head``.
+    Attributes: ``encoder`` (:class:`TruncatedEncoder`), ``pool`` (identity for ``flatten``),
+    ``dropout``, ``head``, ``head_type``.
     """
 
-    def __init__(self, arch: str, level: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0):
+    def __init__(self, arch: str, level: int | str, num_classes: int, in_channels: int = 3, dropout: float = 0.0,
+                 head: str = "flatten", image_size: int | tuple[int, int] = 224):
         super().__init__()
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if head not in HEADS:
+            raise ValueError(f"TruncatedClassifier: head must be one of {list(HEADS)}, got {head!r}")
         self.encoder = _build_truncated(arch, level, in_channels)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_type = head
+        if head == "gap":
+            self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
+            self.image_size = [0, 0]  # any size
+            self._feature_hw = [1, 1]
+        else:
+            self.pool = nn.Identity()
+            self.image_size = list(_pair(image_size, "image_size"))
+            self._feature_hw = list(_feature_size(self.encoder, int(in_channels), tuple(self.image_size)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.head = nn.Linear(self.encoder.channels, int(num_classes))
+        self.head = nn.Linear(self.encoder.channels * self._feature_hw[0] * self._feature_hw[1], int(num_classes))
+        if arch == "resnet50":  # the authors' resnet50 head init; their densenet121 keeps PyTorch's default
+            nn.init.kaiming_normal_(self.head.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(torch.flatten(self.pool(self.encoder(x)), 1)))
+        f = self.pool(self.encoder(x))
+        if f.shape[2] != self._feature_hw[0] or f.shape[3] != self._feature_hw[1]:
+            raise ValueError("TruncatedClassifier: the flatten head was built for " + str(self.image_size[0]) + "x"
+                             + str(self.image_size[1]) + " inputs, got " + str(x.shape[2]) + "x" + str(x.shape[3])
+                             + " (build it with that image_size, or use head='gap')")
+        return self.head(self.dropout(torch.flatten(f, 1)))
 
 
 class TruncatedSegmenter(nn.Module):
