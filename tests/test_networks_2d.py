@@ -1,6 +1,7 @@
 """The thesis 2D segmenters (SPEC section 7): basic U-Net, ResNet50 Attention U-Net, Swin U-Net.
 
-Shapes, encoder sizes against thesis Table 2.4 (the acceptance test), the additive attention gate,
+Shapes, encoder sizes against thesis Table 2.4 (the acceptance test), the earlier additive attention
+gate at the skip's resolution (``gate="skip"``; the thesis gate is tested in tests/test_thesis_networks.py),
 the layouts (every parameter in exactly one part; decoder stages and penultimate encoder level are
 modules with 4-D outputs) and the ResNet50 encoder's MONAI parameter names.
 """
@@ -96,7 +97,7 @@ def test_acceptance_encoder_sizes_within_10_percent_of_thesis_table_2_4(nets):
         print(f"{arch}: encoder {n:,} (thesis {ref / 1e6:.1f} M, {100 * (n - ref) / ref:+.1f} %), total {total:,}")
         assert abs(n - ref) / ref <= 0.10, (arch, n, ref)
     # exact values of this implementation (documented in the modules)
-    assert nets["unet2d"].encoder_parameters() == 18_847_168
+    assert nets["unet2d"].encoder_parameters() == 18_884_096  # with the 3x3 stem
     assert nets["resnet50_attention_unet"].encoder_parameters() == 23_508_032  # torchvision resnet50 - fc
     assert nets["swin_unet"].encoder_parameters() == 20_413_386
 
@@ -105,11 +106,22 @@ def _gated_stages(net):
     return [s for s in net.decoder.stages if s.gate is not None]
 
 
-def test_attention_gate_scales_each_skip_pixel_by_one_coefficient_in_0_1(nets):
+@pytest.fixture(scope="module")
+def skip_gate_net():
+    """medxfer's earlier Attention U-Net (MONAI gate at the skip's resolution, transposed-conv up steps)."""
+    torch.manual_seed(7)
+    return ResNet50AttentionUNet(in_channels=3, out_channels=OUT, up_mode="deconv", gate="skip").eval()
+
+
+def test_earlier_attention_unet_keeps_its_parameter_count(skip_gate_net):
+    assert sum(p.numel() for p in skip_gate_net.parameters()) == 31_337_837 + 17  # head 16 -> 2 (documented: -> 1)
+
+
+def test_skip_resolution_gate_scales_each_skip_pixel_by_one_coefficient_in_0_1(skip_gate_net):
     # train mode: batch norm normalises with batch statistics, so the untrained gates are not saturated
     # (in eval mode the default running statistics let the random-init activations grow until
     # sigmoid rounds to exactly 0 or 1)
-    net = copy.deepcopy(nets["resnet50_attention_unet"]).train()
+    net = copy.deepcopy(skip_gate_net).train()
     stages = _gated_stages(net)
     assert len(stages) == 4 and net.decoder.stages[4].gate is None  # the last stage gets no skip
     seen = []
@@ -131,10 +143,10 @@ def test_attention_gate_scales_each_skip_pixel_by_one_coefficient_in_0_1(nets):
         assert torch.allclose(torch.nan_to_num(ratio - per_pixel), torch.zeros_like(ratio), atol=1e-4)
 
 
-def test_attention_gate_with_zero_psi_halves_the_skip_and_feeds_the_concatenation(nets):
+def test_skip_resolution_gate_with_zero_psi_halves_the_skip_and_feeds_the_concatenation(skip_gate_net):
     """psi conv weights and bias 0 -> psi = sigmoid(BN(0)) = 0.5 in eval mode, so every stage must see
     ``[0.5 * skip, up(x)]``; fails if the gate were missing, gated the wrong signal, or were not concatenated."""
-    net = copy.deepcopy(nets["resnet50_attention_unet"]).eval()
+    net = copy.deepcopy(skip_gate_net).eval()
     stages = _gated_stages(net)
     with torch.no_grad():
         for s in stages:

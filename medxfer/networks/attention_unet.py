@@ -28,32 +28,63 @@ encoder level   modules                     feature                skip of decod
 =============== =========================== ====================== ===================================
 
 Decoder (``decoder.stages.0..4``, :class:`AttentionUpBlock`), a five-level basic U-Net decoder of
-256, 128, 64, 32, 16 channels (thesis): stage ``i`` up-samples by 2 with an up-conv (2x2 transposed
-conv, stride 2, to the stage's channels), gates the encoder feature of that scale with an additive
-attention gate whose gating signal is the up-sampled decoder signal (thesis Fig. 1.3: "x^up is the
-signal coming from the previous up-block"), concatenates ``[gated skip, up]`` and applies two
-3x3 conv - BN - ReLU. Stage outputs: ``(B, 256, H/16)``, ``(B, 128, H/8)``, ``(B, 64, H/4)``,
-``(B, 32, H/2)``, ``(B, 16, H)``. The last stage has no skip (only 4 encoder levels lie above the
-bottleneck, thesis: "the final decoder level did not receive a lateral skip connection").
+256, 128, 64, 32, 16 channels (thesis). Defaults (``gate="coarse"``, ``up_mode="bilinear"``): stage ``i``
+takes the previous output ``x`` (``layer4`` for ``i = 0``), up-samples it with the thesis'
+up-convolution (:func:`medxfer.networks.unet2d.up_conv`: x2 interpolation, 2x2 conv, ReLU) to half its
+channels (2048 -> 1024, 256 -> 128, 128 -> 64, 64 -> 32, 32 -> 16: the authors' ``channel_decrease_ratio``
+0.5), gates the encoder feature of that scale with :class:`CoarseAttentionGate` (gating signal ``x``,
+at ``x``'s resolution), concatenates ``[up, gated skip]`` (the authors' order) and applies two
+3x3 conv - BN - ReLU to the stage's channels. Stage outputs: ``(B, 256, H/16)``, ``(B, 128, H/8)``,
+``(B, 64, H/4)``, ``(B, 32, H/2)``, ``(B, 16, H)``. The last stage has no skip (only 4 encoder levels
+lie above the bottleneck, thesis: "the final decoder level did not receive a lateral skip connection").
 
-Attention gate (Oktay et al. 2018; thesis eq. 1.1), MONAI ``monai.networks.nets.attentionunet.AttentionBlock``
-unchanged: ``alpha = sigmoid(psi(ReLU(W_g g + W_x x)))``, output ``alpha * x`` (one coefficient in
-(0, 1) per pixel, broadcast over the skip's channels); ``W_g``, ``W_x`` are 1x1 conv + BN to
-``F_int = skip_channels // 2`` channels (Oktay's choice), ``psi`` is 1x1 conv + BN to one channel.
-The gate works at the skip's resolution, with the up-sampled decoder signal as ``g`` (as MONAI's
-``AttentionUnet`` and thesis Fig. 1.3); Oktay et al. instead compute ``alpha`` at the coarser
-resolution of ``g`` (strided ``W_x``) and up-sample it (the thesis' sigma-hat in eq. 1.1).
+Attention gate (thesis eq. 1.1, ``alpha(Q, K, V) = sigma_hat(Psi(phi(Q + K))) * V``, written here as
+:class:`CoarseAttentionGate`: MONAI's ``AttentionBlock`` works at the skip's resolution): ``V`` is the
+skip ``x_s`` ``(B, C_s, 2h, 2w)``; ``K = BN(W_K x_s)`` with ``W_K`` a 2x2 conv of stride 2 (the
+"1x1 convolution and downsampling" of the thesis, done as one strided conv as in the authors' code and
+Oktay et al.); ``Q = BN(W_Q(gating(g)))`` from the coarse decoder signal ``g = x`` ``(B, C_g, h, w)``,
+``W_Q`` 1x1; ``phi`` = ReLU, ``Psi`` = 1x1 conv + BN; ``sigma_hat`` = sigmoid at ``(h, w)`` followed by
+nearest x2 up-sampling; output ``alpha * x_s``. Choices where the thesis is silent, from the authors'
+``AttentionBlock``: a "gating signal" block ``gating`` (1x1 conv - BN - ReLU, ``C_g -> C_g``) before
+``W_Q``; BN after ``W_Q``, ``W_K`` and ``Psi``; ``F_int = C_g`` intermediate channels; ``Psi`` has
+``C_s`` outputs (one coefficient per skip channel and coarse pixel, ``coefficients="channel"``;
+``coefficients="pixel"`` gives Oktay's single coefficient per pixel); nearest up-sampling
+(``nn.Upsample(scale_factor=2)``).
+
+``gate="skip"``, ``up_mode="deconv"`` is medxfer's earlier decoder, kept for its model-bank entries
+(same state dict as before): a 2x2 transposed conv to the stage's channels (MONAI ``UpSample``), MONAI
+``monai.networks.nets.attentionunet.AttentionBlock`` at the skip's resolution with the up-sampled signal
+as ``g`` (one coefficient per pixel, ``F_int = C_s // 2``), ``[gated skip, up]``. In general
+``up_mode`` picks the up step (``"bilinear"`` thesis text, ``"nearest"`` the authors' ``nn.Upsample``
+default; both halve the channels; ``"deconv"`` maps to the stage's channels) and ``gate`` the gate
+(``"coarse"``: :class:`CoarseAttentionGate` on ``x``, ``[up, gated]``; ``"skip"``: MONAI's on ``up(x)``,
+``[gated, up]``).
 
 Head (``head``): 1x1 conv ``16 -> out_channels``, logits at the input resolution ``(B, out, H, W)``.
 
-Also reused from MONAI: ``UpSample(mode="deconv")`` (the up-conv) and ``basic_unet.TwoConv`` (the two
-conv - BN - ReLU). Written here: :class:`AttentionUpBlock` (wiring) and the network.
+Remaining deviations from the thesis / the authors' code, kept on purpose:
+
+* ``up_mode="bilinear"`` (thesis section 1.1.1) where the authors' code up-samples nearest-neighbour
+  (``up_mode="nearest"``).
+* The ResNet50 is torchvision's (projection shortcuts, ``shortcut_type="B"``) so that torchvision /
+  MONAI ImageNet weights and state dicts load; the authors' ``DeepResNet`` uses parameter-free
+  shortcuts (1x1 average pool of stride 2 and zero-filled channels, MONAI's ``shortcut_type="A"``) and
+  has a max-pool padding of 1 (as here).
+* No stochastic depth in the ResNet50 (thesis: rate 0.1 in pretraining; the authors' downstream configs
+  also set 0.1): MONAI's ``ResNetBottleneck`` has no drop-path; adding it would need a second
+  bottleneck class. The Swin U-Net has it (``drop_path_rate``).
+
+Reused from MONAI: ``basic_unet.TwoConv`` (the two conv - BN - ReLU) and, for ``up_mode="deconv"`` /
+``gate="skip"``, ``UpSample(mode="deconv")`` and ``AttentionBlock``. Written here:
+:class:`CoarseAttentionGate`, :class:`AttentionUpBlock` (wiring) and the network.
 Initialisation as thesis section 2.1 (:func:`medxfer.networks.unet2d.he_init_`: He normal fan-in
-for every conv, encoder included; zero biases; batch norm 1 / 0).
+for every conv, encoder and gates included; zero biases; batch norm 1 / 0).
 
 Input sides must be multiples of 32 (5 stride-2 steps); ``forward`` raises ``ValueError`` otherwise.
-Parameters (``in_channels=3``, ``out_channels=1``): encoder 23,508,032, decoder 7,829,788, head 17,
-total 31,337,837.
+Parameters (``in_channels=3``, ``out_channels=1``): encoder 23,508,032, decoder 34,935,856, head 17,
+total 58,443,905 (the thesis gives no decoder size; most of it is stage 0 as in the authors' code:
+2048 -> 1024 up-conv 8.4 M, gate 18.9 M). Earlier decoder (``up_mode="deconv", gate="skip"``):
+7,829,788, total 31,337,837.
 
 TorchScript: ``torch.jit.script(net)`` (what ``monai.bundle ckpt_export`` runs) works and matches
 eager, size check included (its message prints the shape as a list, which TorchScript can format).
@@ -65,10 +96,11 @@ import torch
 from torch import nn
 
 from medxfer.networks.layout import ArchLayout
-from medxfer.networks.unet2d import he_init_
+from medxfer.networks.unet2d import UP_MODES, he_init_, up_conv
 
-__all__ = ["ARCH", "RESNET50_KWARGS", "RESNET50_CHANNELS", "DECODER_CHANNELS", "SIZE_DIVISOR",
-           "build_resnet50_encoder", "AttentionUpBlock", "AttentionUNetDecoder", "ResNet50AttentionUNet", "resnet50_attention_unet_layout"]
+__all__ = ["ARCH", "RESNET50_KWARGS", "RESNET50_CHANNELS", "DECODER_CHANNELS", "SIZE_DIVISOR", "GATES",
+           "build_resnet50_encoder", "CoarseAttentionGate", "AttentionUpBlock", "AttentionUNetDecoder",
+           "ResNet50AttentionUNet", "resnet50_attention_unet_layout"]
 
 #: Architecture name (``ArchLayout.arch``).
 ARCH = "resnet50_attention_unet"
@@ -81,6 +113,8 @@ RESNET50_CHANNELS = (64, 256, 512, 1024, 2048)
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 #: Input sides must be multiples of this.
 SIZE_DIVISOR = 32
+#: Attention gates: thesis eq. 1.1 at the coarse resolution, or MONAI's at the skip's resolution.
+GATES = ("coarse", "skip")
 
 _ACT = ("relu", {"inplace": True})
 _NORM = "batch"
@@ -98,33 +132,98 @@ def build_resnet50_encoder(in_channels: int = 3) -> nn.Module:
     return resnet50(pretrained=False, n_input_channels=in_channels, **RESNET50_KWARGS)
 
 
+def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride), nn.BatchNorm2d(cout))
+
+
+class CoarseAttentionGate(nn.Module):
+    """Additive attention gate of thesis eq. 1.1, computed at the gating signal's (coarse) resolution.
+
+    ``forward(g, skip)``: ``g`` ``(B, C_g, h, w)`` (the decoder signal before up-sampling), ``skip``
+    ``(B, C_s, 2h, 2w)`` -> ``alpha * skip`` ``(B, C_s, 2h, 2w)`` with
+    ``alpha = up2(sigmoid(psi(relu(w_q(gating(g)) + w_k(skip)))))``:
+
+    * ``gating``: 1x1 conv ``C_g -> C_g`` - BN - ReLU (the authors' gating-signal block);
+    * ``w_q``: 1x1 conv ``C_g -> F_int`` - BN (``Q``); ``w_k``: 2x2 conv of stride 2 ``C_s -> F_int`` - BN (``K``);
+    * ``psi``: 1x1 conv ``F_int -> C_s`` (``coefficients="channel"``, the authors') or ``-> 1``
+      (``"pixel"``, Oktay et al.) - BN; sigmoid; ``upsample``: nearest x2 (``sigma_hat``).
+
+    ``inter_channels`` (``F_int``) defaults to ``C_g`` (the authors'). Written by hand: no MONAI block
+    computes the gate at the coarse resolution.
+    """
+
+    def __init__(self, gate_channels: int, skip_channels: int, inter_channels: int | None = None,
+                 coefficients: str = "channel") -> None:
+        super().__init__()
+        if coefficients not in ("channel", "pixel"):
+            raise ValueError(f"CoarseAttentionGate: coefficients must be 'channel' or 'pixel', got {coefficients!r}")
+        cg, cs = int(gate_channels), int(skip_channels)
+        ci = int(inter_channels) if inter_channels is not None else cg
+        self.gating = nn.Sequential(nn.Conv2d(cg, cg, kernel_size=1), nn.BatchNorm2d(cg), nn.ReLU(inplace=True))
+        self.w_q = _conv_bn(cg, ci)
+        self.w_k = _conv_bn(cs, ci, kernel=2, stride=2)
+        self.psi = _conv_bn(ci, cs if coefficients == "channel" else 1)
+        self.upsample = nn.Upsample(scale_factor=2.0, mode="nearest")
+
+    def coefficients(self, g: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``alpha`` at the skip's resolution: ``(B, C_s or 1, 2h, 2w)``, values in (0, 1)."""
+        q = self.w_q(self.gating(g))
+        k = self.w_k(skip)
+        return self.upsample(torch.sigmoid(self.psi(torch.relu(q + k))))
+
+    def forward(self, g: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if skip.shape[-2] != 2 * g.shape[-2] or skip.shape[-1] != 2 * g.shape[-1]:
+            raise ValueError(f"CoarseAttentionGate: skip {list(skip.shape)} must be twice the size of the gating "
+                             f"signal {list(g.shape)}")
+        return self.coefficients(g, skip) * skip
+
+
 class AttentionUpBlock(nn.Module):
     """One decoder stage: ``(B, in, h, w)`` [+ skip ``(B, skip, 2h, 2w)``] -> ``(B, out, 2h, 2w)``.
 
-    ``up`` (MONAI ``UpSample``, ``mode="deconv"``: 2x2 transposed conv, stride 2, ``in -> out``), then,
-    with a skip, ``gate`` (MONAI ``AttentionBlock``, gating signal ``g = up(x)``, ``F_int = skip // 2``)
-    and concatenation ``[gate(g, skip), up(x)]``, then ``convs`` (MONAI ``TwoConv``: two 3x3
-    conv - BN - ReLU, ``out + skip -> out -> out``). ``skip_channels=0``: no gate, no concatenation.
+    ``up``: :func:`~medxfer.networks.unet2d.up_conv` ``in -> in // 2`` (``up_mode`` ``"bilinear"`` /
+    ``"nearest"``) or MONAI ``UpSample(mode="deconv")`` ``in -> out`` (``"deconv"``). With a skip, ``gate``:
+    :class:`CoarseAttentionGate` on ``(x, skip)`` and ``[up(x), gated]`` (``gate="coarse"``), or MONAI
+    ``AttentionBlock`` on ``(up(x), skip)`` (``F_int = skip // 2``) and ``[gated, up(x)]`` (``"skip"``).
+    Then ``convs`` (MONAI ``TwoConv``: two 3x3 conv - BN - ReLU to ``out``). ``skip_channels=0``: no gate,
+    no concatenation.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, bias: bool = False) -> None:
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, bias: bool = False,
+                 up_mode: str = "bilinear", gate: str = "coarse") -> None:
         super().__init__()
         from monai.networks.blocks import UpSample
         from monai.networks.nets.attentionunet import AttentionBlock
         from monai.networks.nets.basic_unet import TwoConv
 
+        if up_mode not in UP_MODES:
+            raise ValueError(f"AttentionUpBlock: up_mode must be one of {list(UP_MODES)}, got {up_mode!r}")
+        if gate not in GATES:
+            raise ValueError(f"AttentionUpBlock: gate must be one of {list(GATES)}, got {gate!r}")
         self.skip_channels = int(skip_channels)
-        self.up = UpSample(2, in_channels, out_channels, scale_factor=2, mode="deconv")
-        self.gate = (AttentionBlock(2, f_int=max(self.skip_channels // 2, 1), f_g=out_channels, f_l=self.skip_channels)
-                     if self.skip_channels else None)
-        self.convs = TwoConv(2, out_channels + self.skip_channels, out_channels, _ACT, _NORM, bias)
+        self.coarse_gate = gate == "coarse"
+        if up_mode == "deconv":
+            up_channels = int(out_channels)
+            self.up = UpSample(2, in_channels, up_channels, scale_factor=2, mode="deconv")
+        else:
+            up_channels = int(in_channels) // 2
+            self.up = up_conv(in_channels, up_channels, up_mode)
+        self.gate = None
+        if self.skip_channels and self.coarse_gate:
+            self.gate = CoarseAttentionGate(in_channels, self.skip_channels)
+        elif self.skip_channels:
+            self.gate = AttentionBlock(2, f_int=max(self.skip_channels // 2, 1), f_g=up_channels, f_l=self.skip_channels)
+        self.convs = TwoConv(2, up_channels + self.skip_channels, out_channels, _ACT, _NORM, bias)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         up = self.up(x)
         if self.gate is not None:
             if skip is None:
                 raise ValueError("AttentionUpBlock: this stage needs a skip feature map")
-            up = torch.cat([self.gate(up, skip), up], dim=1)
+            if self.coarse_gate:
+                up = torch.cat([up, self.gate(x, skip)], dim=1)
+            else:
+                up = torch.cat([self.gate(up, skip), up], dim=1)
         return self.convs(up)
 
 
@@ -136,12 +235,14 @@ class AttentionUNetDecoder(nn.Module):
     ``layer2``, ``layer1``, stem for ``i = 0..3`` and none for ``i = 4``.
     """
 
-    def __init__(self, encoder_channels=RESNET50_CHANNELS, decoder_channels=DECODER_CHANNELS) -> None:
+    def __init__(self, encoder_channels=RESNET50_CHANNELS, decoder_channels=DECODER_CHANNELS,
+                 up_mode: str = "bilinear", gate: str = "coarse") -> None:
         super().__init__()
         enc, dec = tuple(encoder_channels), tuple(decoder_channels)
         ins = (enc[-1],) + dec[:-1]                     # 2048, 256, 128, 64, 32
         skips = enc[-2::-1] + (0,) * (len(dec) - len(enc) + 1)  # 1024, 512, 256, 64, none
-        self.stages = nn.ModuleList(AttentionUpBlock(i, s, o) for i, s, o in zip(ins, skips, dec))
+        self.stages = nn.ModuleList(AttentionUpBlock(i, s, o, up_mode=up_mode, gate=gate)
+                                    for i, s, o in zip(ins, skips, dec))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         n = len(features)
@@ -163,14 +264,20 @@ class ResNet50AttentionUNet(nn.Module):
     Args:
         in_channels: image channels (default 3; the stem conv takes them).
         out_channels: logit maps (default 1).
+        up_mode: ``"bilinear"`` (default, thesis), ``"nearest"`` (authors' code) or ``"deconv"``.
+        gate: ``"coarse"`` (default, thesis eq. 1.1, :class:`CoarseAttentionGate`) or ``"skip"`` (MONAI's
+            ``AttentionBlock`` at the skip's resolution); ``up_mode="deconv", gate="skip"`` is medxfer's
+            earlier network.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1) -> None:
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, up_mode: str = "bilinear",
+                 gate: str = "coarse") -> None:
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.size_divisor = SIZE_DIVISOR
+        self.up_mode, self.gate = str(up_mode), str(gate)
         self.encoder = build_resnet50_encoder(in_channels)
-        self.decoder = AttentionUNetDecoder()
+        self.decoder = AttentionUNetDecoder(up_mode=up_mode, gate=gate)
         self.head = nn.Conv2d(DECODER_CHANNELS[-1], out_channels, kernel_size=1)
         he_init_(self)
 
