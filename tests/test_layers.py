@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and lower ones only)::
 
-    base (medxfer/__init__, atomic, jsonfile, device, resources) -> data -> planning -> transforms
+    base (medxfer/__init__, atomic, jsonfile, device, distributed, resources) -> data -> planning -> transforms
     -> networks -> losses | metrics -> transfer -> transferability -> handlers -> workflows
     -> study -> demo -> cli
 
@@ -23,7 +23,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "medxfer"
 
 #: Modules of the bottom layer; every other module belongs to its top-level package (``data``...)
 #: or is one itself (``study``, ``demo``, ``cli``).
-BASE_MODULES = {"medxfer", "medxfer.atomic", "medxfer.jsonfile", "medxfer.device", "medxfer.resources"}
+BASE_MODULES = {"medxfer", "medxfer.atomic", "medxfer.jsonfile", "medxfer.device", "medxfer.distributed",
+                "medxfer.resources"}
 
 #: Lowest first; the groups of one tuple share a level and may not import each other.
 LAYERS = (("base",), ("data",), ("planning",), ("transforms",), ("networks",), ("losses", "metrics"),

@@ -24,6 +24,7 @@ case feeds every estimator.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -139,7 +140,7 @@ def _read(maps: torch.Tensor, local: torch.Tensor, roi: Sequence[int]) -> torch.
 @torch.no_grad()
 def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Tensor, label, roi_size: Sequence[int],
                 config: SamplingConfig | None = None, case_id: str = "case", seed: int | None = None,
-                with_source_probs: bool = True) -> CaseFeatures:
+                with_source_probs: bool = True, amp_dtype: torch.dtype | None = None) -> CaseFeatures:
     """Features of one case at the drawn voxels (module docstring), one forward pass per window.
 
     Args:
@@ -149,6 +150,9 @@ def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Te
         image: ``(C, *spatial)`` preprocessed case (2D or 3D).
         label: ``(*spatial)`` or ``(1, *spatial)`` target label map in the same grid.
         roi_size: window size (the network's patch).
+        amp_dtype: run the forward passes under ``torch.autocast`` in this dtype (``torch.bfloat16`` /
+            ``torch.float16``; ``None``: the network's own precision). The maps are read in float32
+            and every estimator computes in float64 whatever the forward pass ran in.
     """
     config = config or SamplingConfig()
     image = torch.as_tensor(image)
@@ -178,7 +182,8 @@ def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Te
         for b in range(0, len(windows), config.sw_batch_size):
             batch = windows[b:b + config.sw_batch_size]
             crops = [image[(slice(None), *[slice(st, st + r) for st, r in zip(all_starts[w], roi)])] for w in batch]
-            logits = network(torch.stack(crops).to(device))
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+                logits = network(torch.stack(crops).to(device))
             for k, w in enumerate(batch):
                 rows = np.flatnonzero(owner == w)
                 local = torch.as_tensor(coords[rows] - np.asarray(all_starts[w]), device=device)
@@ -204,19 +209,25 @@ def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Te
 def sample_dataset(network: torch.nn.Module, stages: Sequence[str], cases: Iterable[dict], roi_size: Sequence[int],
                    config: SamplingConfig | None = None, progress: bool = True, desc: str = "sampling features",
                    image_key: str = "image", label_key: str = "label", id_fn: Callable[[dict, int], str] | None = None,
-                   with_source_probs: bool = True) -> list[CaseFeatures]:
+                   with_source_probs: bool = True, indices: Sequence[int] | None = None,
+                   amp_dtype: torch.dtype | None = None) -> list[CaseFeatures]:
     """:func:`sample_case` for every preprocessed case dict (``{"image": (C, ...), "label": (1, ...)}``),
-    case ``i`` seeded with ``config.seed + i``; shows a progress bar."""
+    case ``i`` seeded with ``config.seed + i``; shows a progress bar.
+
+    ``indices``: only these cases (positions in ``cases``), each still seeded by its position, so a
+    case's samples do not depend on which process samples it or with which others (distributed
+    scoring, :func:`medxfer.transferability.score.score_target`). ``amp_dtype``: see :func:`sample_case`."""
     from tqdm.auto import tqdm
 
     config = config or SamplingConfig()
-    cases = list(cases) if not hasattr(cases, "__len__") else cases
+    cases = cases if isinstance(cases, (list, tuple)) else list(cases)
     out = []
     network.eval()
-    for i, case in enumerate(tqdm(cases, desc=desc, disable=not progress, leave=False)):
+    for i in tqdm(range(len(cases)) if indices is None else list(indices), desc=desc, disable=not progress, leave=False):
+        case = cases[i]
         case_id = id_fn(case, i) if id_fn else str(case.get("id", f"case_{i}"))
         out.append(sample_case(network, stages, case[image_key], case[label_key], roi_size, config, case_id=case_id,
-                               seed=config.seed + i, with_source_probs=with_source_probs))
+                               seed=config.seed + i, with_source_probs=with_source_probs, amp_dtype=amp_dtype))
     return out
 
 

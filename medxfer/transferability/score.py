@@ -56,7 +56,7 @@ from medxfer.data.msd import load_task
 from medxfer.data.preflight import check_seg2d_records, check_task_records
 from medxfer.data.problems import DatasetError
 from medxfer.data.seg2d import load_seg2d
-from medxfer.device import resolve_device
+from medxfer.distributed import DistributedError, Group, init_from_env, rank_device, split_range
 from medxfer.jsonfile import json_safe, write_json
 from medxfer.networks import build_network
 from medxfer.transfer.bank import ModelBank, entry_layout
@@ -76,7 +76,7 @@ from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "SOURCE_HEAD_ESTIMATORS", "ScoringTarget", "run_estimators",
            "robustness_windows", "target_cases", "seg2d_target", "score_bank", "score_target", "write_scores",
            "target_digest", "task_target", "prepare_cases", "ROWS_DIR", "STATE_FILE", "scoring_key", "finished_scores", "clear_scores", "score_into",
-           "task_key", "seg2d_key", "score_bank_into"]
+           "task_key", "seg2d_key", "score_bank_into", "amp_dtype"]
 
 logger = logging.getLogger("medxfer.transferability")
 
@@ -288,9 +288,35 @@ def _restore_nan(row: dict, estimators: Sequence[str]) -> dict:
     return {k: (math.nan if v is None and (k in estimators or k.startswith("seconds")) else v) for k, v in row.items()}
 
 
+def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
+    """The autocast dtype of the scoring forward passes: on CUDA (``amp``) bfloat16 where the GPU has
+    it natively, else float16; ``None`` (full precision) on CPU. bfloat16 first: activations of an
+    untrained or foreign network can exceed float16's range (65504), bfloat16's is float32's; the
+    estimators' values move by less than 1e-3 relative from either (tests/test_te_score.py)."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def _row(name: str, entry, feats: list[CaseFeatures], t_forward: float, robustness: dict | None,
+         estimators: Sequence[str]) -> dict:
+    """One model's row from all its cases' features (case order) and its robustness result."""
+    results = run_estimators(feats, estimators)
+    if "robustness" in estimators:
+        results["robustness"] = robustness
+        results = {k: results[k] for k in estimators}
+    row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
+    row.update({k: v["score"] for k, v in results.items()})
+    row.update({"seconds_forward": t_forward, "seconds_estimators": sum(v["seconds"] for v in results.values())})
+    row.update({f"seconds_{k}": v["seconds"] for k, v in results.items()})
+    row["errors"] = {k: v["error"] for k, v in results.items() if v["error"]}
+    return row
+
+
 def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                  sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None,
-                 device: str | None = None, progress: bool = True, seed: int = 0, cache_dir=None) -> list[dict]:
+                 device: str | None = None, progress: bool = True, seed: int = 0, cache_dir=None,
+                 amp: bool = True, group: Group | None = None) -> list[dict]:
     """THE scoring loop (2D and 3D): every bank entry (or ``entries``) is built from the registry with
     its own channels and classes, loaded (sha256-checked, weights only; the whole network, head
     included, since LEEP / NCE read the source head), its features sampled once at the layout's
@@ -305,6 +331,21 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
     soon as it is scored, and a row recorded there for the same key is reused instead of scored
     again: a killed scoring of a large bank resumes at the next model. Every model is scored
     with its own seeds, so a resumed scoring gives the rows of an uninterrupted one.
+
+    ``amp``: forward passes under autocast on CUDA (:func:`amp_dtype`; recorded in the cache key
+    then); the estimators compute in float64 from float32 features either way; robustness keeps
+    full precision (cosine distances of pooled features, cheap).
+
+    Under ``torchrun`` (``group``: :func:`medxfer.distributed.init_from_env` by default) the
+    (model, case) pairs still to score are split into contiguous, equal shares, one per rank, each
+    rank on its own device (:func:`medxfer.distributed.rank_device`). A model whose cases all fall
+    to one rank is finished there; a model split between ranks (at most ``world_size - 1`` of
+    them) is finished by the rank holding its first case, which also measures its robustness, after
+    the others sent it their cases' features. Every case is sampled with the seed of its position
+    (:func:`~medxfer.transferability.features.sample_dataset`), so the rows equal the single-process
+    ones; every rank returns all rows. Rank 0 alone decides which cached rows count (and broadcasts
+    it); each rank writes the rows it finishes into ``cache_dir`` (on one node or a shared file
+    system a killed run then resumes from them; elsewhere they are scored again).
     """
     unknown = [e for e in estimators if e != "robustness" and e not in ESTIMATORS]
     if unknown:
@@ -315,7 +356,9 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
         raise DatasetError(bank_root, "the bank has no entries")
     if not target.cases:
         raise ValueError(f"{target.name}: no labelled target cases to score on")
-    dev = resolve_device(device)
+    group = group or init_from_env()
+    dev = rank_device(device, group)
+    autocast = amp_dtype(dev, amp)
     digest = target_digest(target) if cache_dir is not None else None
     prepared: dict[str, list[dict]] = {}  # preprocessing key -> the target's cases prepared that way
 
@@ -330,21 +373,44 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
             prepared[pre] = target.prepare(entry.preprocessing, bank.root)
         return prepared[pre]
 
-    rows = []
-    for name in tqdm(names, desc="scoring bank models", disable=not progress):
-        entry = bank.get(name)
-        cached_file = key = None
-        if cache_dir is not None:
-            cached_file = Path(cache_dir) / f"{name}.json"
+    keys: dict[str, dict] = {}
+    if cache_dir is not None:
+        for name in names:
+            entry = bank.get(name)
             own = {} if preprocessing_key(entry.preprocessing) == "target_plans" else \
                 {"preprocessing": preprocessing_key(entry.preprocessing)}
-            key = _plain_key({"model": name, "sha256": entry.sha256, "arch": entry.arch, "estimators": list(estimators),
-                              "sampling": asdict(sampling or SamplingConfig()), "seed": seed, "target": digest, **own})
-            cached = _read_json(cached_file)
-            if isinstance(cached, dict) and cached.get("for") == key and isinstance(cached.get("row"), dict):
-                logger.info("%s: scored before (%s), not scored again", name, cached_file)
-                rows.append(_restore_nan(cached["row"], estimators))
-                continue
+            keys[name] = _plain_key({"model": name, "sha256": entry.sha256, "arch": entry.arch,
+                                     "estimators": list(estimators), "sampling": asdict(sampling or SamplingConfig()),
+                                     "seed": seed, "target": digest, **own,
+                                     **({"amp": str(autocast)} if autocast else {})})
+    cached_rows: dict[str, dict] = {}
+    if cache_dir is not None and group.is_main:
+        for name in names:
+            cached = _read_json(Path(cache_dir) / f"{name}.json")
+            if isinstance(cached, dict) and cached.get("for") == keys[name] and isinstance(cached.get("row"), dict):
+                logger.info("%s: scored before (%s), not scored again", name, Path(cache_dir) / f"{name}.json")
+                cached_rows[name] = _restore_nan(cached["row"], estimators)
+    cached_rows = group.broadcast(cached_rows, "agreeing on the rows scored before")
+
+    # this rank's share of the (model, case) pairs; a model belongs to the rank holding its first case
+    todo = [n for n in names if n not in cached_rows]
+    n_cases = len(target.cases)
+    units = [(name, j) for name in todo for j in range(n_cases)]
+    shares = [split_range(len(units), Group(r, group.world_size)) for r in range(group.world_size)]
+    owner = {name: next(r for r, share in enumerate(shares) if i * n_cases in share) for i, name in enumerate(todo)}
+    mine: dict[str, list[int]] = {}
+    for name, j in (units[k] for k in shares[group.rank]):
+        mine.setdefault(name, []).append(j)
+
+    def save(name: str, row: dict) -> None:
+        if cache_dir is not None:
+            write_json(Path(cache_dir) / f"{name}.json", {"for": keys[name], "row": row})
+
+    finished: dict[str, dict] = {}
+    partial: dict[str, dict] = {}  # split models: this rank's cases' features, forward seconds, robustness
+    bar = tqdm(list(mine.items()), desc="scoring bank models", disable=not progress or not group.is_main)
+    for name, indices in bar:
+        entry = bank.get(name)
         roi = target.roi or entry.patch_size
         cases = cases_for(entry)
         net = build_network(entry.arch, entry.in_channels, entry.out_channels, roi, **entry.arch_kwargs)
@@ -357,10 +423,10 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
                              "it (an encoder checkpoint); leave them out")
         t0 = time.perf_counter()
         feats = sample_dataset(net, layout.feature_stages(), cases, roi, sampling, progress=False,
-                               with_source_probs=bool(layout.decoder_stages))
+                               with_source_probs=bool(layout.decoder_stages), indices=indices, amp_dtype=autocast)
         t_forward = time.perf_counter() - t0
-        results = run_estimators(feats, estimators)
-        if "robustness" in estimators:
+        robustness = None
+        if "robustness" in estimators and owner[name] == group.rank:
             t1 = time.perf_counter()
             images = target.robustness_images if target.robustness_images is not None \
                 else robustness_windows(cases, roi)
@@ -370,18 +436,35 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
                 error = None
             except ValueError as e:  # e.g. a single target case: no negative image
                 value, error = float("nan"), f"ValueError: {e}"
-            results["robustness"] = {"score": float(value), "seconds": time.perf_counter() - t1, "error": error}
-            results = {k: results[k] for k in estimators}
-        row = {"model": name, "arch": entry.arch, "source": "+".join(entry.source) or "scratch", "epoch": entry.epoch}
-        row.update({k: v["score"] for k, v in results.items()})
-        row.update({"seconds_forward": t_forward, "seconds_estimators": sum(v["seconds"] for v in results.values())})
-        row.update({f"seconds_{k}": v["seconds"] for k, v in results.items()})
-        row["errors"] = {k: v["error"] for k, v in results.items() if v["error"]}
-        if cached_file is not None:
-            write_json(cached_file, {"for": key, "row": row})
-        rows.append(row)
+            robustness = {"score": float(value), "seconds": time.perf_counter() - t1, "error": error}
         del net
-    return rows
+        if len(indices) == n_cases:
+            finished[name] = _row(name, entry, feats, t_forward, robustness, estimators)
+            save(name, finished[name])
+        else:
+            partial[name] = {"features": dict(zip(indices, feats)), "seconds_forward": t_forward,
+                             "robustness": robustness}
+
+    if group.distributed:  # split models: every rank sends its cases' features to the model's owner
+        group.barrier("sampling this rank's share of the (model, case) pairs")
+        for dst in range(group.world_size):
+            parts = group.gather({n: p for n, p in partial.items() if owner[n] == dst}, dst,
+                                 f"sending the features of models split between ranks to rank {dst}")
+            if parts is None:
+                continue
+            for name in [n for n in todo if owner[n] == dst and n not in finished]:
+                pieces = [p[name] for p in parts if name in p]
+                features = {j: f for piece in pieces for j, f in piece["features"].items()}
+                if sorted(features) != list(range(n_cases)):
+                    raise DistributedError(f"torchrun rank {group.rank}: model {name!r} has features of "
+                                           f"{len(features)} of {n_cases} cases after the exchange")
+                robustness = next((piece["robustness"] for piece in pieces if piece["robustness"] is not None), None)
+                finished[name] = _row(name, bank.get(name), [features[j] for j in range(n_cases)],
+                                      sum(piece["seconds_forward"] for piece in pieces), robustness, estimators)
+                save(name, finished[name])
+        for part in group.all_gather(finished, "gathering every rank's rows"):
+            finished.update(part)
+    return [cached_rows[n] if n in cached_rows else finished[n] for n in names]
 
 
 def write_scores(rows: list[dict], out_dir, meta: dict | None = None) -> tuple[Path, Path]:
@@ -456,13 +539,46 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
 
     ``make_target`` builds the :class:`ScoringTarget` only when something is scored. The state
     marker is written last, after both score files.
+
+    Under ``torchrun`` every rank calls it alike: rank 0 alone reads and writes ``out_dir``'s
+    scores and marker and tells the others what it decided; the scoring is split across the ranks
+    (:func:`score_target`); every rank returns rank 0's rows. A rank that dies stops the run with
+    the marker still ``done: false``: no score file is written as if complete.
     """
     out = Path(out_dir)
+    group = init_from_env()
     key = scoring_key(bank_root, entries, estimators, sampling, seed, target_key)
+    decision: tuple = ("score", None)
+    if group.is_main:
+        try:
+            decision = _scoring_decision(out, key, overwrite)
+        except FileExistsError as e:
+            decision = ("refused", str(e))
+    decision = group.broadcast(decision, "agreeing on what to score")
+    if decision[0] == "refused":
+        raise FileExistsError(decision[1])
+    if decision[0] == "done":
+        logger.info("%s: scored before with these settings, not scored again", out / "scores.json")
+        return decision[1], True
+    t0 = time.perf_counter()
+    rows = score_target(bank_root, make_target(), estimators, sampling, entries, device, progress, seed,
+                        cache_dir=out / ROWS_DIR, group=group)
+    final = None
+    if group.is_main:
+        write_scores(rows, out, meta)
+        write_json(out / STATE_FILE, {"for": key, "done": True, "seconds": time.perf_counter() - t0,
+                                      "ranks": group.world_size})
+        final = finished_scores(out, key)
+    return group.broadcast(final, "sharing the written scores"), False
+
+
+def _scoring_decision(out: Path, key: dict, overwrite: bool) -> tuple:
+    """:func:`score_into`'s look at ``out``: ``("done", rows)``, or ``("score", None)`` after the
+    state marker ``done: false`` is written (and scores of other settings cleared with ``overwrite``);
+    :class:`FileExistsError` for scores of other settings."""
     rows = finished_scores(out, key)
     if rows is not None:
-        logger.info("%s: scored before with these settings, not scored again", out / "scores.json")
-        return rows, True
+        return "done", rows
     state = _read_json(out / STATE_FILE)
     ours = isinstance(state, dict) and state.get("for") == key
     if not ours and (state is not None or (out / "scores.json").exists()):
@@ -473,12 +589,7 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
                                   "or pass overwrite (medxfer rank --overwrite)")
         clear_scores(out)
     write_json(out / STATE_FILE, {"for": key, "done": False})
-    t0 = time.perf_counter()
-    rows = score_target(bank_root, make_target(), estimators, sampling, entries, device, progress, seed,
-                        cache_dir=out / ROWS_DIR)
-    write_scores(rows, out, meta)
-    write_json(out / STATE_FILE, {"for": key, "done": True, "seconds": time.perf_counter() - t0})
-    return finished_scores(out, key), False
+    return "score", None
 
 
 def _files_digest(paths: Sequence) -> str:
