@@ -398,3 +398,19 @@ def test_cli_convert(tmp_path, capsys):
     assert load_seg2d(tmp_path / "od")[1] == {0: "background", 1: "optic_disc"}
     assert main(["convert", "acdc", str(tmp_path / "none"), str(tmp_path / "acdc")]) == 1
     assert "missing folder of the ACDC download" in capsys.readouterr().err
+
+
+def test_covid_qu_ex_images_of_other_modes_become_grey_png(tmp_path):
+    make_covid(tmp_path / "src")
+    folder = tmp_path / "src" / "Lung Segmentation Data" / "Lung Segmentation Data" / "Train" / "Normal" / "images"
+    deep = (np.arange(320, dtype=np.uint16).reshape(16, 20) * 200)  # 16-bit grey
+    Image.fromarray(deep).save(folder / "covid_1.png")
+    rgba = np.dstack([RNG.integers(0, 256, (16, 20, 3)), np.full((16, 20), 255)]).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "Normal (2).png")
+    convert_covid_qu_ex(tmp_path / "src", tmp_path / "out")
+    records = {r["id"]: r for r in load_seg2d(tmp_path / "out", check_files=True)[0]}
+    deep_out = Image.open(records["Train_Normal_covid_1"]["image"])
+    assert deep_out.mode == "L"
+    np.testing.assert_array_equal(np.asarray(deep_out), np.round(deep / deep.max() * 255).astype(np.uint8))
+    rgba_out = Image.open(records["Train_Normal_Normal_2"]["image"])
+    np.testing.assert_array_equal(np.asarray(rgba_out), np.asarray(Image.fromarray(rgba, "RGBA").convert("L")))

@@ -138,6 +138,8 @@ def _write_mask(label: np.ndarray, path: Path) -> None:
 def _write_image_2d(src: Path, dst_stem: Path, link: bool) -> tuple[Path, tuple[int, int]]:
     """Place a 2D image under ``dst_stem`` + its suffix; returns ``(path, (width, height))``. Modes
     other than L / RGB (16-bit, RGBA, palette) are converted to grey (``L``) and saved as PNG."""
+    from PIL import Image
+
     img = _open_image(src)
     if img.mode in ("L", "RGB") and src.suffix.lower() in (".png", ".jpg", ".jpeg"):
         out = dst_stem.with_name(dst_stem.name + src.suffix.lower())
@@ -148,8 +150,6 @@ def _write_image_2d(src: Path, dst_stem: Path, link: bool) -> tuple[Path, tuple[
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: rescale to 8 bits
             array = np.asarray(img, dtype=np.float64)
             top = float(array.max()) or 1.0
-            from PIL import Image
-
             img = Image.fromarray(np.round(array / top * 255.0).astype(np.uint8))
         else:
             img = img.convert("L")
@@ -495,14 +495,13 @@ def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[dict
     return header, rows
 
 
-def _index_images(root: Path, skip: Sequence[Path] = ()) -> dict[str, Path]:
+def _index_images(root: Path) -> dict[str, Path]:
     """Every image file under ``root`` by its stem. The same image twice (HAM10000's Kaggle copy
     holds each part folder in two spellings) is taken once when the copies have the same size;
     two different files with one stem are an error."""
     index: dict[str, Path] = {}
-    skip = {p.resolve() for p in skip}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d) and (Path(dirpath) / d).resolve() not in skip)
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
         for name in sorted(filenames):
             if is_ignored(name) or not is_image_file(name):
                 continue
