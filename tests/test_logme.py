@@ -173,3 +173,19 @@ def test_degenerate_inputs_give_finite_scores_or_clear_errors():
         logme(rng.normal(size=(20, 5)), labels[:19])
     with pytest.raises(ValueError):
         maximise_evidence(rng.normal(size=(20, 5)), np.zeros(20))
+
+
+def test_no_1e5_in_the_update_denominators():
+    """The official code updates beta <- (N - gamma) / (||y - F m||^2 + 1e-5), so its beta never
+    exceeds N / 1e-5; ours is the exact stationarity condition (module docstring): for a target
+    almost in the span of F (residual ~5e-7) beta goes past that cap and satisfies the update exactly."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(60, 5))
+    y = f @ rng.normal(size=5) + 1e-4 * rng.normal(size=60)
+    _, alpha, beta = maximise_evidence(f, y, max_iter=50, tol=1e-10)
+    assert beta > 60 / 1e-5
+    # fixed point of the exact updates: beta = (N - gamma) / ||y - F m||^2 with m the posterior mean
+    s = np.linalg.svd(f, compute_uv=False) ** 2
+    gamma = np.sum(beta * s / (alpha + beta * s))
+    m = np.linalg.solve(alpha * np.eye(5) + beta * f.T @ f, beta * f.T @ y)
+    assert beta == pytest.approx((60 - gamma) / np.sum((y - f @ m) ** 2), rel=1e-6)
