@@ -86,6 +86,8 @@ def test_evaluate_reproduces_the_fold_scores(run2018, isic_roots, tmp_path):
 
 
 def test_inference_writes_masks_at_the_original_size_union_and_overlay(run2018, isic_roots, tmp_path):
+    from medxfer.workflows.tatl_skin import fold_predictor
+
     images = tmp_path / "in"
     images.mkdir()
     records = load_isic(isic_roots[2018])[:3]
@@ -95,20 +97,38 @@ def test_inference_writes_masks_at_the_original_size_union_and_overlay(run2018, 
     _cli("configs/inference.yaml", tmp_path, "--run_dir", str(run2018), "--input_dir", str(images),
          "--output_dir", str(out), "--device", "cpu")
     summary = json.loads((out / "predictions.json").read_text())
-    assert summary["networks"] == 11 and sorted(summary["images"]) == [r["id"] for r in records]
+    # Segment-Net + 5 attributes x (U + Link) + the two stage-2 segmenters of the union map
+    assert summary["networks"] == 13 and summary["union"] == "stage2"
+    assert sorted(summary["images"]) == [r["id"] for r in records]
+    predictor = fold_predictor(run2018, 0)  # the union networks are the fold's stage-2 checkpoints
+    for net, arch in zip(predictor.union_networks, ("unet_effb0", "linknet_effb0")):
+        saved = read_state_dict(run2018 / "fold_0" / f"agnostic_{arch}" / "model.pt")
+        assert all(torch.equal(v.cpu(), saved[k]) for k, v in net.state_dict().items())
     for r in records:
         h, w = _pil(r["image"]).shape[:2]
         masks = np.stack([_pil(out / f"{r['id']}_attribute_{a}.png") for a in ISIC2018.attributes])
         assert masks.shape == (5, h, w) and set(np.unique(masks)) <= {0, 255}
-        np.testing.assert_array_equal(_pil(out / f"{r['id']}_union.png"), masks.max(axis=0))
+        expected = predictor.predict(r["image"])
+        np.testing.assert_array_equal(_pil(out / f"{r['id']}_union.png"), expected.union * 255)
+        np.testing.assert_array_equal(masks, expected.masks * 255)
         assert _pil(out / f"{r['id']}_overlay.png").shape == (h, w, 3)
         box = summary["images"][r["id"]]["box"]
         outside = np.ones((h, w), bool)
         outside[box["row0"]:box["row1"], box["col0"]:box["col1"]] = False
-        assert not masks[:, outside].any()  # nothing outside the Segment-Net crop
+        assert not masks[:, outside].any() and not _pil(out / f"{r['id']}_union.png")[outside].any()
     again = _cli("configs/inference.yaml", tmp_path, "--run_dir", str(run2018), "--input_dir", str(images),
                  "--output_dir", str(out), "--device", "cpu", check=False)
     assert again.returncode != 0 and "predictions.json: exists" in again.stderr
+    # the named option: the OR of the attribute masks (dataset_dir: MONAI's name for the input)
+    ored = tmp_path / "pred_or"
+    _cli("configs/inference.yaml", tmp_path, "--run_dir", str(run2018), "--dataset_dir", str(images),
+         "--output_dir", str(ored), "--device", "cpu", "--union", "or_stage3")
+    assert json.loads((ored / "predictions.json").read_text())["networks"] == 11
+    for r in records:
+        masks = np.stack([_pil(ored / f"{r['id']}_attribute_{a}.png") for a in ISIC2018.attributes])
+        np.testing.assert_array_equal(masks, np.stack([_pil(out / f"{r['id']}_attribute_{a}.png")
+                                                       for a in ISIC2018.attributes]))
+        np.testing.assert_array_equal(_pil(ored / f"{r['id']}_union.png"), masks.max(axis=0))
 
 
 def test_train_config_alone_non_freeze_updates_the_encoder(run2018, isic_roots, tmp_path):

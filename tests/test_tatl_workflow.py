@@ -1,5 +1,6 @@
 """TATL workflow pieces: lesion crop in the data chain, stage targets, fold datalists, settings,
-the inference pipeline (U + Link averaging, paste back, PNG output) with stand-in networks."""
+the inference pipeline (U + Link averaging, paste back, the stage-2 union map, PNG output) with
+stand-in networks."""
 
 import json
 import shutil
@@ -134,7 +135,7 @@ def test_predictor_averages_shapes_inside_the_lesion_box_and_pastes_back(isic_ro
     u, link = _Constant(0.8), _Constant(0.3)   # mean 0.55 >= 0.5 -> attribute everywhere in the box
     low = [_Constant(0.2), _Constant(0.3)]     # mean 0.25 -> nothing
     predictor = TatlPredictor({"pigment_network": [u, link], "streaks": low}, _Rect((16, 24, 40, 60)), working,
-                              offset=4)
+                              offset=4, union="or_stage3")
     pred = predictor.predict(record["image"])
     rect = np.zeros(working, bool)
     rect[16:40, 24:60] = True
@@ -157,8 +158,101 @@ def test_predictor_averages_shapes_inside_the_lesion_box_and_pastes_back(isic_ro
     with pytest.raises(FileExistsError, match="_attribute_pigment_network.png"):
         write_prediction(pred, record["image"], tmp_path, record["id"])
     # without a Segment-Net the whole image is the box (Table 3 ablations without stage 1)
-    whole = TatlPredictor({"streaks": [_Constant(0.9)]}, None, working).predict(record["image"])
+    whole = TatlPredictor({"streaks": [_Constant(0.9)]}, None, working, union="or_stage3").predict(record["image"])
     assert whole.box == Box(0, 0, h, w) and whole.masks.all()
+
+
+def _box_and_inside(record, working, rect=(16, 24, 40, 60), offset=4):
+    h, w = _pil(record["image"]).shape[:2]
+    mask = np.zeros(working, bool)
+    mask[rect[0]:rect[2], rect[1]:rect[3]] = True
+    box = lesion_box(mask, offset=offset, image_size=(h, w))
+    inside = np.zeros((h, w), bool)
+    inside[box.as_slices()] = True
+    return box, inside
+
+
+def test_union_map_is_the_stage2_segmenters_averaged_prediction(isic_roots):
+    """Paper section 6 / Fig. 9: the union map comes from the attribute-agnostic segmenters (U + Link
+    averaged like the target segmenters), not from the attribute masks."""
+    record = load_isic(isic_roots[2018], year=2018)[2]
+    working = (64, 96)
+    box, inside = _box_and_inside(record, working)
+    targets = {"pigment_network": [_Constant(0.8), _Constant(0.3)],   # mean 0.55: attribute in the box
+               "streaks": [_Constant(0.2), _Constant(0.3)]}           # mean 0.25: nothing
+    agnostic = [_Constant(0.9), _Constant(0.5)]                        # mean 0.7
+    pred = TatlPredictor(targets, _Rect((16, 24, 40, 60)), working, offset=4, union_networks=agnostic).predict(
+        record["image"])
+    assert pred.box == box and pred.union_probability.shape == inside.shape
+    np.testing.assert_allclose(pred.union_probability[inside], (0.9 + 0.5) / 2, atol=1e-5)
+    assert not pred.union_probability[~inside].any()  # pasted back: zero outside the crop
+    np.testing.assert_array_equal(pred.union, inside)
+    assert agnostic[0].seen == [(1, 3, *working)]  # the stage-2 networks see the same crop
+
+    # stage 2 finds nothing (mean 0.3) although an attribute mask is set: the union map follows stage 2
+    low = TatlPredictor(targets, _Rect((16, 24, 40, 60)), working, offset=4,
+                        union_networks=[_Constant(0.1), _Constant(0.5)]).predict(record["image"])
+    assert low.masks[0][inside].all() and not low.union.any()
+    np.testing.assert_allclose(low.union_probability[inside], 0.3, atol=1e-5)
+    # or_stage3 (named option): the OR of the attribute masks, stage-2 networks never run
+    unused = _Constant(0.1)
+    ored = TatlPredictor(targets, _Rect((16, 24, 40, 60)), working, offset=4, union_networks=[unused],
+                         union="or_stage3")
+    result = ored.predict(record["image"])
+    assert result.union_probability is None and unused.seen == [] and ored.n_networks == 5
+    np.testing.assert_array_equal(result.union, result.masks.any(axis=0))
+    with pytest.raises(ValueError, match="needs the stage-2 attribute-agnostic segmenters"):
+        TatlPredictor(targets, None, working)
+    with pytest.raises(ValueError, match="union must be one of"):
+        TatlPredictor(targets, None, working, union="and")
+
+
+def test_fold_predictor_takes_the_union_from_the_fold_stage2_networks(isic_roots, tmp_path, monkeypatch):
+    """fold_predictor loads agnostic_<arch>/model.pt of the fold for the union map (stand-ins by path)."""
+    run = tmp_path / "run"
+    (run / "fold_0").mkdir(parents=True)
+    settings = ts.TatlSettings(working_size=(64, 96), offset=4, year=2018)
+    (run / "tatl_run.json").write_text(json.dumps(settings.to_json()))
+    probability = {"agnostic_unet_effb0": 0.9, "agnostic_linknet_effb0": 0.7}  # mean 0.8
+    loaded = []
+
+    def load_trained(arch, path, device="cpu", decoder_block=None, network=None):
+        name = path.parent.name
+        loaded.append(name)
+        if name == "segment_net":
+            return _Rect((16, 24, 40, 60))
+        return _Constant(probability.get(name, 0.2))
+
+    monkeypatch.setattr(ts, "load_trained", load_trained)
+    record = load_isic(isic_roots[2018], year=2018)[2]
+    _, inside = _box_and_inside(record, (64, 96))
+    predictor = ts.fold_predictor(run, 0)
+    assert sorted(n for n in loaded if n.startswith("agnostic_")) == sorted(probability)
+    pred = predictor.predict(record["image"])
+    np.testing.assert_allclose(pred.union_probability[inside], 0.8, atol=1e-5)
+    assert not pred.masks.any() and pred.union[inside].all()  # no attribute, yet a union region
+    loaded.clear()
+    ts.fold_predictor(run, 0, union="or_stage3")
+    assert not [n for n in loaded if n.startswith("agnostic_")]
+    # a run without stage 2 (Table 3 ablation) has no attribute-agnostic segmenter
+    (run / "tatl_run.json").write_text(json.dumps({**settings.to_json(), "stages": [1, 3]}))
+    with pytest.raises(ValueError, match="no stage 2 .* use union 'or_stage3'"):
+        ts.fold_predictor(run, 0)
+
+
+def test_runs_from_before_decoder_block_load_as_linknet(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    old = ts.TatlSettings().to_json()
+    del old["decoder_block"]
+    (run / "tatl_run.json").write_text(json.dumps(old))
+    assert ts.TatlSettings.load(run).decoder_block == "linknet" and ts.run_decoder_block(run) == "linknet"
+    ts._claim_run_dir(run, ts.TatlSettings(decoder_block="linknet"))  # resumes: same settings
+    with pytest.raises(FileExistsError, match="decoder_block"):
+        ts._claim_run_dir(run, ts.TatlSettings())
+    assert ts.run_decoder_block(tmp_path / "none") == "paper"
+    with pytest.raises(ValueError, match="decoder_block must be one of"):
+        ts.TatlSettings(decoder_block="unet")
 
 
 def test_inference_images_skip_masks_and_complain_about_empty_folders(isic_roots, tmp_path):

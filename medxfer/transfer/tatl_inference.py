@@ -3,8 +3,17 @@
 Nguyen et al., TATL, section 4 ("Inference Step"; SPEC section 6): an image is segmented by the
 Segment-Net, the lesion box (+ offset) crops it, each attribute's target segmenters (U- and
 Link-shape) predict on the crop, their probabilities are averaged, and the masks are rescaled to
-the original image size. The union of the attribute masks is returned too ("predicted union
-regions", useful to clinicians).
+the original image size.
+
+The union map (section 6, Fig. 9: "the union of all attributes provided by TATL", the "predicted
+union regions") is, by default (``union="stage2"``), the prediction of the stage-2
+attribute-agnostic segmenter(s), which were trained on exactly that target: the U- and Link-shape
+segmenters' sigmoid probabilities averaged on the same crop (as the target segmenters are),
+pasted back, thresholded. ``union="or_stage3"`` (medxfer's union before issue 17, and the only one
+for runs without stage 2) is the pixel-wise OR of the thresholded attribute masks. The two differ:
+the agnostic segmenter can mark regions where no single attribute passes the threshold.
+Averaging over folds (a predictor holds one fold's networks) is the caller's: pass every fold's
+stage-2 networks as ``union_networks``.
 
 :class:`TatlPredictor` holds the networks of one fold of a run; :func:`write_prediction` saves one
 image's masks as ISIC-named PNGs (``ISIC_nnnnnnn_attribute_<name>.png``, 0/255, so the output can
@@ -26,7 +35,11 @@ from medxfer.transfer.tatl import segment_net_box
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, dermoscopy_transforms
 from medxfer.transforms.lesion_crop import Box, paste_back
 
-__all__ = ["TatlPrediction", "TatlPredictor", "write_prediction", "overlay_image", "ATTRIBUTE_COLOURS"]
+__all__ = ["TatlPrediction", "TatlPredictor", "write_prediction", "overlay_image", "ATTRIBUTE_COLOURS",
+           "UNION_MODES"]
+
+#: Union map sources: the stage-2 attribute-agnostic segmenters (paper), or the OR of the stage-3 masks.
+UNION_MODES = ("stage2", "or_stage3")
 
 #: Overlay colours (RGB) per attribute; the union map is drawn as a white outline.
 ATTRIBUTE_COLOURS = {
@@ -46,13 +59,16 @@ class TatlPrediction:
         attributes: attribute names, in channel order.
         probabilities: float32 ``(A, H, W)``, the U/Link-averaged probabilities pasted back (0 outside the box).
         box: the lesion crop used (the whole image without a Segment-Net, or when it found nothing).
-        threshold: probability threshold of :attr:`masks`.
+        threshold: probability threshold of :attr:`masks` and :attr:`union`.
+        union_probability: float32 ``(H, W)``, the stage-2 segmenters' averaged probability pasted
+            back, or None (``union="or_stage3"``).
     """
 
     attributes: Sequence[str]
     probabilities: np.ndarray
     box: Box
     threshold: float = 0.5
+    union_probability: np.ndarray | None = None
 
     @property
     def masks(self) -> np.ndarray:
@@ -61,12 +77,16 @@ class TatlPrediction:
 
     @property
     def union(self) -> np.ndarray:
-        """bool ``(H, W)``: pixels with at least one attribute."""
+        """bool ``(H, W)`` union map: the stage-2 prediction thresholded, or (without one) the pixels
+        with at least one attribute mask."""
+        if self.union_probability is not None:
+            return self.union_probability >= self.threshold
         return self.masks.any(axis=0)
 
 
 class TatlPredictor:
-    """The seven-network TATL pipeline of one fold (Segment-Net + per attribute U and Link).
+    """The TATL pipeline of one fold: Segment-Net, per attribute U and Link target segmenters, and
+    the stage-2 attribute-agnostic segmenters for the union map.
 
     Args:
         targets: ``{attribute: [networks]}``; each maps ``(1, 3, h, w)`` to ``(1, 1, h, w)`` logits and
@@ -74,16 +94,31 @@ class TatlPredictor:
         segment_net: the stage-1 network, or None (no crop: the Table 3 ablations without stage 1).
         working_size: ``(H, W)`` the networks run at.
         offset: box margin in working pixels. mean, std: the training normalisation.
-        threshold: probability threshold (Segment-Net and final masks).
+        threshold: probability threshold (Segment-Net, final masks and union map).
+        union_networks: the stage-2 attribute-agnostic segmenters (same input and output as a target
+            segmenter), their probabilities averaged; required by ``union="stage2"``.
+        union: ``"stage2"`` (default, the paper's union map) or ``"or_stage3"`` (OR of the attribute
+            masks; ``union_networks`` are then not run).
+        inferer: how a network is applied, ``inferer(x, network)`` (MONAI ``Inferer`` protocol);
+            default ``network(x)`` (as MONAI's ``SimpleInferer``).
     """
 
     def __init__(self, targets: Mapping[str, Sequence[torch.nn.Module]], segment_net: torch.nn.Module | None = None,
                  working_size: Sequence[int] = (384, 512), offset: float = 40, mean=None, std=None,
-                 threshold: float = 0.5, device="cpu") -> None:
+                 threshold: float = 0.5, device="cpu", union_networks: Sequence[torch.nn.Module] | None = None,
+                 union: str = "stage2", inferer=None) -> None:
         if not targets or any(not nets for nets in targets.values()):
             raise ValueError("every attribute needs at least one target segmenter")
+        if union not in UNION_MODES:
+            raise ValueError(f"union must be one of {UNION_MODES}, got {union!r}")
+        if union == "stage2" and not union_networks:
+            raise ValueError("union='stage2' needs the stage-2 attribute-agnostic segmenters (union_networks); "
+                             "without stage 2 use union='or_stage3'")
         self.device = torch.device(device)
+        self.union_mode = union
         self.targets = {a: [n.to(self.device).eval() for n in nets] for a, nets in targets.items()}
+        self.union_networks = [n.to(self.device).eval() for n in union_networks] if union == "stage2" else []
+        self.inferer = inferer
         self.segment_net = None if segment_net is None else segment_net.to(self.device).eval()
         self.working_size = tuple(int(s) for s in working_size)
         self.offset, self.threshold = offset, threshold
@@ -98,7 +133,13 @@ class TatlPredictor:
 
     @property
     def n_networks(self) -> int:
-        return sum(len(n) for n in self.targets.values()) + (self.segment_net is not None)
+        return (sum(len(n) for n in self.targets.values()) + len(self.union_networks)
+                + (self.segment_net is not None))
+
+    def _probability(self, networks: Sequence[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """``(h, w)``: the networks' sigmoid probabilities on ``x`` averaged."""
+        run = self.inferer if self.inferer is not None else (lambda inputs, network: network(inputs))
+        return torch.stack([torch.sigmoid(run(x, net))[0, 0] for net in networks]).mean(0)
 
     def lesion_box(self, image_path, image_size: Sequence[int]) -> Box:
         """Stage 1: the Segment-Net box (whole image without a Segment-Net). The Segment-Net sees the
@@ -123,10 +164,14 @@ class TatlPredictor:
         image = self._chain({"image": str(image_path), "box": box.to_dict()})["image"]
         x = convert_to_tensor(image, track_meta=False)[None].to(self.device)  # plain tensor: MONAI's per-op
         # metadata dispatch would otherwise follow it through every layer (about 2x the time at 64x64)
-        probs = torch.stack([torch.stack([torch.sigmoid(net(x))[0, 0] for net in nets]).mean(0)
-                             for nets in self.targets.values()])
-        full = paste_back(probs.float().cpu().numpy(), box, (height, width), mode="bilinear")
-        return TatlPrediction(self.attributes, full.astype(np.float32), box, self.threshold)
+        maps = [self._probability(nets, x) for nets in self.targets.values()]
+        if self.union_networks:
+            maps.append(self._probability(self.union_networks, x))
+        full = paste_back(torch.stack(maps).float().cpu().numpy(), box, (height, width), mode="bilinear")
+        full = full.astype(np.float32)
+        n = len(self.targets)
+        return TatlPrediction(self.attributes, full[:n], box, self.threshold,
+                              full[n] if self.union_networks else None)
 
 
 def overlay_image(image: np.ndarray, prediction: TatlPrediction, alpha: float = 0.45) -> np.ndarray:

@@ -11,7 +11,11 @@ target (stage 3)      one attribute                 Segment-Net crop        stag
 ====================  ============================  ======================  =====================
 
 each of stages 2-3 in U-shape (``unet_effb0``) and Link-shape (``linknet_effb0``); the prediction
-averages the two shapes' probabilities. One network is trained by ``configs/train.yaml`` (MONAI
+averages the two shapes' probabilities. The decoder stages follow section 4.1 (``decoder_block:
+paper``: x2 up-sampling + two 3x3 convs, skip added / concatenated) or medxfer's earlier blocks
+(``linknet``; :func:`medxfer.transfer.tatl.tatl_arch_kwargs`). At inference the union map is the
+stage-2 segmenters' averaged prediction (``union: stage2``, the paper's Fig. 9) or the OR of the
+attribute masks (``or_stage3``; :mod:`medxfer.transfer.tatl_inference`). One network is trained by ``configs/train.yaml`` (MONAI
 ``SupervisedTrainer`` + early stopping on a tuning split); :func:`run_cross_validation` runs that
 config for every network of every fold in stage order and scores the held-out fold.
 
@@ -40,6 +44,7 @@ sha256 of the input files), so finished units are kept and half-finished ones re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -61,15 +66,16 @@ from medxfer.data.splits import fold_records, holdout_split
 from medxfer.device import resolve_device
 from medxfer.jsonfile import write_json
 from medxfer.metrics.isic_task2 import FoldScorer, summarize_folds
-from medxfer.transfer.tatl import TATL_ARCHS, TATL_MODES, load_trained, segment_net_boxes
-from medxfer.transfer.tatl_inference import TatlPredictor, write_prediction
+from medxfer.transfer.tatl import DECODER_BLOCKS, TATL_ARCHS, TATL_MODES, load_trained, segment_net_boxes
+from medxfer.transfer.tatl_inference import UNION_MODES, TatlPredictor, write_prediction
 from medxfer.transforms.dermoscopy import (IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE, dermoscopy_transforms,
                                            resize_for_scoring, scoring_transforms)
 from medxfer.transforms.lesion_crop import load_boxes, save_boxes
 from medxfer.workflows.bundle import run_bundle
 
 __all__ = ["STAGES", "TatlSettings", "isic_year", "target_masks", "fold_predictor", "tatl_datalists", "stage_transforms", "tuning_score", "network_dir",
-           "run_cross_validation", "evaluate_run", "write_cv_report", "inference_images", "run_inference"]
+           "run_cross_validation", "evaluate_run", "write_cv_report", "inference_images", "inference_datalist",
+           "run_decoder_block", "inference_evaluator", "run_inference"]
 
 logger = logging.getLogger("medxfer.workflows")
 
@@ -175,6 +181,8 @@ class TatlSettings:
         max_epochs, patience, batch_size, learning_rate, momentum: SGD training of every network.
         mean, std: per-channel normalisation (ImageNet statistics by default).
         threshold: probability threshold of the final masks.
+        decoder_block: ``paper`` (TATL section 4.1 decoder stages, default) or ``linknet`` (medxfer's
+            blocks before issue 17; a ``tatl_run.json`` without this key is such a run).
         segment_net: an already trained Segment-Net ``model.pt`` (U-shape effb0, e.g. trained once
             on all of ISIC Task 1 as in the paper) used for every fold instead of training one per
             fold on the fold's training images. Its lesion masks may include the test folds' images
@@ -200,6 +208,7 @@ class TatlSettings:
     threshold: float = 0.5
     segment_net: str | None = None
     year: int | None = field(default=None)
+    decoder_block: str = "paper"
 
     def __post_init__(self):
         self.stages = tuple(sorted({int(s) for s in self.stages}))
@@ -212,6 +221,8 @@ class TatlSettings:
             raise ValueError(f"arches must be a non-empty subset of {TATL_ARCHS}, got {list(self.arches)}")
         if self.tatl_mode not in TATL_MODES:
             raise ValueError(f"tatl_mode must be one of {TATL_MODES}, got {self.tatl_mode!r}")
+        if self.decoder_block not in DECODER_BLOCKS:
+            raise ValueError(f"decoder_block must be one of {DECODER_BLOCKS}, got {self.decoder_block!r}")
         self.working_size = tuple(int(s) for s in self.working_size)
         if len(self.working_size) != 2 or any(s % 32 for s in self.working_size):
             raise ValueError(f"working_size must be (H, W), multiples of 32 (EfficientNet-b0), got {self.working_size}")
@@ -232,6 +243,8 @@ class TatlSettings:
     def load(cls, run_dir) -> "TatlSettings":
         path = Path(run_dir) / "tatl_run.json"
         data = read_json(path, "not a TATL run folder (no tatl_run.json); run configs/tatl.yaml first")
+        if isinstance(data, dict):
+            data.setdefault("decoder_block", "linknet")  # a run from before the setting existed
         try:
             return cls(**data)
         except TypeError as e:
@@ -244,6 +257,8 @@ def _claim_run_dir(output_dir: Path, settings: TatlSettings) -> None:
     wanted = settings.to_json()
     if path.exists():
         existing = read_json(path, "not a TATL settings file")
+        if isinstance(existing, dict):
+            existing.setdefault("decoder_block", "linknet")  # a run from before the setting existed
         if existing != wanted:
             changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
             raise FileExistsError(f"{path}: this folder holds a TATL run with other settings ({', '.join(changed)}); "
@@ -287,6 +302,8 @@ def _network_key(overrides: dict) -> dict:
     splits, the Segment-Net boxes, the stage-2 checkpoint a stage-3 network starts from), so a
     network is retrained when anything it was trained from changed."""
     key = {k: v for k, v in overrides.items() if k not in ("device", "cache_progress")}
+    if key.get("decoder_block") == "linknet":
+        del key["decoder_block"]  # the markers of runs from before the setting (their networks) stay valid
     for name in ("splits_file", "boxes_file", "init_checkpoint"):
         if key.get(name) is not None:
             key[name] = {"sha256": _sha256(key[name])}
@@ -399,6 +416,7 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
         "patience": settings.patience, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
         "momentum": settings.momentum, "mean": list(settings.mean), "std": list(settings.std),
         "imagenet_weights": settings.imagenet_weights, "device": str(device), "cache_progress": not quiet,
+        "decoder_block": settings.decoder_block,
     }
     # the folds first (saved in splits.json): every marker records the sha256 of the split it used
     tatl_datalists(data_root, folds[0], settings.n_folds, settings.seed, splits_file, None, settings.tune_fraction)
@@ -433,7 +451,7 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
                 if not (boxes_file.exists() and _marker(fold_dir / "boxes_done.json", boxes_key) is not None):
                     lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, splits_file, None,
                                            settings.tune_fraction)
-                    segment_net = load_trained("unet_effb0", net_dir / "model.pt", device)
+                    segment_net = load_trained("unet_effb0", net_dir / "model.pt", device)  # decoder from its keys
                     records = lists["train"] + lists["tune"] + lists["test"]
                     boxes = segment_net_boxes(segment_net, records, settings.working_size, settings.offset,
                                               threshold=settings.threshold, mean=settings.mean, std=settings.std)
@@ -449,21 +467,48 @@ def run_cross_validation(bundle_root, data_root, output_dir, settings: TatlSetti
     return write_cv_report(output_dir, fold_scores, settings)
 
 
-def fold_predictor(run_dir, fold: int = 0, device="cpu") -> TatlPredictor:
-    """The seven networks of ``fold`` of a :func:`run_cross_validation` run as a
-    :class:`~medxfer.transfer.tatl_inference.TatlPredictor` (with the run's settings)."""
+def fold_predictor(run_dir, fold: int = 0, device="cpu", union: str = "stage2", network_defs=None,
+                   inferer=None) -> TatlPredictor:
+    """The networks of ``fold`` of a :func:`run_cross_validation` run as a
+    :class:`~medxfer.transfer.tatl_inference.TatlPredictor` (with the run's settings).
+
+    Args:
+        union: ``"stage2"`` (default): the union map is the fold's stage-2 attribute-agnostic
+            segmenters' averaged prediction (a run without stage 2 raises, naming the run);
+            ``"or_stage3"``: the OR of the attribute masks (stage-2 networks not loaded).
+        network_defs: ``{"segment_net" | "agnostic_<arch>" | "target_<arch>": module}``, untrained
+            networks the weights are loaded into (copied per network; a bundle's ``*_def``); a
+            missing key is built by :func:`medxfer.transfer.tatl.tatl_network` with the decoder the
+            checkpoint was trained with.
+        inferer: ``inferer(x, network)`` for every network (MONAI ``Inferer``); default ``network(x)``.
+    """
     settings = TatlSettings.load(run_dir)
     fold_dir = Path(run_dir) / f"fold_{fold}"
     if not fold_dir.is_dir():
         raise FileNotFoundError(f"{fold_dir}: no such fold in the run")
-    targets = {a: [load_trained(arch, network_dir(fold_dir, "target", arch, a) / "model.pt", device)
+    if union not in UNION_MODES:
+        raise ValueError(f"union must be one of {UNION_MODES}, got {union!r}")
+    if union == "stage2" and 2 not in settings.stages:
+        raise ValueError(f"{run_dir}: this run has no stage 2 (stages {list(settings.stages)}), so no "
+                         "attribute-agnostic segmenter for the union map; use union 'or_stage3' (--union or_stage3)")
+    defs = dict(network_defs or {})
+
+    def load(name: str, arch: str, path: Path) -> torch.nn.Module:
+        template = defs.get(name)
+        return load_trained(arch, path, device, network=None if template is None else copy.deepcopy(template))
+
+    targets = {a: [load(f"target_{arch}", arch, network_dir(fold_dir, "target", arch, a) / "model.pt")
                    for arch in settings.arches]
                for a in ISIC_LAYOUTS[settings.year].attributes}
+    agnostic = None
+    if union == "stage2":
+        agnostic = [load(f"agnostic_{arch}", arch, network_dir(fold_dir, "agnostic", arch) / "model.pt")
+                    for arch in settings.arches]
     segment_net = None
     if 1 in settings.stages:
-        segment_net = load_trained("unet_effb0", network_dir(fold_dir, "segment_net") / "model.pt", device)
+        segment_net = load("segment_net", "unet_effb0", network_dir(fold_dir, "segment_net") / "model.pt")
     return TatlPredictor(targets, segment_net, settings.working_size, settings.offset, settings.mean, settings.std,
-                         settings.threshold, device)
+                         settings.threshold, device, union_networks=agnostic, union=union, inferer=inferer)
 
 
 def evaluate_fold(run_dir, fold: int, settings: TatlSettings, data_root, device="cpu") -> dict:
@@ -475,7 +520,7 @@ def evaluate_fold(run_dir, fold: int, settings: TatlSettings, data_root, device=
     attributes = ISIC_LAYOUTS[settings.year].attributes
     lists = tatl_datalists(data_root, fold, settings.n_folds, settings.seed, run_dir / "splits.json", None,
                            settings.tune_fraction)
-    predictor = fold_predictor(run_dir, fold, device=device)
+    predictor = fold_predictor(run_dir, fold, device=device, union="or_stage3")  # the union map is not scored
     boxes = {}  # stage 1 already boxed every image of the fold: not run again
     if 1 in settings.stages and (run_dir / f"fold_{fold}" / "boxes.json").exists():
         boxes = load_boxes(run_dir / f"fold_{fold}" / "boxes.json")
@@ -573,31 +618,91 @@ def inference_images(input_path) -> list[Path]:
     return images
 
 
-def run_inference(run_dir, fold: int, input_path, output_dir, device=None, overwrite: bool = False) -> dict:
-    """The TATL inference step on new images with the networks of one fold of a run.
+def inference_datalist(input_path) -> list[dict]:
+    """``[{"image": path}]`` of :func:`inference_images` (the inference config's ``dataset``)."""
+    return [{"image": str(p)} for p in inference_images(input_path)]
 
-    Writes per image ``<id>_attribute_<name>.png`` (ISIC 2018 naming, 0/255, original size),
-    ``<id>_union.png``, ``<id>_overlay.png`` and, for all images, ``predictions.json`` (box,
-    attribute pixel fractions, whether the Segment-Net found nothing). Returns that summary.
+
+def run_decoder_block(run_dir) -> str:
+    """The ``decoder_block`` of the TATL run at ``run_dir`` (``"paper"`` when there is no run there
+    yet: a bundle's ``*_def`` then builds the default networks)."""
+    if not (Path(run_dir) / "tatl_run.json").is_file():
+        return "paper"
+    return TatlSettings.load(run_dir).decoder_block
+
+
+class _InferenceStep:
+    """Iteration of :func:`inference_evaluator`: predict each image of the batch, write its files,
+    keep its summary (``results``)."""
+
+    def __init__(self, predictor: TatlPredictor, output_dir: Path, overwrite: bool) -> None:
+        self.predictor, self.output_dir, self.overwrite = predictor, output_dir, overwrite
+        self.results: dict[str, dict] = {}
+
+    def __call__(self, engine, batch) -> dict:
+        for image in batch["image"]:
+            image = Path(image)
+            prediction = self.predictor.predict(image)
+            files = write_prediction(prediction, image, self.output_dir, image.stem, overwrite=self.overwrite)
+            self.results[image.stem] = {
+                "image": str(image.absolute()), "box": prediction.box.to_dict(),
+                "attribute_fraction": {a: float(m.mean()) for a, m in zip(prediction.attributes, prediction.masks)},
+                "union_fraction": float(prediction.union.mean()), "union": self.predictor.union_mode,
+                "files": [str(f) for f in files]}
+        return {"images": list(batch["image"])}
+
+
+def inference_evaluator(predictor: TatlPredictor, dataset, output_dir, overwrite: bool = False, handlers=None,
+                        run_dir=None, fold: int | None = None):
+    """The TATL inference step as a MONAI ``Evaluator`` (the inference config's ``evaluator``).
+
+    One image per iteration (``dataset`` of ``{"image": path}``); each iteration runs ``predictor``
+    and writes the image's masks, union map and overlay (:func:`write_prediction`); when the
+    evaluator completes, ``predictions.json`` summarises every image. ``handlers``: MONAI handlers
+    (e.g. ``StatsHandler``). Refuses (FileExistsError) an output folder with a ``predictions.json``
+    unless ``overwrite``. The MONAI engine itself is reused unchanged; only the iteration (seven
+    to thirteen networks, a crop in the middle) is medxfer's.
     """
-    from tqdm.auto import tqdm
+    from ignite.engine import Events
+    from monai.data import DataLoader
+    from monai.engines import Evaluator
 
-    device = resolve_device(device)
-    images = inference_images(input_path)
     output_dir = Path(output_dir)
     summary_file = output_dir / "predictions.json"
     if summary_file.exists() and not overwrite:
         raise FileExistsError(f"{summary_file}: exists; pass overwrite=True (--overwrite true) to replace the predictions")
-    predictor = fold_predictor(run_dir, fold, device=device)
-    results = {}
-    for image in tqdm(images, desc="TATL inference", unit="image"):
-        prediction = predictor.predict(image)
-        files = write_prediction(prediction, image, output_dir, image.stem, overwrite=overwrite)
-        results[image.stem] = {
-            "image": str(image.absolute()), "box": prediction.box.to_dict(),
-            "attribute_fraction": {a: float(m.mean()) for a, m in zip(prediction.attributes, prediction.masks)},
-            "union_fraction": float(prediction.union.mean()), "files": [str(f) for f in files]}
-    summary = {"run_dir": str(Path(run_dir).absolute()), "fold": fold, "networks": predictor.n_networks,
-               "images": results}
-    write_json(summary_file, summary)
-    return summary
+    step = _InferenceStep(predictor, output_dir, overwrite)
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+    evaluator = Evaluator(device=predictor.device, val_data_loader=loader, iteration_update=step,
+                          val_handlers=handlers, decollate=False)
+
+    @evaluator.on(Events.COMPLETED)
+    def _write_summary(engine) -> None:
+        summary = {"run_dir": None if run_dir is None else str(Path(run_dir).absolute()), "fold": fold,
+                   "networks": predictor.n_networks, "union": predictor.union_mode, "images": step.results}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(summary_file, summary)
+        engine.state.tatl_summary = summary
+
+    return evaluator
+
+
+def run_inference(run_dir, fold: int, input_path, output_dir, device=None, overwrite: bool = False,
+                  union: str = "stage2") -> dict:
+    """The TATL inference step on new images with the networks of one fold of a run.
+
+    Writes per image ``<id>_attribute_<name>.png`` (ISIC 2018 naming, 0/255, original size),
+    ``<id>_union.png`` (``union``: the stage-2 prediction, default, or ``or_stage3``),
+    ``<id>_overlay.png`` and, for all images, ``predictions.json`` (box, attribute pixel fractions,
+    whether the Segment-Net found nothing). Returns that summary. The inference config runs the
+    same :func:`inference_evaluator`.
+    """
+    device = resolve_device(device)
+    datalist = inference_datalist(input_path)
+    summary_file = Path(output_dir) / "predictions.json"
+    if summary_file.exists() and not overwrite:  # before any network loads
+        raise FileExistsError(f"{summary_file}: exists; pass overwrite=True (--overwrite true) to replace the predictions")
+    predictor = fold_predictor(run_dir, fold, device=device, union=union)
+    evaluator = inference_evaluator(predictor, datalist, output_dir, overwrite, run_dir=run_dir, fold=fold)
+    evaluator.run()
+    return evaluator.state.tatl_summary
