@@ -10,9 +10,16 @@ Definitions (computed by MONAI, ``monai.metrics.compute_roc_auc`` and
 
 * AUROC = area under the ROC curve = P(score of a random positive > score of a random negative),
   ties counting 1/2 (the Mann-Whitney U statistic divided by ``n_pos * n_neg``).
-* AUPRC = average precision, ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds in
-  decreasing order (step-wise, no interpolation: scikit-learn's ``average_precision_score``).
-  A random scorer has expected AUPRC ~ the prevalence (the fraction of positives).
+* AUPRC, ``method="average_precision"`` (default of :func:`auprc`): ``sum_n (R_n - R_{n-1}) P_n``
+  over the distinct score thresholds in decreasing order (step-wise, no interpolation:
+  scikit-learn's ``average_precision_score``). A random scorer has expected AUPRC ~ the prevalence.
+* AUPRC, ``method="trapezoid"``: the trapezoidal area under the same (R_n, P_n) points with
+  (R, P) = (0, 1) prepended, ``sum_n (R_n - R_{n-1}) (P_n + P_{n-1}) / 2`` -- what the truncated
+  transfer authors' code reports (scikit-learn ``auc(recall, precision)`` of
+  ``precision_recall_curve``; the paper does not say). Linear interpolation between PR points is
+  optimistic (it can exceed average precision), hence not the default; the truncated-transfer
+  preset uses it to compare with the paper's numbers. Written out here (NumPy), no library has it
+  besides scikit-learn.
 
 Inputs: ``scores`` of shape ``(N,)`` (binary) or ``(N, C)`` (one column per class: multi-label, or
 multi-class one-vs-rest); ``y_true`` of shape ``(N,)`` with 0/1 labels (binary), ``(N, C)`` 0/1
@@ -33,9 +40,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_precision, compute_roc_auc
+from monai.metrics import CumulativeIterationMetric, compute_average_precision, compute_roc_auc
 
-__all__ = ["auroc", "auprc", "classification_report"]
+__all__ = ["AUPRC_METHODS", "auroc", "auprc", "auprc_trapezoid", "classification_report", "RankingMetric"]
+
+#: How :func:`auprc` integrates the precision-recall curve.
+AUPRC_METHODS = ("average_precision", "trapezoid")
 
 
 def _as_inputs(y_true, scores) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,16 +111,38 @@ def auroc(y_true, scores) -> float | dict:
     return _evaluate(compute_roc_auc, y_true, scores)
 
 
-def auprc(y_true, scores) -> float | dict:
-    """Area under the precision-recall curve as average precision (MONAI ``compute_average_precision``).
+def auprc_trapezoid(scores: torch.Tensor, y: torch.Tensor) -> float:
+    """Trapezoidal area under the PR curve of one column (see the module docstring): thresholds
+    = the distinct scores, highest first; (R, P) = (0, 1) prepended."""
+    s, t = scores.double().cpu().numpy(), y.double().cpu().numpy()
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]   # last index of each distinct threshold
+    tp = np.cumsum(t)[last]
+    precision, recall = tp / (last + 1), tp / t.sum()
+    recall, precision = np.r_[0.0, recall], np.r_[1.0, precision]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
 
-    Step-wise ``sum_n (R_n - R_{n-1}) P_n`` over decreasing distinct thresholds (tied scores form
-    one threshold), scikit-learn's definition. Same shapes and NaN rules as :func:`auroc`.
+
+def _auprc_fn(method: str):
+    if method not in AUPRC_METHODS:
+        raise ValueError(f"AUPRC method must be one of {list(AUPRC_METHODS)}, got {method!r}")
+    return compute_average_precision if method == "average_precision" else auprc_trapezoid
+
+
+def auprc(y_true, scores, method: str = "average_precision") -> float | dict:
+    """Area under the precision-recall curve.
+
+    ``method="average_precision"`` (MONAI ``compute_average_precision``): step-wise
+    ``sum_n (R_n - R_{n-1}) P_n`` over decreasing distinct thresholds (tied scores form one
+    threshold), scikit-learn's definition. ``method="trapezoid"``: :func:`auprc_trapezoid` (the
+    truncated-transfer authors' number). Same shapes and NaN rules as :func:`auroc`.
     """
-    return _evaluate(compute_average_precision, y_true, scores)
+    return _evaluate(_auprc_fn(method), y_true, scores)
 
 
-def classification_report(y_true, scores, class_names: Sequence[str] | None = None) -> dict:
+def classification_report(y_true, scores, class_names: Sequence[str] | None = None,
+                          auprc_method: str = "average_precision") -> dict:
     """AUROC, AUPRC, prevalence and sample count in one dict.
 
     Returns:
@@ -118,19 +150,50 @@ def classification_report(y_true, scores, class_names: Sequence[str] | None = No
         are the macro means, ``"prevalence"`` the mean per-class prevalence (the expected macro AUPRC
         of a random scorer), ``"n"`` the sample count, and ``"per_class"`` maps each class name
         (``class_names`` or ``"0"``, ``"1"``, ...) to its own ``auroc``, ``auprc``, ``prevalence``,
-        ``n_positive``.
+        ``n_positive``. ``auprc_method``: see :func:`auprc`; reported as ``"auprc_method"``.
     """
     y, s = _as_inputs(y_true, scores)
     n = int(y.shape[0])
     if s.ndim == 1:
         n_pos = int(y.sum().item())
-        return {"auroc": auroc(y, s), "auprc": auprc(y, s), "prevalence": n_pos / n, "n": n, "n_positive": n_pos}
+        return {"auroc": auroc(y, s), "auprc": auprc(y, s, auprc_method), "prevalence": n_pos / n, "n": n,
+                "n_positive": n_pos, "auprc_method": auprc_method}
     names = [str(c) for c in (class_names if class_names is not None else range(s.shape[1]))]
     if len(names) != s.shape[1]:
         raise ValueError(f"{len(names)} class names for {s.shape[1]} score columns")
-    roc, pr = auroc(y, s), auprc(y, s)
+    roc, pr = auroc(y, s), auprc(y, s, auprc_method)
     n_pos = [int(v) for v in y.sum(dim=0).tolist()]
     per_class = {name: {"auroc": roc["per_class"][i], "auprc": pr["per_class"][i], "prevalence": n_pos[i] / n,
                         "n_positive": n_pos[i]} for i, name in enumerate(names)}
     return {"auroc": roc["macro"], "auprc": pr["macro"], "prevalence": sum(n_pos) / (n * len(names)), "n": n,
-            "per_class": per_class}
+            "per_class": per_class, "auprc_method": auprc_method}
+
+
+class RankingMetric(CumulativeIterationMetric):
+    """AUROC or AUPRC (macro mean over classes, NaN classes left out) as a MONAI cumulative metric,
+    for ``monai.handlers.IgniteMetricHandler`` in an evaluator (e.g. the validation AUPRC the
+    truncated-transfer protocol halves its learning rate on).
+
+    Buffers every iteration's ``y_pred`` ``(B, C)`` / ``(B,)`` scores and ``y`` (0/1 indicators of
+    the same shape, or ``(B,)`` class indices with 2-D scores); :meth:`aggregate` computes
+    :func:`auroc` / :func:`auprc` over everything buffered. MONAI's own ``ROCAUCMetric`` /
+    ``AveragePrecisionMetric`` warn and average differently on single-class columns.
+
+    Args:
+        kind: ``"auprc"`` or ``"auroc"``. method: the AUPRC method (:data:`AUPRC_METHODS`).
+    """
+
+    def __init__(self, kind: str = "auprc", method: str = "average_precision") -> None:
+        super().__init__()
+        if kind not in ("auprc", "auroc"):
+            raise ValueError(f"RankingMetric: kind must be 'auprc' or 'auroc', got {kind!r}")
+        _auprc_fn(method)
+        self.kind, self.method = kind, method
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor):  # type: ignore[override]
+        return y_pred, y
+
+    def aggregate(self) -> float:  # type: ignore[override]
+        y_pred, y = self.get_buffer()
+        value = auroc(y.cpu(), y_pred.cpu()) if self.kind == "auroc" else auprc(y.cpu(), y_pred.cpu(), self.method)
+        return float(value["macro"] if isinstance(value, dict) else value)
