@@ -10,14 +10,17 @@ seeded 5-fold splits, and report what was made::
     OUT/summary.json                    per-dataset numbers (shapes, spacings, labels, prevalence)
     OUT/preview.png                     one slice per task, a few dermoscopy images with outlines
 
-Then the CC-FV study (:mod:`medxfer.study`) on the generated MSD tasks: a leave-one-task-out
-bank for the spleen-like target, every estimator's scores, every model fine-tuned, and which
-estimator predicted the fine-tuning ranking best::
+Then the CC-FV study (:mod:`medxfer.study`, the same as ``medxfer study --preset demo``) on the
+generated MSD tasks: a leave-one-task-out bank per target, every estimator's scores, every model
+fine-tuned with several seeds, the noise ceiling and which estimator predicted the mean fine-tuning
+ranking best, with intervals::
 
-    OUT/study/bank/  OUT/study/scores/  OUT/study/finetune_dice.csv
-    OUT/study/te_evaluation.json|csv  OUT/study/scores_vs_dice.png  OUT/study/study.json
+    OUT/study/bank/  OUT/study/scores/  OUT/study/finetune_dice.csv  OUT/study/finetune_dice_seeds.csv
+    OUT/study/te_evaluation.json|csv  OUT/study/te_statistics.csv  OUT/study/scores_vs_dice.png
+    OUT/study/tau_vs_ceiling.png  OUT/study/study.json
 
-``study="quick"`` runs it with smoke-test budgets (tests), ``study="none"`` skips it.
+``study="quick"`` runs it with the quick preset's smoke-test budgets (tests; ``medxfer study
+--preset quick``), ``study="none"`` skips it.
 
 A killed demo resumes: run the same command again. The generated data is kept when
 ``OUT/data/demo_data.json`` (written after the data was generated and checked) records the same
@@ -44,7 +47,7 @@ from medxfer.data.synth.isic import generate_isic
 from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
 from medxfer.data.validate import check_dataset
 from medxfer.jsonfile import write_json
-from medxfer.study import StudyConfig, run_study
+from medxfer.study import load_preset, run_study
 
 __all__ = ["run_demo", "DEMO_MARKER"]
 
@@ -138,8 +141,7 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
     if study == "none":
         return 0
     print()
-    config = StudyConfig.quick() if study == "quick" else StudyConfig()
-    config.seed = seed
+    config = load_preset(study, {"seed": seed})  # `medxfer study --preset demo|quick --seed S`
     study_key = json.loads(json.dumps(asdict(config), default=str))
     if _read(out / STUDY_MARKER) != study_key:  # the demo's own folder, made with another preset: start afresh
         shutil.rmtree(out / "study", ignore_errors=True)

@@ -3,6 +3,9 @@
 import csv
 import json
 
+import numpy as np
+import pytest
+
 from medxfer.study import StudyConfig, estimate_seconds
 from medxfer.transfer.bank import ModelBank
 
@@ -40,8 +43,34 @@ def test_quick_study_builds_scores_finetunes_and_evaluates_every_estimator(quick
         assert marker["state"] == "done" and marker["entries"] == {f"unet_{task}_e1": bank.get(f"unet_{task}_e1").sha256}
 
 
-def test_default_study_is_estimated_under_15_minutes_on_the_demo_data():
+def test_quick_study_reports_repeats_statistics_beside_the_estimators(quick_study):
+    out, config = quick_study["out"], quick_study["config"]
+    report = json.loads((out / "te_evaluation.json").read_text())
+    stats = report["statistics"]["Task09_Spleen"]
+    assert stats["n_seeds"] == 1 and stats["n_cases"] == 2  # one seed (quick preset), 2 validation cases
+    assert stats["noise_ceiling"]["value"] is None  # one seed: no pair of seeds, no ceiling
+    assert set(stats["estimators"]) == set(config.estimators) and set(stats["paired"]) == set(config.estimators) - {"ccfv"}
+    for name, metrics in stats["estimators"].items():  # the point value is evaluate_estimators' on the mean Dice
+        assert metrics["weighted_tau"]["value"] == report["per_target"]["Task09_Spleen"][name]["weighted_tau"]
+    rows = list(csv.DictReader(open(out / "te_statistics.csv")))
+    assert rows[0]["kind"] == "noise_ceiling" and {r["kind"] for r in rows} == {"noise_ceiling", "estimator", "minus_ccfv"}
+    assert (out / "tau_vs_ceiling.png").stat().st_size > 1000
+    # per-case Dice of each run: their mean is MONAI MeanDice's own reduction (the run's val_mean_dice)
+    split = json.loads((out / "splits" / "Task09_Spleen.json").read_text())
+    for run in (out / "finetune" / "Task09_Spleen").iterdir():
+        result = json.loads((run / "result.json").read_text())
+        assert sorted(result["cases"]) == split[0]["val"]
+        assert np.mean(result["case_dice"]) == pytest.approx(result["dice"], abs=1e-6)
+
+
+def test_default_study_estimate_on_the_demo_data():
     # demo: 7 generated profiles x 6 cases; 6 one-channel tasks pretrained, 2 targets
-    est = estimate_seconds(StudyConfig(), n_tasks=6, n_source_cases=6, n_target_cases=6)
-    assert est["total"] < 15 * 60
-    assert est["pretraining"] > est["scoring"]  # scoring is cheap next to training
+    one = estimate_seconds(StudyConfig(seeds=1, workers=1), n_tasks=6, n_source_cases=6, n_target_cases=6)
+    three = estimate_seconds(StudyConfig(workers=2), n_tasks=6, n_source_cases=6, n_target_cases=6)
+    assert one["total"] < 15 * 60
+    assert one["pretraining"] > one["scoring"]  # scoring is cheap next to training
+    # three seeds: three times the fine-tuning, over two single-thread workers
+    assert three["fine_tuning"] == pytest.approx(3 * one["fine_tuning"])
+    assert three["total"] == pytest.approx(one["total"] + 0.5 * one["fine_tuning"])
+    # 24 runs per seed: UNet and UNETR fine-tuned 40 epochs x 2 iterations (4 of 6 cases, batch 2)
+    assert one["fine_tuning"] == pytest.approx(2 * 6 * ((4 + 0.07 * 80) + (4 + 0.20 * 80)))
