@@ -8,6 +8,8 @@
     medxfer split PATH --out splits.json [--folds 5] [--seed 0]
     medxfer plan TASK [--out plans.json]          # nnU-Net v2 planning -> spacing, patch, normalisation
     medxfer convert-isic2017 ROOT                 # released superpixel JSON -> attribute PNGs
+    medxfer convert acdc|covid-qu-ex|idrid|ham10000|isic2019 SRC DST  # public downloads -> the layouts read here
+    medxfer convert acdc|covid-qu-ex|idrid|ham10000|isic2019 SRC DST  # public downloads -> the layouts read here
     medxfer bank build --data D --target Task09_Spleen --out bank [--overwrite]  # CC-FV leave-one-task-out bank (resumes)
     medxfer rank --bank BANK --data TASK [--dice dice.csv] # score every bank model with every estimator (resumes)
     medxfer bank list BANK                        # entries of a bank manifest, sha256 checked
@@ -33,6 +35,8 @@ import sys
 from pathlib import Path
 
 from medxfer.atomic import WriteError
+from medxfer.data.convert import CONVERTERS
+from medxfer.data.convert import CONVERTERS
 from medxfer.data.isic import convert_isic2017_superpixels, detect_isic_year, load_isic
 from medxfer.data.msd import load_task
 from medxfer.data.problems import DatasetError
@@ -43,6 +47,7 @@ from medxfer.data.synth.shapes2d import generate_classification_folder, generate
 from medxfer.data.synth.zoo_bundle import ZOO_NETWORKS, write_zoo_bundle
 from medxfer.data.validate import check_dataset
 from medxfer.demo import run_demo
+from medxfer.distributed import DistributedError, env_rank
 from medxfer.jsonfile import write_json
 from medxfer.planning import plan_task
 from medxfer.planning.nnunet_model import train_nnunet_model
@@ -176,6 +181,30 @@ def _cmd_convert_isic2017(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    options = {name: getattr(args, name) for name in ("subset", "lesions", "include_testing") if hasattr(args, name)}
+    try:
+        summary = CONVERTERS[args.dataset](args.src, args.dst, overwrite=args.overwrite, link=args.link, **options)
+    except (DatasetError, FileExistsError, ValueError) as e:
+        return _error(e)
+    counts = {k: v for k, v in summary.items() if k != "dst"}
+    images = summary.get("images", summary.get("training"))
+    print(f"{summary['dst']}: {images} image(s) / case(s) converted from {args.src} ({json.dumps(counts)})")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    options = {name: getattr(args, name) for name in ("subset", "lesions", "include_testing") if hasattr(args, name)}
+    try:
+        summary = CONVERTERS[args.dataset](args.src, args.dst, overwrite=args.overwrite, link=args.link, **options)
+    except (DatasetError, FileExistsError, ValueError) as e:
+        return _error(e)
+    counts = {k: v for k, v in summary.items() if k != "dst"}
+    images = summary.get("images", summary.get("training"))
+    print(f"{summary['dst']}: {images} image(s) / case(s) converted from {args.src} ({json.dumps(counts)})")
+    return 0
+
+
 def _cmd_plan(args) -> int:
     try:
         plans = plan_task(args.task, out=args.out, configuration=args.configuration, overwrite=args.overwrite)
@@ -273,19 +302,21 @@ def _cmd_rank(args) -> int:
     estimators = args.estimators or list(DEFAULT_ESTIMATORS)
     try:
         plans = task_plans(args.data)
-        if args.overwrite:
+        if args.overwrite and env_rank() == 0:  # under torchrun rank 0 alone touches --out
             ModelBank.open(args.bank)  # a wrong --bank is an error before the old scores go
             clear_scores(out)
         rows, already_done = score_bank_into(out, args.bank, args.data, plans, estimators, SamplingConfig(seed=args.seed),
                                              device=args.device, max_cases=args.max_cases,
                                              meta={"bank": str(args.bank), "target": str(args.data),
                                                    "estimators": estimators})
+        if env_rank() != 0:  # torchrun: the other ranks scored their share; rank 0 reports
+            return 0
         if args.dice:
             table = table_from_files(out / "scores.json", args.dice)
             result = evaluate_estimators(table)
             write_report(result, out)
             plot_scores(table, out / "scores_vs_dice.png", result=result)
-    except (DatasetError, BankError, FileExistsError, ValueError) as e:
+    except (DatasetError, BankError, FileExistsError, ValueError, DistributedError) as e:
         return _error(e)
     if already_done:
         print(f"{out / 'scores.json'}: scored before with these settings (kept, not scored again)")
@@ -320,8 +351,8 @@ def _cmd_export_bundle(args) -> int:
     except (DatasetError, BankError, FileExistsError, ValueError) as e:
         return _error(e)
     scripts = " + scripts/ (the network's code)" if (Path(out) / "scripts").is_dir() else ""
-    print(f"{out}: configs/inference.json (MONAI only), configs/metadata.json, models/model.pt, docs/README.md"
-          f"{scripts}")
+    print(f"{out}: configs/inference.json, train.json, evaluate.json, multi_gpu_train.json (MONAI only), "
+          f"configs/metadata.json, models/model.pt, docs/README.md{scripts}")
     print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
           "--dataset_dir IMAGES")
     return 0
@@ -440,6 +471,54 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("root", help="folder holding ISIC-2017_Training_Data and ISIC-2017_Training_Part2_GroundTruth")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=_cmd_convert_isic2017)
+
+    convert = sub.add_parser("convert", help="a public download, as published, -> the layout medxfer reads "
+                                             "(MSD task, 2D segmentation folder or class-per-folder images)")
+    convert_sub = convert.add_subparsers(dest="dataset", required=True)
+    for name, text in (("acdc", "ACDC cardiac MR (database/training/patientNNN/) -> MSD task folder"),
+                       ("covid-qu-ex", "COVID-QU-Ex chest X-ray lung / infection masks -> images/ + masks/ + labels.json"),
+                       ("idrid", "IDRiD fundus lesion TIFF masks (A. Segmentation/) -> images/ + masks/ + labels.json"),
+                       ("ham10000", "HAM10000 metadata + images -> one folder per diagnosis (ImageFolder)"),
+                       ("isic2019", "ISIC 2019 one-hot ground-truth CSV + images -> one folder per class (ImageFolder)")):
+        one = convert_sub.add_parser(name, help=text)
+        one.add_argument("src", help="the download as published (unzipped)")
+        one.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+        one.add_argument("--overwrite", action="store_true", help="replace DST once the new one is complete")
+        one.add_argument("--link", action="store_true", help="hard-link images instead of copying (same file system)")
+        if name == "acdc":
+            one.add_argument("--no-testing", dest="include_testing", action="store_false", help="leave out testing/")
+        if name == "covid-qu-ex":
+            one.add_argument("--subset", choices=["lung", "infection"], default="lung")
+        if name == "idrid":
+            one.add_argument("--lesions", nargs="+", default=["MA", "HE", "EX", "SE"],
+                             help="classes 1..K in this order (MA HE EX SE OD); on overlap the first listed wins")
+        if name == "isic2019":
+            one.add_argument("--subset", choices=["Training", "Test"], default="Training")
+        one.set_defaults(func=_cmd_convert)
+
+    convert = sub.add_parser("convert", help="a public download, as published, -> the layout medxfer reads "
+                                             "(MSD task, 2D segmentation folder or class-per-folder images)")
+    convert_sub = convert.add_subparsers(dest="dataset", required=True)
+    for name, text in (("acdc", "ACDC cardiac MR (database/training/patientNNN/) -> MSD task folder"),
+                       ("covid-qu-ex", "COVID-QU-Ex chest X-ray lung / infection masks -> images/ + masks/ + labels.json"),
+                       ("idrid", "IDRiD fundus lesion TIFF masks (A. Segmentation/) -> images/ + masks/ + labels.json"),
+                       ("ham10000", "HAM10000 metadata + images -> one folder per diagnosis (ImageFolder)"),
+                       ("isic2019", "ISIC 2019 one-hot ground-truth CSV + images -> one folder per class (ImageFolder)")):
+        one = convert_sub.add_parser(name, help=text)
+        one.add_argument("src", help="the download as published (unzipped)")
+        one.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+        one.add_argument("--overwrite", action="store_true", help="replace DST once the new one is complete")
+        one.add_argument("--link", action="store_true", help="hard-link images instead of copying (same file system)")
+        if name == "acdc":
+            one.add_argument("--no-testing", dest="include_testing", action="store_false", help="leave out testing/")
+        if name == "covid-qu-ex":
+            one.add_argument("--subset", choices=["lung", "infection"], default="lung")
+        if name == "idrid":
+            one.add_argument("--lesions", nargs="+", default=["MA", "HE", "EX", "SE"],
+                             help="classes 1..K in this order (MA HE EX SE OD); on overlap the first listed wins")
+        if name == "isic2019":
+            one.add_argument("--subset", choices=["Training", "Test"], default="Training")
+        one.set_defaults(func=_cmd_convert)
 
     plan = sub.add_parser("plan", help="nnU-Net v2 planning of a task -> medxfer plans JSON (spacing, patch, normalisation)")
     plan.add_argument("task", help="MSD TaskNN_Name or nnU-Net DatasetNNN_Name folder")
