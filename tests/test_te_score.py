@@ -189,3 +189,74 @@ def test_an_interrupted_scoring_resumes_at_the_next_model_and_a_finished_one_is_
     replaced, done = sc.score_bank_into(run, setup["bank"], setup["task"], PLANS, **other, overwrite=True)
     assert not done and [r["ccfv"] for r in replaced] == [rows[0]["ccfv"]]
     assert [sorted(r) for r in json.loads((run / "scores.json").read_text())["rows"]] == [sorted(replaced[0])]
+
+
+def _reference_features(setup, arch="unet", amp_dtype=None):
+    from medxfer.networks.registry import arch_layout
+    from medxfer.transferability.features import sample_dataset
+    from medxfer.transferability.score import task_target
+
+    torch.manual_seed(0)
+    kw = UNET if arch == "unet" else UNETR
+    net = build_network(arch, 1, 3, [32, 32, 16], **kw).eval()
+    cases = task_target(setup["task"], PLANS).cases
+    return sample_dataset(net, arch_layout(arch, net).feature_stages(), cases, [32, 32, 16], SAMPLING, progress=False,
+                          amp_dtype=amp_dtype)
+
+
+def _relative_changes(ref: dict, got: dict) -> dict:
+    return {k: abs(got[k]["score"] - ref[k]["score"]) / abs(ref[k]["score"]) for k in ref}
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetr"])
+def test_estimators_do_not_change_with_float16_features(setup, arch):
+    """Mixed precision (issue 16): features that went through float16 (what a CUDA autocast forward
+    pass gives; :func:`medxfer.transferability.score.amp_dtype`) move no estimator by more than 1e-3
+    relative, since every estimator computes in float64; bfloat16 would not be safe: 8 mantissa bits
+    moved CC-FV and TransRate by up to 2e-3 here."""
+    import dataclasses
+
+    from medxfer.transferability.score import ESTIMATORS
+
+    feats = _reference_features(setup, arch)
+    reference = run_estimators(feats, list(ESTIMATORS))
+
+    def through(dtype, f):
+        probs = torch.from_numpy(f.source_probs).to(dtype).double()  # softmax of reduced-precision logits
+        return dataclasses.replace(f, levels=[torch.from_numpy(x).to(dtype).float().numpy() for x in f.levels],
+                                   source_probs=(probs / probs.sum(1, keepdim=True)).float().numpy())
+
+    half = run_estimators([through(torch.float16, f) for f in feats], list(ESTIMATORS))
+    assert all(math.isfinite(v["score"]) for v in half.values()), half
+    changes = _relative_changes(reference, half)
+    assert max(changes.values()) < 1e-3, changes
+    assert max(changes.values()) > 0  # the features did change
+    bf16 = _relative_changes(reference, run_estimators([through(torch.bfloat16, f) for f in feats], list(ESTIMATORS)))
+    assert max(bf16.values()) > max(changes.values())
+
+
+def test_autocast_sampling_runs_in_reduced_precision_and_falls_back_on_overflow(setup):
+    """``amp_dtype`` puts the forward passes under ``torch.autocast`` (CPU here, CUDA in use): the
+    whole network in float16 stays close to float32 (measured < 2e-3 relative; convolutions round
+    at every layer), and a window batch that overflows float16 is run again in full precision."""
+    from medxfer.transferability.features import sample_case
+
+    reference = run_estimators(_reference_features(setup), ["ccfv", "logme", "leep"])
+    amp = run_estimators(_reference_features(setup, amp_dtype=torch.float16), ["ccfv", "logme", "leep"])
+    changes = _relative_changes(reference, amp)
+    assert 0 < max(changes.values()) < 1e-2, changes
+
+    class Huge(torch.nn.Module):  # 1e5 overflows float16 (max 65504) under autocast
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 1)
+            torch.nn.init.constant_(self.conv.weight, 1e5)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    net = Huge().eval()
+    image, label = torch.ones(1, 8, 8, 4), np.r_[np.zeros(128, int), np.ones(128, int)].reshape(8, 8, 4)
+    full = sample_case(net, ["conv"], image, label, [8, 8, 4], SAMPLING)
+    guarded = sample_case(net, ["conv"], image, label, [8, 8, 4], SAMPLING, amp_dtype=torch.float16)
+    assert np.isfinite(guarded.levels[0]).all() and np.array_equal(guarded.levels[0], full.levels[0])

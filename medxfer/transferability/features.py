@@ -150,9 +150,11 @@ def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Te
         image: ``(C, *spatial)`` preprocessed case (2D or 3D).
         label: ``(*spatial)`` or ``(1, *spatial)`` target label map in the same grid.
         roi_size: window size (the network's patch).
-        amp_dtype: run the forward passes under ``torch.autocast`` in this dtype (``torch.bfloat16`` /
-            ``torch.float16``; ``None``: the network's own precision). The maps are read in float32
-            and every estimator computes in float64 whatever the forward pass ran in.
+        amp_dtype: run the forward passes under ``torch.autocast`` in this dtype (``torch.float16`` /
+            ``torch.bfloat16``; ``None``: the network's own precision). The maps are read in float32
+            and every estimator computes in float64 whatever the forward pass ran in. A batch whose
+            logits or maps are not finite under autocast (float16 overflows above 65504) is run
+            again in full precision.
     """
     config = config or SamplingConfig()
     image = torch.as_tensor(image)
@@ -182,8 +184,11 @@ def sample_case(network: torch.nn.Module, stages: Sequence[str], image: torch.Te
         for b in range(0, len(windows), config.sw_batch_size):
             batch = windows[b:b + config.sw_batch_size]
             crops = [image[(slice(None), *[slice(st, st + r) for st, r in zip(all_starts[w], roi)])] for w in batch]
+            inputs = torch.stack(crops).to(device)
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-                logits = network(torch.stack(crops).to(device))
+                logits = network(inputs)
+            if amp_dtype is not None and not all(bool(torch.isfinite(t).all()) for t in (logits, *captured.values())):
+                logits = network(inputs)  # overflow in reduced precision: this batch in full precision
             for k, w in enumerate(batch):
                 rows = np.flatnonzero(owner == w)
                 local = torch.as_tensor(coords[rows] - np.asarray(all_starts[w]), device=device)

@@ -56,6 +56,7 @@ from medxfer.data.msd import load_task
 from medxfer.data.preflight import check_seg2d_records, check_task_records
 from medxfer.data.problems import DatasetError
 from medxfer.data.seg2d import load_seg2d
+from medxfer.device import resolve_device
 from medxfer.distributed import DistributedError, Group, init_from_env, rank_device, split_range
 from medxfer.jsonfile import json_safe, write_json
 from medxfer.networks import build_network
@@ -289,13 +290,17 @@ def _restore_nan(row: dict, estimators: Sequence[str]) -> dict:
 
 
 def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
-    """The autocast dtype of the scoring forward passes: on CUDA (``amp``) bfloat16 where the GPU has
-    it natively, else float16; ``None`` (full precision) on CPU. bfloat16 first: activations of an
-    untrained or foreign network can exceed float16's range (65504), bfloat16's is float32's; the
-    estimators' values move by less than 1e-3 relative from either (tests/test_te_score.py)."""
+    """The autocast dtype of the scoring forward passes: float16 on CUDA (``amp``), ``None`` (full
+    precision) on CPU or without ``amp``.
+
+    float16, not bfloat16: measured on the tiny test bank (tests/test_te_score.py), features rounded
+    to float16 move every estimator by < 1e-3 relative (6e-4 at most, TransRate), rounded to
+    bfloat16 (8 mantissa bits) by up to 2e-3 (CC-FV, TransRate). float16's range (65504) is guarded
+    instead: a window batch that overflows is run again in full precision
+    (:func:`~medxfer.transferability.features.sample_case`)."""
     if not amp or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float16
 
 
 def _row(name: str, entry, feats: list[CaseFeatures], t_forward: float, robustness: dict | None,
@@ -526,7 +531,8 @@ def clear_scores(out_dir) -> None:
 def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], target_key: dict,
                estimators: Sequence[str] = DEFAULT_ESTIMATORS, sampling: SamplingConfig | None = None,
                entries: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
-               seed: int = 0, meta: dict | None = None, overwrite: bool = False) -> tuple[list[dict], bool]:
+               seed: int = 0, meta: dict | None = None, overwrite: bool = False,
+               amp: bool = True) -> tuple[list[dict], bool]:
     """Score a bank into ``out_dir`` (``scores.csv`` / ``scores.json``), resumably; returns
     ``(rows, already_done)``.
 
@@ -548,6 +554,9 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
     out = Path(out_dir)
     group = init_from_env()
     key = scoring_key(bank_root, entries, estimators, sampling, seed, target_key)
+    autocast = amp_dtype(resolve_device(device), amp)
+    if autocast:  # scores of reduced-precision forward passes are another setting (CPU keys unchanged)
+        key["amp"] = str(autocast)
     decision: tuple = ("score", None)
     if group.is_main:
         try:
@@ -562,7 +571,7 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
         return decision[1], True
     t0 = time.perf_counter()
     rows = score_target(bank_root, make_target(), estimators, sampling, entries, device, progress, seed,
-                        cache_dir=out / ROWS_DIR, group=group)
+                        cache_dir=out / ROWS_DIR, amp=amp, group=group)
     final = None
     if group.is_main:
         write_scores(rows, out, meta)
@@ -625,10 +634,10 @@ def score_bank_into(out_dir, bank_root, data_root, plans: dict, estimators: Sequ
                     sampling: SamplingConfig | None = None, entries: Sequence[str] | None = None,
                     device: str | None = None, max_cases: int | None = None, split_ids: Sequence[str] | None = None,
                     progress: bool = True, seed: int = 0, meta: dict | None = None,
-                    overwrite: bool = False) -> tuple[list[dict], bool]:
+                    overwrite: bool = False, amp: bool = True) -> tuple[list[dict], bool]:
     """:func:`score_bank` into ``out_dir``, resumable (:func:`score_into`); returns ``(rows, already_done)``."""
     def make_target() -> ScoringTarget:
         return task_target(data_root, plans, max_cases, split_ids)
 
     return score_into(out_dir, bank_root, make_target, task_key(data_root, plans, max_cases, split_ids), estimators,
-                      sampling, entries, device, progress, seed, meta, overwrite)
+                      sampling, entries, device, progress, seed, meta, overwrite, amp)
