@@ -348,7 +348,8 @@ def run_protocol(arch: str, level, datalists: dict, output_dir, task: str = "mul
 
     Returns (and writes to ``output_dir/classification_metrics.json``): the mean / std over
     repeats of ``auroc``, ``auprc``, ``accuracy`` and per class, ``repeats`` (per repeat: seed,
-    best epoch, best validation score, test scores, folder), the settings; with one repeat, also
+    best epoch, best validation score, test scores, folder, ``history``: per epoch the validation
+    score and the lr after the schedule's step), the settings; with one repeat, also
     that repeat's whole report (per-image ``images`` included).
     """
     task = _check_task(task)
@@ -386,7 +387,7 @@ def run_protocol(arch: str, level, datalists: dict, output_dir, task: str = "mul
         train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                   drop_last=len(train_ds) > batch_size)
         val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        best = {"epoch": 0, "score": float("-inf")}
+        best, history = {"epoch": 0, "score": float("-inf")}, []
         evaluator = SupervisedEvaluator(
             device=device, val_data_loader=val_loader, network=network, postprocessing=_activation(task),
             key_val_metric={metric_name: IgniteMetricHandler(RankingMetric(plateau_metric, auprc_method),
@@ -404,8 +405,9 @@ def run_protocol(arch: str, level, datalists: dict, output_dir, task: str = "mul
             amp=amp)
 
         @evaluator.on(Events.EPOCH_COMPLETED)
-        def _track(engine, best=best, trainer=trainer):
-            score = engine.state.metrics[metric_name]
+        def _track(engine, best=best, trainer=trainer, history=history, opt=opt):
+            score = engine.state.metrics[metric_name]  # runs after the lr schedule stepped on it
+            history.append({"epoch": trainer.state.epoch, metric_name: float(score), "lr": opt.param_groups[0]["lr"]})
             if score > best["score"]:
                 best.update(epoch=trainer.state.epoch, score=float(score))
 
@@ -425,7 +427,8 @@ def run_protocol(arch: str, level, datalists: dict, output_dir, task: str = "mul
         reports.append(report)
         runs.append({"repeat": r, "seed": seed + r, "best_epoch": best["epoch"], metric_name: best["score"],
                      "tested": "best.pt" if best_file.is_file() else "model.pt", "auroc": report["auroc"],
-                     "auprc": report["auprc"], "accuracy": report["accuracy"], "dir": str(run_dir)})
+                     "auprc": report["auprc"], "accuracy": report["accuracy"], "dir": str(run_dir),
+                     "history": history})
     summary = {**(reports[0] if len(reports) == 1 else {}), **_summary(reports, class_names)}
     if len(reports) == 1:  # one repeat: its own per-class numbers (with prevalence, n_positive) stay
         summary["per_class"] = {k: {**reports[0]["per_class"][k], **v} for k, v in summary["per_class"].items()}
