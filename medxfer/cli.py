@@ -9,7 +9,6 @@
     medxfer plan TASK [--out plans.json]          # nnU-Net v2 planning -> spacing, patch, normalisation
     medxfer convert-isic2017 ROOT                 # released superpixel JSON -> attribute PNGs
     medxfer convert acdc|covid-qu-ex|idrid|ham10000|isic2019 SRC DST  # public downloads -> the layouts read here
-    medxfer convert acdc|covid-qu-ex|idrid|ham10000|isic2019 SRC DST  # public downloads -> the layouts read here
     medxfer bank build --data D --target Task09_Spleen --out bank [--overwrite]  # CC-FV leave-one-task-out bank (resumes)
     medxfer rank --bank BANK --data TASK [--dice dice.csv] # score every bank model with every estimator (resumes)
     medxfer bank list BANK                        # entries of a bank manifest, sha256 checked
@@ -35,7 +34,6 @@ import sys
 from pathlib import Path
 
 from medxfer.atomic import WriteError
-from medxfer.data.convert import CONVERTERS
 from medxfer.data.convert import CONVERTERS
 from medxfer.data.isic import convert_isic2017_superpixels, detect_isic_year, load_isic
 from medxfer.data.msd import load_task
@@ -178,18 +176,6 @@ def _cmd_convert_isic2017(args) -> int:
     except (DatasetError, FileExistsError) as e:
         return _error(e)
     print(f"wrote {len(written)} attribute mask(s) under {args.root}")
-    return 0
-
-
-def _cmd_convert(args) -> int:
-    options = {name: getattr(args, name) for name in ("subset", "lesions", "include_testing") if hasattr(args, name)}
-    try:
-        summary = CONVERTERS[args.dataset](args.src, args.dst, overwrite=args.overwrite, link=args.link, **options)
-    except (DatasetError, FileExistsError, ValueError) as e:
-        return _error(e)
-    counts = {k: v for k, v in summary.items() if k != "dst"}
-    images = summary.get("images", summary.get("training"))
-    print(f"{summary['dst']}: {images} image(s) / case(s) converted from {args.src} ({json.dumps(counts)})")
     return 0
 
 
@@ -471,30 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("root", help="folder holding ISIC-2017_Training_Data and ISIC-2017_Training_Part2_GroundTruth")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=_cmd_convert_isic2017)
-
-    convert = sub.add_parser("convert", help="a public download, as published, -> the layout medxfer reads "
-                                             "(MSD task, 2D segmentation folder or class-per-folder images)")
-    convert_sub = convert.add_subparsers(dest="dataset", required=True)
-    for name, text in (("acdc", "ACDC cardiac MR (database/training/patientNNN/) -> MSD task folder"),
-                       ("covid-qu-ex", "COVID-QU-Ex chest X-ray lung / infection masks -> images/ + masks/ + labels.json"),
-                       ("idrid", "IDRiD fundus lesion TIFF masks (A. Segmentation/) -> images/ + masks/ + labels.json"),
-                       ("ham10000", "HAM10000 metadata + images -> one folder per diagnosis (ImageFolder)"),
-                       ("isic2019", "ISIC 2019 one-hot ground-truth CSV + images -> one folder per class (ImageFolder)")):
-        one = convert_sub.add_parser(name, help=text)
-        one.add_argument("src", help="the download as published (unzipped)")
-        one.add_argument("dst", help="output folder (must not exist unless --overwrite)")
-        one.add_argument("--overwrite", action="store_true", help="replace DST once the new one is complete")
-        one.add_argument("--link", action="store_true", help="hard-link images instead of copying (same file system)")
-        if name == "acdc":
-            one.add_argument("--no-testing", dest="include_testing", action="store_false", help="leave out testing/")
-        if name == "covid-qu-ex":
-            one.add_argument("--subset", choices=["lung", "infection"], default="lung")
-        if name == "idrid":
-            one.add_argument("--lesions", nargs="+", default=["MA", "HE", "EX", "SE"],
-                             help="classes 1..K in this order (MA HE EX SE OD); on overlap the first listed wins")
-        if name == "isic2019":
-            one.add_argument("--subset", choices=["Training", "Test"], default="Training")
-        one.set_defaults(func=_cmd_convert)
 
     convert = sub.add_parser("convert", help="a public download, as published, -> the layout medxfer reads "
                                              "(MSD task, 2D segmentation folder or class-per-folder images)")
