@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.losses import DiceLoss
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import convert_to_tensor
 from PIL import Image
@@ -60,7 +61,8 @@ from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 __all__ = ["SEG2D_TRANSFER_MODES", "classification_datalists", "seg2d_datalists", "is_binary", "seg_out_channels",
            "seg2d_network", "selection_records", "target_images", "online_selection_handlers", "RANDOM_INIT", "pretraining_settings", "run_pretraining",
            "score_checkpoints", "select_checkpoint",
-           "discrete_postprocessing", "save_run_info", "Seg2DRun", "evaluate_seg2d", "predict_folder"]
+           "discrete_postprocessing", "save_run_info", "Seg2DRun", "logits_to_mask", "sigmoid_with_background", "thesis_dice_loss",
+           "inference_network", "inference_datalist", "MaskWriter", "evaluate_seg2d", "predict_folder"]
 
 logger = logging.getLogger("medxfer.workflows")
 
@@ -546,17 +548,111 @@ class Seg2DRun:
     def predict(self, image_path) -> np.ndarray:
         """``(H, W)`` uint8 label indices at the image's own size: logits at ``image_size`` resized
         bilinearly back to ``(H, W)``, then sigmoid > 0.5 (binary) or argmax."""
-
-
-        with Image.open(image_path) as img:
-            width, height = img.size
         x = seg2d_transforms("infer", self.image_size)({"image": str(image_path)})["image"]
         x = convert_to_tensor(x, track_meta=False)[None].to(self.device)
-        logits = torch.nn.functional.interpolate(self.network(x).float(), size=(height, width), mode="bilinear",
-                                                 align_corners=False)[0]
-        if is_binary(self.labels):
-            return (torch.sigmoid(logits[0]) > 0.5).to(torch.uint8).cpu().numpy()
-        return logits.argmax(0).to(torch.uint8).cpu().numpy()
+        return logits_to_mask(self.network(x)[0], image_path, is_binary(self.labels))
+
+
+def logits_to_mask(logits: torch.Tensor, image_path, binary: bool) -> np.ndarray:
+    """``(C, h, w)`` logits of one image -> ``(H, W)`` uint8 label indices at the size of the image
+    file: resized bilinearly (``align_corners=False``), then sigmoid > 0.5 (binary) or argmax."""
+    with Image.open(image_path) as img:
+        width, height = img.size
+    logits = torch.nn.functional.interpolate(torch.as_tensor(logits)[None].float(), size=(height, width),
+                                             mode="bilinear", align_corners=False)[0]
+    if binary:
+        return (torch.sigmoid(logits[0]) > 0.5).to(torch.uint8).cpu().numpy()
+    return logits.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def sigmoid_with_background(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, ...)`` binary logits -> ``(B, 2, ...)`` ``[1 - sigmoid, sigmoid]`` (thesis section 2.4:
+    the background's probability of a binary network is ``1 - y^_1``), MONAI ``DiceLoss``'s
+    ``other_act`` for the thesis loss (eq. 2.10, background included)."""
+    p = torch.sigmoid(logits)
+    return torch.cat([1.0 - p, p], dim=1)
+
+
+class _BinaryWithBackground(torch.nn.Module):
+    """A MONAI loss on ``[1 - sigmoid, sigmoid]`` of one-channel logits and ``[1 - y, y]`` of a 0/1
+    label (MONAI's ``DiceLoss`` checks the channels before its ``other_act``, so the two channels
+    are made here)."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = (target > 0).to(logits.dtype)
+        return self.loss(sigmoid_with_background(logits), torch.cat([1.0 - target, target], dim=1))
+
+
+def thesis_dice_loss(binary: bool) -> torch.nn.Module:
+    """The thesis' downstream loss (eq. 2.10): the mean over every class, background included, of
+    the squared-denominator Dice loss (eq. 1.10, smoothing 1e-5 as the authors), computed along the
+    batch: MONAI ``DiceLoss(include_background=True, squared_pred=True, batch=True)`` on softmax
+    probabilities (several classes, one-hot label) or, binary, on ``[1 - sigmoid, sigmoid]``."""
+    if binary:
+        return _BinaryWithBackground(DiceLoss(include_background=True, squared_pred=True, batch=True,
+                                              smooth_nr=1e-5, smooth_dr=1e-5))
+    return DiceLoss(include_background=True, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
+                    smooth_nr=1e-5, smooth_dr=1e-5)
+
+
+def inference_network(run_dir, arch=None, arch_kwargs=None, image_size=None, labels=None) -> dict:
+    """The network settings of ``inference.yaml``: ``{"arch", "arch_kwargs", "image_size", "labels"}``.
+
+    Values given in the config win; the ones left ``null`` come from ``run_dir/run.json`` when the
+    folder is a training run, else train.yaml's defaults (``resnet50_attention_unet``, ``{}``, 224,
+    binary ``{0: background, 1: foreground}``). A given value contradicting ``run.json`` is refused
+    (one line): the weights would not fit the network."""
+    given = {"arch": arch, "arch_kwargs": arch_kwargs, "image_size": image_size, "labels": labels}
+    defaults = {"arch": "resnet50_attention_unet", "arch_kwargs": {}, "image_size": 224,
+                "labels": {0: "background", 1: "foreground"}}
+    info = Path(run_dir) / "run.json" if run_dir is not None else None
+    recorded = read_json(info, "") if info is not None and info.is_file() else {}
+    out = {}
+    for key, value in given.items():
+        if key == "labels" and value is not None:
+            value = {int(k): v for k, v in dict(value).items()}
+        have = recorded.get(key)
+        if key == "labels" and have is not None:
+            have = {int(k): v for k, v in have.items()}
+        if value is not None and have is not None and json.loads(json.dumps(value)) != json.loads(json.dumps(have)):
+            raise ValueError(f"{info}: the run was trained with {key} {have!r}, not {value!r}; leave {key} unset")
+        out[key] = value if value is not None else (have if have is not None else defaults[key])
+    return out
+
+
+def inference_datalist(input_path, output_dir, overwrite: bool = False) -> list[dict]:
+    """``[{"image": path}]`` of every image of ``input_path`` (a file or a folder), after the door
+    check (an unreadable image is named before any prediction); a prediction already in
+    ``output_dir`` (``<stem>.png``) is refused unless ``overwrite``."""
+    images = image_files(input_path)
+    check_image_files(images)
+    existing = [Path(output_dir) / f"{p.stem}.png" for p in images if (Path(output_dir) / f"{p.stem}.png").exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]}: exists; pass overwrite=True (--overwrite true) to replace predictions")
+    return [{"image": str(p)} for p in images]
+
+
+class MaskWriter:
+    """Evaluator postprocessing of ``inference.yaml``: each image's logits -> its mask at the
+    image's own size (:func:`logits_to_mask`), written atomically as ``<output_dir>/<stem>.png``
+    (label indices; 0/255 for a binary network). MONAI's ``Invertd`` + ``SaveImaged`` would do the
+    resize and the writing too (the exported zoo bundle uses them); this keeps the masks identical
+    to :meth:`Seg2DRun.predict` and never leaves half a file under the final name."""
+
+    def __init__(self, output_dir, binary: bool):
+        self.output_dir, self.binary = Path(output_dir), bool(binary)
+
+    def __call__(self, item: dict) -> dict:
+        image_path = item["image"].meta["filename_or_obj"]
+        mask = logits_to_mask(item["pred"], image_path, self.binary)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.output_dir / f"{Path(image_path).stem}.png") as tmp:
+            Image.fromarray(mask * (255 if self.binary else 1), mode="L").save(tmp, format="PNG")
+        return item
 
 
 def evaluate_seg2d(run_dir, data_root, output_dir=None, fold: int = 0, device=None) -> dict:
