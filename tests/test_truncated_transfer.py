@@ -88,18 +88,21 @@ def test_every_level_gives_documented_channels_strides_and_output_shapes(arch, l
     assert enc.feature_strides[0] == 2 and all(b == 2 * a for a, b in zip(enc.feature_strides, enc.feature_strides[1:]))
 
     clf = TruncatedClassifier(arch, level, num_classes=3, image_size=64).eval()
-    gap = TruncatedClassifier(arch, level, num_classes=3, head="gap").eval()
     seg = TruncatedSegmenter(arch, level, out_channels=2).eval()
     with torch.no_grad():
-        assert tuple(clf(x).shape) == (2, 3) and tuple(gap(x).shape) == (2, 3)
-        assert tuple(gap(torch.randn(1, 3, 96, 96)).shape) == (1, 3)  # pooling: any input size
+        assert tuple(clf(x).shape) == (2, 3)
         with pytest.raises(ValueError, match="built for 64x64 inputs, got 96x96"):
             clf(torch.randn(1, 3, 96, 96))
         assert tuple(seg(x).shape) == (2, 2, 64, 64)
         if level == 4:  # sides that are not multiples of 32: padded inside, cropped back
             assert tuple(seg(torch.randn(1, 3, 50, 70)).shape) == (1, 2, 50, 70)
     # flatten head (the authors' default): every position of the C_k x 64/s x 64/s map; pooling: C_k
-    assert clf.head.in_features == channels * (64 // stride) ** 2 and gap.head.in_features == channels
+    assert clf.head.in_features == channels * (64 // stride) ** 2
+    if level in (1, 4):
+        gap = TruncatedClassifier(arch, level, num_classes=3, head="gap").eval()
+        assert gap.head.in_features == channels
+        with torch.no_grad():
+            assert tuple(gap(x).shape) == (2, 3) and tuple(gap(torch.randn(1, 3, 96, 96)).shape) == (1, 3)
 
 
 def test_grayscale_input_and_invalid_arguments():
@@ -282,7 +285,7 @@ def test_multiclass_multilabel_single_class_columns_and_report():
     assert rep["prevalence"] == pytest.approx(multilabel.mean())
     binary = classification_report([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1])
     assert binary == {"auroc": pytest.approx(0.75), "auprc": pytest.approx(5 / 6), "prevalence": 0.5, "n": 4,
-                      "n_positive": 2}
+                      "n_positive": 2, "auprc_method": "average_precision"}
     with pytest.raises(ValueError, match="0/1"):
         auroc([0, 2, 1], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="NaN"):
@@ -309,3 +312,121 @@ def test_bad_weights_files_raise_errors_naming_the_file(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), unrelated)
     with pytest.raises(ValueError, match=re.escape(str(unrelated)) + ".*no tensor matches"):
         truncated_encoder_weights(TruncatedClassifier("resnet50", 2, num_classes=2), unrelated)
+
+
+# --- (g) multi-label (CheXpert-style) loss and metrics, trapezoidal AUPRC -----------------------
+
+def _pr_points(y, s):
+    """(recall, precision) at every distinct threshold, highest first, with (0, 1) in front."""
+    y, s = np.asarray(y, dtype=float), np.asarray(s, dtype=float)
+    recall, precision = [0.0], [1.0]
+    for t in sorted(set(s.tolist()), reverse=True):
+        predicted = s >= t
+        tp = float((y[predicted] == 1).sum())
+        recall.append(tp / y.sum())
+        precision.append(tp / predicted.sum())
+    return np.array(recall), np.array(precision)
+
+
+def test_trapezoid_auprc_and_the_monai_cumulative_metric():
+    from scipy.integrate import trapezoid
+
+    from medxfer.metrics.classification import RankingMetric
+
+    # by hand: points (0, 1), (1/2, 1), (1/2, 1/2), (1, 2/3): 1/2 + 0 + 1/2 * (1/2 + 2/3) / 2
+    assert auprc([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1], method="trapezoid") == pytest.approx(19 / 24)
+    rng = np.random.default_rng(3)
+    for n in (9, 80, 257):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        s = np.round(rng.normal(size=n), 1)  # ties
+        r, p = _pr_points(y, s)
+        assert auprc(y, s, method="trapezoid") == pytest.approx(trapezoid(p, r), abs=1e-12)
+    with pytest.raises(ValueError, match="AUPRC method"):
+        auprc([0, 1], [0.1, 0.2], method="interpolated")
+
+    labels = rng.integers(0, 2, (30, 4))
+    labels[:2] = [[0, 0, 0, 0], [1, 1, 1, 1]]
+    scores = rng.normal(size=(30, 4))
+    metric = RankingMetric("auprc", "trapezoid")
+    metric(torch.as_tensor(scores[:10]), torch.as_tensor(labels[:10]))                  # a batch
+    metric([torch.as_tensor(v) for v in scores[10:]], [torch.as_tensor(v) for v in labels[10:]])  # decollated
+    expected = np.mean([trapezoid(*_pr_points(labels[:, c], scores[:, c])[::-1]) for c in range(4)])
+    assert metric.aggregate() == pytest.approx(expected, abs=1e-12)
+    rep = classification_report(labels, scores, auprc_method="trapezoid")
+    assert rep["auprc"] == pytest.approx(expected) and rep["auprc_method"] == "trapezoid"
+
+
+def test_multilabel_and_weighted_losses_match_closed_forms():
+    from scipy.special import log_expit, log_softmax
+
+    from medxfer.workflows.truncated_classification import class_weights, classification_loss
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, (12, 3)).astype(float)
+    y[0], y[1] = 1, 0
+    x = rng.normal(size=(12, 3)) * 3
+    records = [{"label": row.tolist()} for row in y]
+    w = class_weights(records, 3, "multilabel")
+    counts = y.sum(0)
+    np.testing.assert_allclose(w.numpy(), counts.max() / counts, rtol=1e-6)
+    # BCE with pos_weight: -mean(w_c y log s(x) + (1 - y) log(1 - s(x)))
+    closed = -np.mean(w.numpy() * y * log_expit(x) + (1 - y) * log_expit(-x))
+    loss = classification_loss("multilabel", w)(torch.as_tensor(x, dtype=torch.float32),
+                                                torch.as_tensor(y, dtype=torch.float32))
+    assert float(loss) == pytest.approx(closed, rel=1e-5)
+    assert float(classification_loss("multilabel")(torch.as_tensor(x), torch.as_tensor(y))) == pytest.approx(
+        -np.mean(y * log_expit(x) + (1 - y) * log_expit(-x)), rel=1e-9)
+
+    k = np.array([0, 1, 1, 2, 2, 2, 0, 2])
+    logits = rng.normal(size=(8, 3))
+    wk = class_weights([{"label": int(v)} for v in k], 3, "multiclass")
+    np.testing.assert_allclose(wk.numpy(), [4 / 2, 4 / 2, 4 / 4])
+    ce = -np.sum(wk.numpy()[k] * log_softmax(logits, 1)[np.arange(8), k]) / np.sum(wk.numpy()[k])
+    assert float(classification_loss("multiclass", wk.double())(torch.as_tensor(logits), torch.as_tensor(k))) == \
+        pytest.approx(ce, rel=1e-9)
+    with pytest.raises(ValueError, match=r"classes \[1\] have no training images"):
+        class_weights([{"label": 0}, {"label": 2}], 3, "multiclass")
+
+
+def test_chexpert_csv_and_a_multilabel_run(tmp_path):
+    import csv
+
+    from medxfer.data.synth.shapes2d import generate_classification_folder
+    from medxfer.workflows.truncated_classification import multilabel_datalists, run_protocol
+
+    root = generate_classification_folder(tmp_path / "imgs", num_classes=3, images_per_class=8, size=32, seed=5)
+    files = sorted(p.relative_to(tmp_path) for p in root.rglob("*.png"))
+    findings = ["Edema", "Cardiomegaly"]
+    names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    # per class folder: positive / uncertain / blank; uncertain -> 1 (U-Ones), blank -> 0
+    cells = dict(zip(names, [("1.0", "0.0"), ("-1.0", "1.0"), ("", "0.0")]))
+    expected = dict(zip(names, [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Path", "Sex", *findings])
+        for p in files:
+            w.writerow([p.as_posix(), "F", *cells[p.parts[1]]])
+    lists = multilabel_datalists(tmp_path / "train.csv", classes=findings, val_fraction=0.25, test_fraction=0.25)
+    everything = lists["train"] + lists["val"] + lists["test"]
+    assert len(everything) == len(files) and lists["classes"] == findings
+    assert all(r["label"] == expected[r["id"].split("/")[1]] for r in everything)
+    zeros = multilabel_datalists(tmp_path / "train.csv", classes=findings, uncertain="zeros", val_fraction=0.25,
+                                 test_fraction=0.25)
+    assert [1.0, 1.0] not in [r["label"] for r in zeros["train"] + zeros["val"] + zeros["test"]]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Path,Edema\nimgs/x.png,2\n")
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + r" line 2 column 'Edema': label '2'"):
+        multilabel_datalists(bad)
+
+    out = run_protocol("densenet121", "Dens-T1", lists, tmp_path / "run", task="multilabel", image_size=32,
+                       repeats=1, max_epochs=1, batch_size=8, learning_rate=1e-4)
+    labels = np.array([i["label"] for i in out["images"]])
+    scores = np.array([i["scores"] for i in out["images"]])
+    assert labels.shape == scores.shape == (len(lists["test"]), 2) and ((scores > 0) & (scores < 1)).all()  # sigmoid
+    for c, name in enumerate(findings):
+        if 0 < labels[:, c].sum() < len(labels):
+            r, p = _pr_points(labels[:, c], scores[:, c])
+            assert out["per_class"][name]["auprc"] == pytest.approx(np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2))
+    assert out["accuracy"] == pytest.approx(((scores > 0.5) == labels).mean())
+    assert out["task"] == "multilabel" and out["repeats"][0]["tested"] in ("best.pt", "model.pt")
