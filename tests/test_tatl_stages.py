@@ -9,7 +9,7 @@ from medxfer.networks import arch_layout
 from medxfer.networks.effnet_unet import unet_effb0
 from medxfer.networks.linknet import LinkNetEffB0
 from medxfer.transfer.weights import trainable_parameters
-from medxfer.transfer.tatl import init_from_stage2, stage3_attributes
+from medxfer.transfer.tatl import decoder_block_of, init_from_stage2, load_trained, stage3_attributes, tatl_network
 from medxfer.transforms.dermoscopy import union_mask
 
 
@@ -109,3 +109,20 @@ def test_stage1_boxes_are_mapped_to_each_image_own_height_and_width(tmp_path):
     assert load_boxes(tmp_path / "boxes.json") == boxes
     empty = segment_net_boxes(_KnownLesion((0, 0, 0, 0)), records[:1], working_size=working, progress=False)
     assert next(iter(empty.values())).fallback
+
+
+@pytest.mark.parametrize("arch", ["unet_effb0", "linknet_effb0"])
+def test_checkpoints_of_either_decoder_block_load_and_say_which_they_are(arch, tmp_path):
+    """Runs trained before issue 17 (decoder_block linknet) keep loading: load_trained reads the
+    block from the checkpoint's keys; a forced other block is refused, naming the file."""
+    for block in ("paper", "linknet"):
+        torch.manual_seed(0)
+        net = tatl_network(arch, block)
+        path = tmp_path / f"{block}.pt"
+        torch.save(net.state_dict(), path)
+        assert decoder_block_of(arch, net.state_dict()) == block
+        loaded = load_trained(arch, path)
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+        other = "linknet" if block == "paper" else "paper"
+        with pytest.raises(ValueError, match=f"{block}.pt: not a {arch} checkpoint with decoder_block='{other}'"):
+            load_trained(arch, path, decoder_block=other)
