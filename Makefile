@@ -24,5 +24,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# GPU check (scripts/gpu_check.py, bundles/msd_seg3d/docs/README.md "GPU check"). gpu-check-prepare:
+# the lent GPU machine's missing wheels + GPU-sized data into .gpu-check/ (needs PyPI); there, with
+# .gpu-check carried: python3 scripts/gpu_check.py device. gpu-check: the whole check here, CPU, tiny.
+.PHONY: gpu-check gpu-check-prepare
+gpu-check-prepare: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py prepare
+
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py run --device cpu --tiny
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
