@@ -80,7 +80,7 @@ def paper_size_speed(tmp: Path, n_images: int = 6) -> dict:
     return {"working_size": [384, 512], "image_size": [768, 1024], **pipeline_speed(predictor, images)}
 
 
-def union_scores(run_dir: Path, data: Path, folds: int, seed: int) -> dict:
+def union_scores(run_dir: Path, data: Path, folds: int, seed: int, run_folds=None) -> dict:
     """Union-map Jaccard per union source (``stage2`` / ``or_stage3``): TP / FP / FN pooled over each
     test fold's images at 256x256, mean over folds."""
     import numpy as np
@@ -90,7 +90,7 @@ def union_scores(run_dir: Path, data: Path, folds: int, seed: int) -> dict:
 
     truth = scoring_transforms([f"attribute_{a}" for a in ATTRIBUTES_2018], label_key="label")
     per_fold = {"stage2": [], "or_stage3": []}
-    for fold in range(folds):
+    for fold in range(folds) if run_folds is None else run_folds:
         test = tatl_datalists(data, fold, folds, seed, run_dir / "splits.json")["test"]
         predictor = fold_predictor(run_dir, fold, union="stage2")
         counts = {k: np.zeros(3) for k in per_fold}
@@ -138,6 +138,8 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, nargs=2, default=(96, 128), help="nominal generated image size H W")
     p.add_argument("--working-size", type=int, nargs=2, default=(96, 128), help="network input H W (multiples of 32)")
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--run-folds", type=int, nargs="+", default=None,
+                   help="folds to train and score (default all); e.g. 0 for a short run")
     p.add_argument("--epochs", type=int, default=12, help="max epochs per network (early stopping patience 10)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +161,8 @@ def main(argv=None) -> dict:
         generate_isic(data, year=2018, num_images=args.images, size=tuple(args.image_size), seed=args.seed)
     common = {"data_root": str(data), "working_size": list(args.working_size), "n_folds": args.folds,
               "max_epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "device": "cpu",
-              "decoder_block": args.decoder_block}
+              "decoder_block": args.decoder_block, "folds": args.run_folds}
+    run_folds = list(range(args.folds)) if args.run_folds is None else list(args.run_folds)
     results, wall = {}, {}
     overlays = {"stage3": "ablation_stage3", "stages123": "ablation_stages123"}
     for config, overlay in ((c, overlays[c]) for c in args.configs):
@@ -177,11 +180,11 @@ def main(argv=None) -> dict:
         speed["paper_size_untrained"] = paper_size_speed(out)
     report = {
         "data": {"generated": True, "year": 2018, "images": args.images, "image_size": list(args.image_size)},
-        "budget": {"folds": args.folds, "max_epochs": args.epochs, "patience": 10, "batch_size": args.batch_size,
+        "budget": {"folds": args.folds, "run_folds": run_folds, "max_epochs": args.epochs, "patience": 10, "batch_size": args.batch_size,
                    "working_size": list(args.working_size), "imagenet_weights": None, "arches": ["unet_effb0", "linknet_effb0"],
                    "tatl_mode": "freeze", "decoder_block": args.decoder_block},
         "parameters": parameter_table(args.decoder_block),
-        "union_map": (union_scores(out / "stages123", data, args.folds, args.seed) if "stages123" in args.configs
+        "union_map": (union_scores(out / "stages123", data, args.folds, args.seed, run_folds) if "stages123" in args.configs
                       else None),
         "wall_seconds": wall,
         "results": {c: {"summary": r["summary"], "folds": r["folds"]} for c, r in results.items()},
