@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--bank", required=True, help="model bank folder (bank.yaml)")
     rank.add_argument("--data", required=True, help="target task folder (labelled training cases are scored)")
     rank.add_argument("--out", default="runs/rank", help="scores.csv / scores.json (+ evaluation with --dice)")
-    rank.add_argument("--estimators", nargs="+", help="default: all (ccfv ccfv_official logme gbc transrate leep nce robustness)")
+    rank.add_argument("--estimators", nargs="+", help="default: all (ccfv ccfv_official logme gbc transrate transrate_official leep nce robustness)")
     rank.add_argument("--dice", help="CSV model,dice of fine-tuned bank models: also evaluate the estimators")
     rank.add_argument("--max-cases", type=int, help="score on the first N labelled cases only")
     rank.add_argument("--device", help="cpu or cuda (default: cuda when available)")

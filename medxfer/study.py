@@ -110,7 +110,8 @@ class StudyConfig:
     finetune_epochs: int = 40
     finetune_folds: int = 3          # fold 0: (1 - 1/folds) of the target cases fine-tune, the rest validate
     learning_rate: float = 3e-3      # AdamW, poly decay (configs/adamw.yaml)
-    estimators: tuple = ("ccfv", "ccfv_official", "logme", "gbc", "transrate", "leep", "nce", "robustness")
+    estimators: tuple = ("ccfv", "ccfv_official", "logme", "gbc", "transrate", "transrate_official", "leep", "nce",
+                         "robustness")
     seed: int = 0
     device: str | None = None        # None: cuda when available, else cpu
     sources: list | None = None      # pretraining tasks; None: every task with the targets' channel count

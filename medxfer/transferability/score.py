@@ -13,7 +13,9 @@ features once (:mod:`medxfer.transferability.features`); every estimator then wo
 ``ccfv_official``  CC-FV as the official code computes it (``variant="official"``)
 ``logme``          LogME on the last decoder stage (the layer before the final conv), pooled cases
 ``gbc``            GBC on the same features
-``transrate``      TransRate on the same features
+``transrate``      TransRate on the same features (paper definition, ``variant="paper"``)
+``transrate_official``  TransRate as the authors' code computes it (``variant="official"``: rows
+                   L2-normalised before and after centring, the rate divided by rank(Z))
 ``leep``           LEEP from the source head's softmax at the sampled voxels
 ``nce``            NCE from the source head's argmax at the sampled voxels
 ``robustness``     robustness (thesis ch. 4) of the second-to-last encoder level, on one window per
@@ -34,6 +36,7 @@ a finished one is read back, and scores of other settings are never silently mix
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -97,7 +100,8 @@ def _on_last_stage(fn: Callable) -> Callable:
 #: Estimator name -> function of the sampled cases of one model returning one float.
 ESTIMATORS: dict[str, Callable[[Sequence[CaseFeatures]], float]] = {
     "ccfv": _ccfv("paper"), "ccfv_official": _ccfv("official"), "logme": _on_last_stage(logme),
-    "gbc": _on_last_stage(gbc), "transrate": _on_last_stage(transrate), "leep": leep_cases, "nce": nce_cases,
+    "gbc": _on_last_stage(gbc), "transrate": _on_last_stage(transrate),
+    "transrate_official": _on_last_stage(functools.partial(transrate, variant="official")), "leep": leep_cases, "nce": nce_cases,
 }
 DEFAULT_ESTIMATORS = (*ESTIMATORS, "robustness")
 #: Estimators that read the source network's own segmentation head (per-voxel class probabilities).
