@@ -5,18 +5,26 @@ target), CPU, one process, through the ``seg2d_transfer`` bundle configs:
 
 1. **pretrain** an encoder (U-Net encoder by default, narrowed for the CPU) with a classification
    head for ``--epochs`` epochs, a checkpoint after every epoch into a model bank;
-2. **select** offline: score every checkpoint (``select_checkpoint.yaml``: robustness and the
-   feature-based estimators), timed;
+2. **select** offline: score every checkpoint and the random init (``select_checkpoint.yaml``:
+   robustness and the feature-based estimators, on the training images of the fine-tuning fold),
+   timed;
 3. **fine-tune all**: every checkpoint and "no pretraining" (scratch) fine-tuned on the target
    (``train.yaml``, full transfer, same split and budget, ``--finetune-seeds`` repeats with
    different initialisation / augmentation seeds), timed; mean best validation Dice of each;
 4. **TIS** (thesis eq. 3.1: Dice of the picked model / best Dice of all fine-tuned models) of:
-   robustness offline (highest robustness from epoch 1 on), robustness online (first local maximum
+   robustness offline (highest robustness, the random init included: it stands for "scratch"),
+   robustness online (first local maximum
    from epoch 1 on: what :class:`medxfer.handlers.RobustnessEarlyStopping` stops at -- the online
    scores are the offline ones, same images and seed, a tested identity), the last checkpoint, no
    pretraining, and every other estimator; plus wall time of selection vs fine-tuning all.
 
     python scripts/bench/seg2d.py [--out runs/bench/seg2d] [--epochs 8] [--finetune-epochs 15]
+
+``--legacy`` reruns the settings before issue 17 (fine-tuning recipe ``medxfer_v1``; selection on the
+first 16 images of the whole folder, colour jitter 0.4 / 0.4 / 0.4 / 0.1, pooled features, no
+random-init candidate); the default is the thesis' (recipe ``thesis``, the authors' jitter, unpooled
+features for full fine-tuning, every training image of the fine-tuning fold). Both use batch 8 for
+fine-tuning (the tiny target gives batch 24 a single step per epoch).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ def main(argv=None) -> dict:
     p.add_argument("--finetune-epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--finetune-seeds", type=int, default=3, help="fine-tuning repeats per model (Dice averaged)")
+    p.add_argument("--legacy", action="store_true", help="the recipe and selection settings before issue 17")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -74,10 +83,17 @@ def main(argv=None) -> dict:
     wall["pretraining"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    splits = out / "finetune" / "splits.json"
+    recipe = "medxfer_v1" if args.legacy else "thesis"
+    if args.legacy:  # the whole folder's first 16 images, strong jitter, pooled, no random-init candidate
+        selection = {"fold": None, "max_cases": 16, "random_init": False, "start_epoch": 1,
+                     "robustness": {"jitter": "strong", "pooled": True}}
+    else:            # the fine-tuning fold's training images (same split as the fine-tuning below)
+        selection = {"fold": 0, "n_folds": 4, "split_seed": args.seed, "splits_file": str(splits)}
     run_bundle("seg2d_transfer", ["select_checkpoint"], quiet=True, bank_root=str(bank_root), target_root=str(target),
-               output_dir=str(out / "selection"), image_size=args.image_size, device="cpu", max_cases=16)
+               output_dir=str(out / "selection" / recipe), image_size=args.image_size, device="cpu", **selection)
     wall["selection_all_estimators"] = time.perf_counter() - t0
-    rows = json.loads((out / "selection" / "scores.json").read_text())["rows"]
+    rows = json.loads((out / "selection" / recipe / "scores.json").read_text())["rows"]
     wall["selection_robustness_only"] = sum(r["seconds_robustness"] for r in rows)
 
     bank = ModelBank.open(bank_root)
@@ -88,13 +104,13 @@ def main(argv=None) -> dict:
     for name in names + ["scratch"]:
         dice_runs[name] = []
         for repeat in range(args.finetune_seeds):
-            run_dir = out / "finetune" / name / f"seed{repeat}"
+            run_dir = out / "finetune" / recipe / name / f"seed{repeat}"
             if not (run_dir / "history.json").exists():
                 init = {"transfer_mode": "scratch"} if name == "scratch" else {
                     "transfer_mode": "encoder_only", "bank_root": str(bank_root), "init_entry": name}
                 run_bundle("seg2d_transfer", ["train"], quiet=True, data_root=str(target), output_dir=str(run_dir),
                            max_epochs=args.finetune_epochs, batch_size=8, n_folds=4, split_seed=args.seed,
-                           splits_file=str(out / "finetune" / "splits.json"), **init,
+                           splits_file=str(splits), recipe=recipe, **init,
                            **{**common, "seed": args.seed + repeat})
             dice_runs[name].append(json.loads((run_dir / "history.json").read_text())["best"]["val_mean_dice"])
         dice[name] = float(np.mean(dice_runs[name]))
@@ -113,7 +129,8 @@ def main(argv=None) -> dict:
         return dice[name] / best if best > 0 else float("nan")
 
     robust = [by_name[n]["robustness"] for n in names]
-    offline = names[int(np.argmax(robust))]
+    candidates = [(r["robustness"], "scratch" if r["epoch"] == 0 else r["model"]) for r in rows]
+    offline = max(candidates)[1]   # the random init (if scored) stands for fine-tuning from scratch
     online_epoch = first_local_maximum(robust, epochs, start_epoch=1)
     online = names[epochs.index(online_epoch)] if online_epoch is not None else names[-1]  # never peaked: ran to the end
     estimators = ["robustness", "ccfv", "logme", "gbc", "transrate"]
@@ -122,7 +139,9 @@ def main(argv=None) -> dict:
         "data": {"generated": True, "pretraining_classes": args.classes, "images_per_class": args.images_per_class,
                  "target_images": args.target_images, "image_size": args.image_size},
         "budget": {"arch": args.arch, "arch_kwargs": arch_kwargs, "pretraining_epochs": args.epochs,
-                   "finetune_epochs": args.finetune_epochs, "finetune_seeds": args.finetune_seeds, "seed": args.seed},
+                   "finetune_epochs": args.finetune_epochs, "finetune_seeds": args.finetune_seeds, "seed": args.seed,
+                   "recipe": recipe, "selection": selection},
+        "random_init_robustness": next((r["robustness"] for r in rows if r["epoch"] == 0), None),
         "checkpoints": [{"model": n, "epoch": bank.get(n).epoch, "dice": dice[n], "dice_runs": dice_runs[n],
                          **{e: by_name[n][e] for e in estimators}} for n in names],
         "scratch_dice": dice["scratch"],
@@ -139,7 +158,7 @@ def main(argv=None) -> dict:
         "selection_over_finetune_all": {"robustness_only": wall["selection_robustness_only"] / wall["finetune_all"],
                                         "all_estimators": wall["selection_all_estimators"] / wall["finetune_all"]},
     }
-    write_json(out / "seg2d_bench.json", report)
+    write_json(out / f"seg2d_bench_{recipe}.json", report)
     json.dump(json_safe(report), sys.stdout, indent=1)
     print()
     return report
