@@ -25,12 +25,13 @@ takes at most 64 MiB of files. So the check comes in three commands:
     - ``msd_seg3d_ddp_torchrun``: ``torchrun --standalone --nproc_per_node 1 -m monai.bundle run``
       of ``train.yaml`` + ``multi_gpu_train.yaml`` (NCCL with a GPU, gloo without);
     - ``score_bank``: the transferability bundle's ``score.yaml`` with every estimator
-      (:data:`medxfer.transferability.score.DEFAULT_ESTIMATORS`) on that bank, seconds per model;
+      (:data:`medxfer.transferability.score.DEFAULT_ESTIMATORS`) on that bank, seconds per model and case;
     - ``tatl_train``: one TATL network (``tatl_skin/configs/train.yaml``, ``unet_effb0``);
     - ``seg2d_train``: one ``seg2d_transfer/configs/train.yaml`` network;
 
-    each on ``--device`` first (all sections), then again on the CPU of the same machine with a
-    smaller budget (``cpu_over_device``: how many times slower the CPU is). Every section's error
+    each on ``--device`` first (all sections), then again on the CPU of the same machine with
+    fewer iterations and no validation, cheapest first while the time budget lasts
+    (``cpu_over_device``: how many times slower the CPU is per unit). Every section's error
     is caught, written into ``errors`` (one line) with the traceback on stderr, and makes the exit
     status 1; a CUDA section that allocated no GPU memory counts as an error (a silent CPU fallback).
 
@@ -160,8 +161,10 @@ def _wheel_of(folder: Path, dist: str) -> list[Path]:
 
 
 def _pip_tail(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip() and "WARNING" not in line]
-    return lines[-1].strip() if lines else f"exit {proc.returncode}"
+    lines = [line.strip() for line in (proc.stderr + "\n" + proc.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    lines = errors or [line for line in lines if "WARNING" not in line]
+    return lines[-1] if lines else f"exit {proc.returncode}"
 
 
 def download_wheels(folder: Path, python_version: str = "3.12") -> dict[str, str]:
@@ -226,6 +229,8 @@ def prepare(args) -> int:
     if total > CARRY_LIMIT_MIB - 8:
         _log(f"warning: {folder} holds {total:.1f} MiB; with the working tree it must stay under {CARRY_LIMIT_MIB} MiB")
     rel = os.path.relpath(folder, ROOT)
+    if rel.startswith(".."):
+        _log(f"warning: {folder} is outside the repository; only the repository's folders travel to the device")
     print(json.dumps({"prepared": str(folder), "mib": round(total, 1), "wheels_ok": wheels is not None,
                       "device_command": f"python3 scripts/gpu_check.py device --dir {rel}",
                       "carry": [rel]}, indent=1))
