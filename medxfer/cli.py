@@ -326,10 +326,12 @@ def _cmd_export_bundle(args) -> int:
         return 2
     try:
         if args.run:
-            source = source_from_run(args.run, name=args.name)
+            source = source_from_run(args.run, name=args.name, fold=args.fold)
         else:
             if not args.entry:
                 raise DatasetError(args.bank, "--entry is required with --bank")
+            if args.fold is not None:
+                raise ValueError("--fold applies to --run with a TATL run folder (tatl_run.json)")
             source = source_from_bank(args.bank, args.entry)
             if args.name:
                 source.name = args.name
@@ -337,8 +339,13 @@ def _cmd_export_bundle(args) -> int:
     except (DatasetError, BankError, FileExistsError, ValueError) as e:
         return _error(e)
     scripts = " + scripts/ (the network's code)" if (Path(out) / "scripts").is_dir() else ""
-    print(f"{out}: configs/inference.json, train.json, evaluate.json, multi_gpu_train.json (MONAI only), "
-          f"configs/metadata.json, models/model.pt, docs/README.md{scripts}")
+    if source.kind == "tatl":
+        print(f"{out}: configs/inference.json ({len(source.networks)} networks, one <name>_def each; no training "
+              "configs, see docs/README.md), configs/metadata.json, models/model.pt + models/<name>.pt, "
+              "docs/README.md + scripts/ (the TATL pipeline and LinkNet code)")
+    else:
+        print(f"{out}: configs/inference.json, train.json, evaluate.json, multi_gpu_train.json (MONAI only), "
+              f"configs/metadata.json, models/model.pt, docs/README.md{scripts}")
     print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
           "--dataset_dir IMAGES")
     return 0
@@ -550,10 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     rank.set_defaults(func=_cmd_rank)
 
     exp = sub.add_parser("export-bundle", help="a self-contained MONAI model-zoo bundle of a trained 3D or 2D "
-                                               "model (inference with MONAI only; 2D networks MONAI lacks travel "
-                                               "in the bundle's scripts/)")
-    exp.add_argument("--run", help="a finished bundles/msd_seg3d training / fine-tuning run folder or a "
-                                   "bundles/seg2d_transfer training run folder (run.json)")
+                                               "model or of one fold of a TATL run (inference with MONAI only; 2D "
+                                               "networks and the TATL pipeline MONAI lacks travel in the bundle's "
+                                               "scripts/)")
+    exp.add_argument("--run", help="a finished bundles/msd_seg3d training / fine-tuning run folder, a "
+                                   "bundles/seg2d_transfer training run folder (run.json) or a bundles/tatl_skin "
+                                   "run folder (tatl_run.json; with --fold)")
+    exp.add_argument("--fold", type=int, help="TATL runs: the fold whose networks to export (default: the lowest)")
     exp.add_argument("--bank", help="a model bank folder (with --entry)")
     exp.add_argument("--entry", help="bank entry name")
     exp.add_argument("--out", required=True, help="bundle folder to write")

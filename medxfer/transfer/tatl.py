@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from monai.utils import convert_to_tensor
 
 from medxfer.data.isic import ISIC_LAYOUTS
 from medxfer.jsonfile import write_json
 from medxfer.networks import arch_layout, build_network
 from medxfer.networks.effnet_unet import PAPER_UNET_KWARGS
 from medxfer.networks.linknet import DECODER_BLOCKS
+from medxfer.transfer.tatl_inference import segment_net_box  # stage 1 of one image (the inference step's)
 from medxfer.transfer.weights import TransferReport, init_from_checkpoint, load_encoder_weights, read_checkpoint
 from medxfer.transforms.dermoscopy import dermoscopy_transforms
-from medxfer.transforms.lesion_crop import lesion_box
 
 __all__ = ["TATL_ARCHS", "TATL_TRAIN_SIZE", "TATL_MODES", "DECODER_BLOCKS", "tatl_arch_kwargs", "tatl_network",
            "decoder_block_of", "init_from_stage2", "stage_network", "load_trained", "stage3_attributes", "segment_net_box",
@@ -170,28 +169,6 @@ def load_trained(arch: str, checkpoint, device="cpu", decoder_block: str | None 
 def stage3_attributes(year: int) -> Sequence[str]:
     """The attributes with a stage-3 segmenter: ISIC 2018 has five, ISIC 2017 four (no globules)."""
     return tuple(ISIC_LAYOUTS[year].attributes)
-
-
-@torch.no_grad()
-def segment_net_box(network: torch.nn.Module, image, image_size: Sequence[int], working_size: Sequence[int],
-                    offset: float = 40, threshold: float = 0.5, **box_kwargs):
-    """Stage 1 for one image: the Segment-Net's lesion box in original pixels.
-
-    Args:
-        network: the Segment-Net (one sigmoid output), on its device.
-        image: ``(3, Hw, Ww)`` the image through the dermoscopy ``infer`` chain at ``working_size``.
-        image_size: the original ``(H, W)`` the box is mapped to.
-        offset, threshold, box_kwargs: as :func:`medxfer.transforms.lesion_crop.lesion_box`.
-
-    Returns:
-        a :class:`~medxfer.transforms.lesion_crop.Box` (``fallback=True`` when nothing was found).
-    """
-    device = next((p.device for p in network.parameters()), torch.device("cpu"))
-    network.eval()
-    x = convert_to_tensor(image, track_meta=False)[None].to(device)  # plain tensor: no MetaTensor dispatch per layer
-    prob = torch.sigmoid(network(x))[0, 0].cpu()
-    return lesion_box(prob, threshold=threshold, offset=offset, image_size=tuple(image_size), mask_size=working_size,
-                      **box_kwargs)
 
 
 def segment_net_boxes(network: torch.nn.Module, records: Sequence[dict], working_size: Sequence[int] = (384, 512),

@@ -31,12 +31,11 @@ import torch
 from monai.utils import convert_to_tensor
 
 from medxfer.atomic import atomic_path
-from medxfer.transfer.tatl import segment_net_box
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD, dermoscopy_transforms
-from medxfer.transforms.lesion_crop import Box, paste_back
+from medxfer.transforms.lesion_crop import Box, lesion_box, paste_back
 
-__all__ = ["TatlPrediction", "TatlPredictor", "write_prediction", "overlay_image", "ATTRIBUTE_COLOURS",
-           "UNION_MODES"]
+__all__ = ["TatlPrediction", "TatlPredictor", "segment_net_box", "write_prediction", "overlay_image",
+           "ATTRIBUTE_COLOURS", "UNION_MODES"]
 
 #: Union map sources: the stage-2 attribute-agnostic segmenters (paper), or the OR of the stage-3 masks.
 UNION_MODES = ("stage2", "or_stage3")
@@ -49,6 +48,28 @@ ATTRIBUTE_COLOURS = {
     "milia_like_cyst": (0, 230, 120),
     "streaks": (230, 0, 230),
 }
+
+
+@torch.no_grad()
+def segment_net_box(network: torch.nn.Module, image, image_size: Sequence[int], working_size: Sequence[int],
+                    offset: float = 40, threshold: float = 0.5, **box_kwargs):
+    """Stage 1 for one image: the Segment-Net's lesion box in original pixels.
+
+    Args:
+        network: the Segment-Net (one sigmoid output), on its device.
+        image: ``(3, Hw, Ww)`` the image through the dermoscopy ``infer`` chain at ``working_size``.
+        image_size: the original ``(H, W)`` the box is mapped to.
+        offset, threshold, box_kwargs: as :func:`medxfer.transforms.lesion_crop.lesion_box`.
+
+    Returns:
+        a :class:`~medxfer.transforms.lesion_crop.Box` (``fallback=True`` when nothing was found).
+    """
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    network.eval()
+    x = convert_to_tensor(image, track_meta=False)[None].to(device)  # plain tensor: no MetaTensor dispatch per layer
+    prob = torch.sigmoid(network(x))[0, 0].cpu()
+    return lesion_box(prob, threshold=threshold, offset=offset, image_size=tuple(image_size), mask_size=working_size,
+                      **box_kwargs)
 
 
 @dataclass

@@ -80,19 +80,23 @@ from monai.bundle import ConfigParser
 import medxfer
 from medxfer.atomic import atomic_directory, atomic_torch_save, atomic_write_text
 from medxfer.data.image_folder import IMAGE_SUFFIXES
+from medxfer.data.isic import ISIC_LAYOUTS
 from medxfer.data.problems import DatasetError, read_json
 from medxfer.networks import build_network, network_spec
 from medxfer.transfer.bank import ModelBank
+from medxfer.transfer.tatl import decoder_block_of, load_trained, tatl_arch_kwargs
 from medxfer.transfer.weights import read_checkpoint
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.transforms.msd import CT_BODY_HU, RAS_LABELS
 from medxfer.transforms.preprocessing import preprocessing_kind
 from medxfer.workflows.msd_seg3d import read_run_record
+from medxfer.workflows.tatl_skin import IMAGE_SUFFIXES as TATL_IMAGE_SUFFIXES
+from medxfer.workflows.tatl_skin import MASK_STEMS, TatlSettings, network_dir
 
 __all__ = ["ZOO_FILE_LIMIT", "SCHEMA_URL", "METADATA_SCHEMA", "MONAI_CLASSES", "SCRIPTS_NETWORKS", "ExportSource",
-           "source_from_run", "source_from_seg2d_run", "source_from_bank", "network_def", "plans_preprocessing",
+           "TatlNetwork", "source_from_run", "source_from_seg2d_run", "source_from_tatl_run", "source_from_bank", "network_def", "plans_preprocessing",
            "labelled_preprocessing", "train_augmentation", "seg2d_preprocessing", "copy_network_code",
-           "export_bundle", "write_metadata_schema", "export_program"]
+           "export_bundle", "write_metadata_schema", "export_program", "TATL_PIPELINE_MODULES"]
 
 #: The model zoo's limit per committed file; larger weights go to ``large_files.yml``.
 ZOO_FILE_LIMIT = 25 * 1024 * 1024
@@ -140,6 +144,13 @@ METADATA_SCHEMA = {
             "inputs": {"type": "object", "required": ["image"], "additionalProperties": _TENSOR},
             "outputs": {"type": "object", "required": ["pred"], "additionalProperties": _TENSOR},
             "post_processed_outputs": {"type": "object"}}},
+        # medxfer's multi-network bundles (TATL): one entry per `<name>_def` of configs/inference.json,
+        # each with its own inputs / outputs (an extra key: the zoo's schema allows additional ones)
+        "networks": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["config_id", "weights", "inputs", "outputs"], "properties": {
+                "config_id": {"type": "string"}, "weights": {"type": "string"},
+                "inputs": {"type": "object", "required": ["image"], "additionalProperties": _TENSOR},
+                "outputs": {"type": "object", "required": ["pred"], "additionalProperties": _TENSOR}}}},
     },
 }
 
@@ -187,6 +198,20 @@ class ExportSource:
     eval_metrics: dict = field(default_factory=dict)
     kind: str = "seg3d"                    # "seg3d" (NIfTI volumes) or "seg2d" (PIL images; patch_size = image size)
     normalization: dict = field(default_factory=dict)  # seg2d: per-channel "mean" and "std" on the 0..1 scale
+    networks: list["TatlNetwork"] = field(default_factory=list)  # tatl: every network of the fold, main first
+    tatl: dict = field(default_factory=dict)  # tatl: the pipeline's settings (working size, offset, union, ...)
+
+
+@dataclass
+class TatlNetwork:
+    """One network of an exported TATL fold (:func:`source_from_tatl_run`)."""
+
+    name: str                              # segment_net, agnostic_<arch>, target_<attribute>_<arch>
+    stage: int
+    arch: str                              # unet_effb0 | linknet_effb0
+    arch_kwargs: dict                      # tatl_arch_kwargs(arch, the checkpoint's decoder_block)
+    state: dict[str, torch.Tensor]
+    attribute: str | None = None
 
 
 def plans_preprocessing(plans: dict, label: bool = False) -> list[dict]:
@@ -457,11 +482,16 @@ def source_from_seg2d_run(run_dir, name: str | None = None) -> ExportSource:
                         eval_metrics=metrics, kind="seg2d", normalization=norm)
 
 
-def source_from_run(run_dir, name: str | None = None) -> ExportSource:
+def source_from_run(run_dir, name: str | None = None, fold: int | None = None) -> ExportSource:
     """A finished training run folder: ``bundles/msd_seg3d`` (``run.json`` + ``plans.json`` +
-    ``model.pt``) or ``bundles/seg2d_transfer`` (its ``run.json`` says ``"workflow":
-    "seg2d_transfer/..."``; :func:`source_from_seg2d_run`)."""
+    ``model.pt``), ``bundles/seg2d_transfer`` (its ``run.json`` says ``"workflow":
+    "seg2d_transfer/..."``; :func:`source_from_seg2d_run`) or a ``bundles/tatl_skin`` run
+    (``tatl_run.json``; :func:`source_from_tatl_run`, ``fold``). ``fold`` is refused for the others."""
     run = Path(run_dir)
+    if (run / "tatl_run.json").is_file():
+        return source_from_tatl_run(run, fold, name)
+    if fold is not None:
+        raise ValueError(f"{run}: fold applies to TATL runs only (a folder with tatl_run.json)")
     record = read_run_record(run)
     if record is None:
         raise DatasetError(run / "run.json", "not a medxfer training run folder (run.json not found)")
@@ -488,6 +518,80 @@ def source_from_run(run_dir, name: str | None = None) -> ExportSource:
                                     f"({record.get('workflow', 'msd_seg3d')})",
                         provenance={"run": str(run.resolve()), "transfer": record.get("transfer")},
                         eval_metrics=metrics)
+
+
+#: The medxfer modules of the TATL pipeline a bundle copies into ``scripts/`` (with what they import):
+#: the predictor (Segment-Net box, crop, U + Link averaging, paste back), the writer, LinkNet-effb0.
+TATL_PIPELINE_MODULES = ("medxfer.transfer.tatl_inference", "medxfer.networks.linknet")
+
+
+def _tatl_networks(settings: TatlSettings) -> list[tuple[str, int, str, str | None]]:
+    """``(name, stage, arch, attribute)`` of a fold's networks in pipeline order (the main one first)."""
+    nets = [("segment_net", 1, "unet_effb0", None)] if 1 in settings.stages else []
+    if 2 in settings.stages:
+        nets += [(f"agnostic_{arch}", 2, arch, None) for arch in settings.arches]
+    return nets + [(f"target_{a}_{arch}", 3, arch, a) for a in ISIC_LAYOUTS[settings.year].attributes
+                   for arch in settings.arches]
+
+
+def source_from_tatl_run(run_dir, fold: int | None = None, name: str | None = None) -> ExportSource:
+    """One fold of a ``bundles/tatl_skin`` cross-validation run (``tatl_run.json``, the networks at
+    ``fold_<k>/<name>/model.pt``): every network the fold's inference uses (the Segment-Net with
+    stage 1, the stage-2 attribute-agnostic segmenters with stage 2, the target segmenters), each
+    checked to load strictly with the decoder its checkpoint was trained with, and the run's
+    settings (working size, box offset, threshold, normalisation). ``fold`` None: the lowest
+    ``fold_<k>`` of the run. The main network (``network_def``, ``models/model.pt``) is the first of
+    the pipeline: the Segment-Net (its input is the bundle's input image), else the first stage-2
+    segmenter, else the first target segmenter. The union map is the stage-2 prediction
+    (``union: stage2``, as medxfer's inference) when the run has stage 2, else the OR of the
+    attribute masks."""
+    run = Path(run_dir)
+    settings = TatlSettings.load(run)
+    if settings.year is None:
+        raise DatasetError(run / "tatl_run.json", "no ISIC year recorded: the run has not started training")
+    folds = sorted(int(p.name.split("_", 1)[1]) for p in run.glob("fold_*") if p.is_dir() and
+                   p.name.split("_", 1)[1].isdigit())
+    if fold is None:
+        if not folds:
+            raise DatasetError(run, "no fold_<k> folder: nothing was trained here")
+        fold = folds[0]
+    fold_dir = run / f"fold_{int(fold)}"
+    if not fold_dir.is_dir():
+        raise DatasetError(fold_dir, f"no such fold in the run (folds: {folds})")
+    networks = []
+    for net_name, stage, arch, attribute in _tatl_networks(settings):
+        kind = {1: "segment_net", 2: "agnostic", 3: "target"}[stage]
+        path = network_dir(fold_dir, kind, arch, attribute) / "model.pt"
+        if not path.is_file():
+            raise DatasetError(path, "not found: the fold has not finished training this network")
+        state = read_checkpoint(path)
+        load_trained(arch, path)  # every key fits the network its decoder_block builds (ValueError naming the file)
+        networks.append(TatlNetwork(net_name, stage, arch, tatl_arch_kwargs(arch, decoder_block_of(arch, state)),
+                                    state, attribute))
+    attributes = list(ISIC_LAYOUTS[settings.year].attributes)
+    metrics = {}
+    scores = fold_dir / "scores.json"
+    if scores.is_file():
+        for attribute, row in read_json(scores).get("attributes", {}).items():
+            for key in ("jaccard", "dice"):
+                value = row.get(key) if isinstance(row, Mapping) else None
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    metrics[f"test_fold_{key}_{attribute}"] = value
+    main = networks[0]
+    size = [int(s) for s in settings.working_size]
+    union = "stage2" if 2 in settings.stages else "or_stage3"
+    return ExportSource(
+        name=name or f"{run.name}_fold{int(fold)}", arch=main.arch, arch_kwargs=main.arch_kwargs, in_channels=3,
+        out_channels=1, patch_size=size, labels={str(i): a for i, a in enumerate(attributes)},
+        channels={"0": "R", "1": "G", "2": "B"}, preprocessing=[], state=main.state,
+        description=f"TATL skin-attribute segmentation (fold {int(fold)} of a medxfer tatl_skin run on ISIC "
+                    f"{settings.year}, stages {'+'.join(str(x) for x in settings.stages)}, {settings.tatl_mode})",
+        provenance={"run": str(run.resolve()), "fold": int(fold), "settings": settings.to_json()},
+        eval_metrics=metrics, kind="tatl", normalization={"mean": list(settings.mean), "std": list(settings.std)},
+        networks=networks,
+        tatl={"year": settings.year, "attributes": attributes, "stages": list(settings.stages),
+              "arches": list(settings.arches), "working_size": size, "offset": float(settings.offset),
+              "threshold": float(settings.threshold), "union": union, "fold": int(fold)})
 
 
 def source_from_bank(bank_root, entry: str, labels: Mapping | None = None) -> ExportSource:
@@ -1017,6 +1121,238 @@ Not for clinical use.
 """
 
 
+def _tatl_weights(src: ExportSource, net: "TatlNetwork") -> str:
+    """The weights file of a TATL network in the bundle: ``models/model.pt`` for the main one."""
+    return "models/model.pt" if net is src.networks[0] else f"models/{net.name}.pt"
+
+
+def _tatl_image_list() -> str:
+    """Expression: :func:`medxfer.workflows.tatl_skin.inference_images` in MONAI only: ``dataset_dir``
+    itself if it is a file, else its ``.jpg`` / ``.jpeg`` / ``.png`` files (any case; ``glob`` leaves
+    hidden files out), sorted, names of masks and of the outputs (``_attribute_``, ``_union``, ...) skipped."""
+    return ("$[@dataset_dir] if os.path.isfile(@dataset_dir) else sorted(p for p in glob.glob(os.path.join("
+            "@dataset_dir, '*')) if os.path.isfile(p) and p.lower().endswith("
+            f"{tuple(s.lower() for s in TATL_IMAGE_SUFFIXES)!r}) and not any(s in os.path.splitext("
+            f"os.path.basename(p))[0] for s in {tuple(MASK_STEMS)!r}))")
+
+
+def _tatl_inference_config(src: ExportSource) -> dict:
+    """``configs/inference.json`` of a TATL fold: one ``<name>_def`` per network with literal arguments
+    (U shape: MONAI's ``FlexibleUNet``; Link shape: ``scripts.linknet.LinkNetEffB0``), each loaded
+    from its own file by a ``CheckpointLoader``; the pipeline (Segment-Net box, crop, U + Link
+    averaging, paste back; the writer of the masks, union map and overlay) is the bundle's copy of
+    :mod:`medxfer.transfer.tatl_inference` in ``scripts/``, run by a MONAI ``Evaluator`` one image
+    per iteration, as medxfer's :func:`medxfer.workflows.tatl_skin.inference_evaluator` does (less
+    its ``predictions.json`` summary)."""
+    t = src.tatl
+    defs = {f"{n.name}_def": network_def(n.arch, n.arch_kwargs, 3, 1, t["working_size"]) for n in src.networks}
+    by_name = {n.name: f"@{n.name}_def" for n in src.networks}
+    targets = {a: [by_name[f"target_{a}_{arch}"] for arch in t["arches"]] for a in t["attributes"]}
+    agnostic = [by_name[f"agnostic_{arch}"] for arch in t["arches"] if f"agnostic_{arch}" in by_name]
+    loaders = [{"_target_": "CheckpointLoader", "load_path": f"$@bundle_root + '/{_tatl_weights(src, n)}'",
+                "load_dict": {"model": f"@{n.name}_def"}, "map_location": "@device"} for n in src.networks]
+    return {
+        "imports": ["$import glob", "$import os", "$import sys", "$import torch", "$import scripts"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "/workspace/data",
+        "datalist": _tatl_image_list(),
+        "overwrite": False,
+        "union": t["union"],
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        **_scripts_ids(),
+        "working_size": list(t["working_size"]), "offset": t["offset"], "threshold": t["threshold"],
+        "mean": list(src.normalization["mean"]), "std": list(src.normalization["std"]),
+        **defs,
+        "network_def": f"@{src.networks[0].name}_def",
+        "inferer": {"_target_": "SimpleInferer"},
+        "predictor": {"_target_": "scripts.tatl_inference.TatlPredictor", "_requires_": f"@{SCRIPTS_PATH_ID}",
+                      "targets": targets, "segment_net": by_name.get("segment_net"),
+                      "working_size": "@working_size", "offset": "@offset", "mean": "@mean", "std": "@std",
+                      "threshold": "@threshold", "device": "@device", "union_networks": agnostic,
+                      "union": "@union", "inferer": "@inferer"},
+        "writer": {"_target_": "scripts.tatl_inference.write_prediction", "_requires_": f"@{SCRIPTS_PATH_ID}",
+                   "_mode_": "callable", "output_dir": "@output_dir", "overwrite": "@overwrite"},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "iteration": "$lambda engine, batch: [@writer(@predictor.predict(i), i, case_id=os.path.splitext("
+                     "os.path.basename(i))[0]) for i in batch['image']]",
+        "handlers": [*loaders, {"_target_": "StatsHandler", "iteration_log": False}],
+        "evaluator": {"_target_": "monai.engines.Evaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "iteration_update": "@iteration", "val_handlers": "@handlers", "decollate": False},
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def _tatl_tensors(src: ExportSource, what: str) -> dict:
+    """``inputs`` + ``outputs`` of one TATL network: normalised RGB at the working size (the whole
+    image for the Segment-Net, the lesion crop resized for the others) -> one logit map."""
+    size = list(src.tatl["working_size"])
+    seen = "the whole image" if what == "lesion" else "the Segment-Net's lesion crop"
+    return {"inputs": {"image": {"type": "image", "format": "RGB", "modality": f"dermoscopy ({seen})",
+                                 "num_channels": 3, "spatial_shape": size, "dtype": "float32", "value_range": [],
+                                 "is_patch_data": False, "channel_def": dict(src.channels)}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": size,
+                                 "dtype": "float32", "value_range": [], "is_patch_data": False,
+                                 "channel_def": {"0": f"logit of {what} (sigmoid >= {src.tatl['threshold']})"}}}}
+
+
+def _tatl_metadata(src: ExportSource, version: str, authors: str, required: Mapping[str, str]) -> dict:
+    """Metadata of a TATL bundle: the keys of :func:`_metadata`, ``network_data_format`` of the main
+    network, and ``networks``: per ``<name>_def`` its config id, weights file, stage, shape and
+    inputs / outputs (every network maps the same tensors; they differ in what they see and mark)."""
+    meta = _metadata(src, version, authors)
+    t = src.tatl
+    size = list(t["working_size"])
+    what = {1: "the lesion", 2: "the union of the attributes"}
+    networks = {}
+    for n in src.networks:
+        networks[n.name] = {"config_id": f"{n.name}_def", "weights": _tatl_weights(src, n), "stage": n.stage,
+                            "arch": n.arch, "arch_kwargs": dict(n.arch_kwargs), "attribute": n.attribute,
+                            **_tatl_tensors(src, what.get(n.stage, n.attribute or ""))}
+    main = src.networks[0]
+    union = ("the stage-2 segmenters' averaged prediction" if t["union"] == "stage2"
+             else "the OR of the attribute masks")
+    meta.update({
+        "required_packages_version": {"pillow": _version("pillow"), **dict(required)},
+        "task": f"2D segmentation of dermoscopic attributes: {', '.join(t['attributes'])} (+ their union)",
+        "description": src.description + f"; {len(src.networks)} networks: Segment-Net lesion box "
+                       f"(+{t['offset']:g} px) -> crop resized to {size[0]} x {size[1]} -> per attribute U + Link "
+                       f"shape sigmoid averaged -> pasted back at the image's size, >= {t['threshold']:g}; union map: "
+                       f"{union}",
+        "data_type": "jpeg/png (PIL)",
+        "image_classes": f"RGB dermoscopy image, 0..255 scaled to 0..1, resized to {size[0]} x {size[1]} (the "
+                         f"lesion crop for stages 2-3), normalised per channel with mean {src.normalization['mean']} "
+                         f"and std {src.normalization['std']}",
+        "label_classes": json.dumps({a: "0/255 mask" for a in t["attributes"]}),
+        "pred_classes": json.dumps({a: f"<id>_attribute_{a}.png" for a in t["attributes"]} |
+                                   {"union": "<id>_union.png", "overlay": "<id>_overlay.png"}),
+        "references": ["Nguyen et al., TATL: Task Agnostic Transfer Learning for Skin Attributes Detection, "
+                       "Medical Image Analysis 2022"],
+        "network_data_format": _tatl_tensors(src, what[1] if main.stage == 1 else what.get(main.stage, main.attribute)),
+        "main_network": main.name,
+        "networks": networks,
+    })
+    return meta
+
+
+def _tatl_model_card(src: ExportSource, cfg: dict, meta: dict) -> str:
+    t = src.tatl
+    rows = "\n".join(f"| `{n.name}_def` | {n.stage} | {n.attribute or ('lesion' if n.stage == 1 else 'union')} | "
+                     f"`{cfg[n.name + '_def']['_target_']}` {json.dumps(n.arch_kwargs)} | `{_tatl_weights(src, n)}` |"
+                     for n in src.networks)
+    main = src.networks[0]
+    return f"""# {src.name}
+
+{meta['description']}.
+
+Exported by medxfer: a self-contained MONAI bundle. Inference needs MONAI, Pillow and SciPy only:
+the pipeline MONAI lacks (Segment-Net box, crop, U + Link averaging, paste back, the writer of the
+masks) and LinkNet-effb0 are in `scripts/` (copied from medxfer, imports rewritten: nothing imports
+medxfer). The `<name>_def` that need `scripts` require `scripts_path`, which puts `bundle_root` on
+`sys.path`, so pass `--bundle_root` when running from another folder, or run from this one
+(`monai.bundle.load` uses the working directory as `bundle_root`).
+
+## Run
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --bundle_root . --dataset_dir /path/to/images
+```
+
+`dataset_dir`: a folder of RGB images (`.jpg`, `.jpeg`, `.png`; names with `_segmentation`,
+`_attribute_`, `_union`, `_overlay`, `_superpixels` are skipped) or one image file. Per image,
+`output_dir` (default `eval/`) receives `<id>_attribute_<name>.png` (0/255, the image's size),
+`<id>_union.png` and `<id>_overlay.png`, exactly as `medxfer`'s TATL inference writes them (its
+`predictions.json` summary is not written). Existing files are refused unless `--overwrite true`.
+`--union or_stage3`: the union map as the OR of the attribute masks (default `{t['union']}`).
+
+## Networks (configs/inference.json)
+
+| config id | stage | marks | network | weights |
+|---|---|---|---|---|
+{rows}
+
+`network_def` is `@{main.name}_def` (the main network: the first of the pipeline, whose input is the
+bundle's input image; `metadata.json#network_data_format` describes it, `metadata.json#networks`
+every network). Each maps `(B, 3, {t['working_size'][0]}, {t['working_size'][1]})` normalised RGB to
+`(B, 1, ...)` logits; `verify_net_in_out` and `ckpt_export` take `--net_id <name>_def` (with
+`--ckpt_file` the network's weights) for the others.
+
+## Not exported
+
+`train.json`, `evaluate.json` and `multi_gpu_train.json`: TATL training is a three-stage
+cross-validation of {len(src.networks)} networks per fold (Segment-Net boxes, stage-2 to stage-3
+transfer, early stopping on a tuning split), not one MONAI trainer; retrain with medxfer's
+`bundles/tatl_skin` (`configs/tatl.yaml`) and export the new run.
+
+## Provenance
+
+{json.dumps(src.provenance, indent=2, default=str)}
+
+## Evaluation (the fold's test images)
+
+{json.dumps(src.eval_metrics) if src.eval_metrics else 'none recorded with the run'}
+
+Not for clinical use.
+"""
+
+
+def _large_files(bundle: Path, paths: Sequence[str]) -> None:
+    """``large_files.yml`` for the weights above the zoo's 25 MB (kept out of the zoo's git)."""
+    entries = []
+    for rel in paths:
+        weights = bundle / rel
+        if weights.stat().st_size > ZOO_FILE_LIMIT:
+            digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+            entries.append(f"  - path: {rel}\n    url: ''   # upload {rel} and put its URL here\n"
+                           f"    hash_val: {digest}\n    hash_type: sha256\n")
+    if entries:
+        (bundle / "large_files.yml").write_text("large_files:\n" + "".join(entries))
+
+
+def _check_tatl_networks(bundle: Path, cfg: dict, src: ExportSource) -> None:
+    """Every ``<name>_def`` of ``cfg`` builds its network (from the bundle's ``scripts`` where it
+    requires them) and loads its weights strictly; ValueError naming the network otherwise."""
+    for n in src.networks:
+        net_def = cfg[f"{n.name}_def"]
+        if net_def.get("_requires_") is not None:
+            _check_scripts(bundle, net_def, n.state)
+            continue
+        try:
+            ConfigParser({"net": net_def}).get_parsed_content("net").load_state_dict(dict(n.state), strict=True)
+        except Exception as e:  # noqa: BLE001 - one line naming the network
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{n.name}: {net_def['_target_']} does not load the fold's weights: {first}") from e
+
+
+def _export_tatl(out: Path, src: ExportSource, version: str, authors: str, licence: str, overwrite: bool) -> Path:
+    """The TATL form of :func:`export_bundle`: inference only (see :func:`_tatl_model_card`)."""
+    cfg = _tatl_inference_config(src)
+    with atomic_directory(out, overwrite=overwrite or out.exists()) as tmp:
+        tmp = Path(tmp)
+        for sub in ("configs", "models", "docs"):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+        _, required = copy_network_code(list(TATL_PIPELINE_MODULES), tmp / "scripts")
+        _check_tatl_networks(tmp, cfg, src)
+        meta = _tatl_metadata(src, version, authors, required)
+        (tmp / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
+        (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
+        (tmp / "configs" / "logging.conf").write_text(_LOGGING_CONF)
+        files = []
+        for n in src.networks:
+            files.append(_tatl_weights(src, n))
+            atomic_torch_save({k: v.detach().cpu() for k, v in n.state.items()}, tmp / files[-1])
+        _large_files(tmp, files)
+        (tmp / "docs" / "README.md").write_text(_tatl_model_card(src, cfg, meta))
+        (tmp / "docs" / "data_license.txt").write_text(
+            "The weights were trained on the data named in docs/README.md (Provenance); its licence applies to "
+            "any use of the weights. Generated data (medxfer synth) carries no restriction.\n")
+        (tmp / "LICENSE").write_text(f"{licence}\n")
+    return out
+
+
 def _check_scripts(bundle: Path, net_def: dict, state: Mapping[str, torch.Tensor]) -> None:
     """Import the bundle's ``scripts`` (under a private name, not on ``sys.path``), build
     ``network_def`` from it and load ``state`` strictly: the copied code is complete and builds
@@ -1047,6 +1383,8 @@ def export_bundle(out, source: ExportSource, version: str = "0.1.0", authors: st
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists; choose another folder or pass overwrite")
+    if source.kind == "tatl":
+        return _export_tatl(out, source, version, authors, licence, overwrite)
     cfg = _inference_config(source)
     built = build_network(source.arch, source.in_channels, source.out_channels, source.patch_size, **source.arch_kwargs)
     own = {k: tuple(v.shape) for k, v in built.state_dict().items()}
