@@ -1,8 +1,9 @@
 """Export a model as a self-contained MONAI model-zoo bundle (issue 15; SPEC section 12).
 
 From a finished ``bundles/msd_seg3d`` training / fine-tuning run folder (``run.json``, ``plans.json``,
-``model.pt``), a finished ``bundles/seg2d_transfer`` training run folder (``run.json``, ``model.pt``)
-or from a model-bank entry, :func:`export_bundle` writes::
+``model.pt``), a finished ``bundles/seg2d_transfer`` training run folder (``run.json``, ``model.pt``),
+one fold of a ``bundles/tatl_skin`` run (``tatl_run.json``; TATL below) or from a model-bank entry,
+:func:`export_bundle` writes::
 
     <bundle>/
       LICENSE
@@ -14,7 +15,8 @@ or from a model-bank entry, :func:`export_bundle` writes::
       configs/multi_gpu_train.json # over train.json: DDP under torchrun (NCCL; gloo on CPU)
       configs/logging.conf
       models/model.pt              # the network's state dict (+ large_files.yml above the zoo's 25 MB)
-      scripts/                     # 2D networks MONAI lacks: their code, copied (see below)
+                                   #   (TATL: the main network's; models/<name>.pt for the others)
+      scripts/                     # 2D networks / the TATL pipeline MONAI lacks: their code, copied (see below)
       docs/README.md               # model card
       docs/data_license.txt
 
@@ -49,7 +51,23 @@ size (``Invertd``: plain bilinear), then sigmoid > 0.5 (binary, saved 0/255) or 
 label indices), written as ``<output_dir>/<image stem>.png``: medxfer's own masks, byte for byte.
 ``required_packages_version``: ``pillow`` (+ any non-MONAI package the copied code imports).
 
-Not exported (yet): TATL's multi-network inference, 2D bank entries
+TATL (:func:`source_from_tatl_run`, one fold of a run): inference only. ``configs/inference.json``
+has one ``<name>_def`` per network of the fold (``segment_net_def``, ``agnostic_<arch>_def``,
+``target_<attribute>_<arch>_def``) with literal arguments (U shape: MONAI's ``FlexibleUNet``; Link
+shape: ``scripts.linknet.LinkNetEffB0``; the decoder each checkpoint was trained with), each loaded
+by its own ``CheckpointLoader`` from ``models/<name>.pt``; ``network_def`` refers to the main network,
+the first of the pipeline (the Segment-Net; without stage 1 the first stage-2 segmenter), whose
+weights are ``models/model.pt``. The pipeline MONAI lacks (Segment-Net box, crop, U + Link
+averaging, paste back, the writer of masks, union map and overlay) is medxfer's
+:mod:`medxfer.transfer.tatl_inference`, copied into ``scripts/`` with what it imports, run by a MONAI
+``Evaluator`` one image per iteration: the masks medxfer's ``run_inference`` writes, byte for byte
+(not its ``predictions.json`` summary). ``metadata.json``: ``network_data_format`` of the main
+network, ``networks`` with an entry per ``<name>_def`` (config id, weights file, stage, inputs /
+outputs). No ``train.json`` / ``evaluate.json``: TATL's training is a three-stage cross-validation
+of up to 13 networks per fold (medxfer's ``tatl_skin`` bundle), not one MONAI trainer.
+``required_packages_version``: ``pillow``, ``scipy``.
+
+Not exported (yet): 2D bank entries
 (pretraining encoders, not segmenters), nnU-Net-preprocessed entries (nnU-Net's preprocessing is
 not MONAI's). SwinUNETR cannot be scripted with TorchScript (``ckpt_export`` fails inside its window
 attention); :func:`export_program` writes a ``torch.export`` program instead.
