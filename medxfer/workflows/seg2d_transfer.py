@@ -7,13 +7,16 @@ Workflow of checkpoint selection for 2D segmentation transfer:
    labelled class-per-folder image set; checkpoints at chosen epochs go into a model bank (same
    manifest as the 3D bank). Optionally the online rule (:class:`medxfer.handlers.RobustnessEarlyStopping`)
    scores robustness on the target images and stops at its first local maximum.
-2. ``select_checkpoint``: every bank checkpoint is scored on the target segmentation set without
-   fine-tuning (:func:`score_checkpoints`): robustness (thesis eq. 4.2, colour jitter of the target
-   images, second-to-last encoder level) and the feature-based estimators on the encoder's last two
-   levels; the highest robustness is the selection; TIS is reported when fine-tuned Dice is given.
+2. ``select_checkpoint``: every bank checkpoint and the random-init encoder are scored on the
+   training images of the fine-tuning fold without fine-tuning (:func:`select_checkpoint`):
+   robustness (thesis eq. 4.2, the authors' colour jitter, second-to-last encoder level, unpooled
+   for full fine-tuning; :func:`~medxfer.transferability.robustness.robustness_options`) and the
+   feature-based estimators on the encoder's last two levels; the highest robustness is the
+   selection; TIS is reported when fine-tuned Dice is given.
 3. ``train``: the segmentation network initialised from a checkpoint (encoder) and fine-tuned,
-   ``full`` or ``decoder_only`` (frozen encoder); Dice loss over classes (sigmoid for a binary
-   target, softmax for several classes), SGD momentum 0.9, weight decay 1e-4, poly decay 0.9.
+   ``encoder_only`` or ``decoder_only`` (frozen encoder); recipe ``thesis`` (section 2.4: 150 epochs,
+   SGD momentum 0.9, weight decay 1e-4, poly decay 0.9 per step, :func:`thesis_dice_loss`,
+   rotations U[0, pi]) or ``medxfer_v1`` (the recipe before issue 17).
 4. ``evaluate`` / ``inference``.
 """
 
