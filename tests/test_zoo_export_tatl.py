@@ -217,3 +217,33 @@ def test_unfinished_folds_and_misplaced_fold_are_refused(tatl, tmp_path):
     assert main(["export-bundle", "--bank", str(tmp_path), "--entry", "x", "--fold", "0",
                  "--out", str(tmp_path / "b")]) == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_a_run_without_stages_1_and_2_exports_its_whole_image_or_union_pipeline(tatl, tmp_path):
+    """A Table 3 ablation (stage 3 alone): no Segment-Net (whole images), no stage-2 union map (the
+    OR of the attribute masks); the bundle's main network is the first target segmenter and its
+    masks are medxfer's. The trained fold is reused under the ablation's settings."""
+    run = tmp_path / "run"
+    run.mkdir()
+    record = json.loads((tatl["run"] / "tatl_run.json").read_text())
+    (run / "tatl_run.json").write_text(json.dumps({**record, "stages": [3]}))
+    (run / "fold_0").symlink_to(tatl["run"] / "fold_0", target_is_directory=True)
+    bundle = tmp_path / "bundle"
+    assert main(["export-bundle", "--run", str(run), "--out", str(bundle)]) == 0
+    cfg = json.loads((bundle / "configs" / "inference.json").read_text())
+    targets = [n for n in NETWORKS if n.startswith("target_")]
+    assert sorted(k[:-4] for k in cfg if k.endswith("_def") and k != "network_def") == sorted(targets)
+    assert cfg["network_def"] == f"@{targets[0]}_def" and cfg["union"] == "or_stage3"
+    assert cfg["predictor"]["segment_net"] is None and cfg["predictor"]["union_networks"] == []
+    assert json.loads((bundle / "configs" / "metadata.json").read_text())["main_network"] == targets[0]
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"), workflow_type="inference",
+                              bundle_root=str(bundle), dataset_dir=str(tatl["images"]),
+                              output_dir=str(tmp_path / "zoo_pred"))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    run_inference(run, 0, tatl["images"], tmp_path / "ours", device="cpu", union="or_stage3")
+    ours = sorted((tmp_path / "ours").glob("*.png"))
+    assert [p.name for p in ours] == sorted(p.name for p in (tmp_path / "zoo_pred").glob("*.png"))
+    for mine in ours:
+        assert (tmp_path / "zoo_pred" / mine.name).read_bytes() == mine.read_bytes(), mine.name
