@@ -19,8 +19,10 @@ features once (:mod:`medxfer.transferability.features`); every estimator then wo
 ``leep``           LEEP from the source head's softmax at the sampled voxels
 ``nce``            NCE from the source head's argmax at the sampled voxels
 ``robustness``     robustness (thesis ch. 4) of the second-to-last encoder level, on one window per
-                   case (its centre; several windows of a single case) under intensity jitter:
-                   3 extra forward passes per window
+                   case (its centre; several windows of a single case) under intensity jitter, or
+                   on the target's own robustness images (2D: colour jitter), with the target's
+                   settings (:attr:`ScoringTarget.robustness`: jitter, pooling, distance, margin):
+                   3 extra forward passes per image
 =================  ==============================================================================
 
 Higher is better for every score. Per entry the seconds spent in the forward passes and in the
@@ -44,7 +46,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,7 +72,7 @@ from medxfer.transferability.gbc import gbc
 from medxfer.transferability.leep import leep_cases
 from medxfer.transferability.logme import logme
 from medxfer.transferability.nce import nce_cases
-from medxfer.transferability.robustness import module_robustness
+from medxfer.transferability.robustness import module_robustness, robustness_options
 from medxfer.transferability.transrate import transrate
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.transforms.msd import msd_transforms
@@ -80,7 +82,7 @@ from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATORS", "SOURCE_HEAD_ESTIMATORS", "ScoringTarget", "run_estimators",
            "robustness_windows", "target_cases", "seg2d_target", "score_bank", "score_target", "write_scores",
            "target_digest", "task_target", "prepare_cases", "ROWS_DIR", "STATE_FILE", "scoring_key", "finished_scores", "clear_scores", "score_into",
-           "task_key", "seg2d_key", "score_bank_into", "amp_dtype"]
+           "task_key", "seg2d_key", "score_bank_into", "amp_dtype", "DEFAULT_ROBUSTNESS", "robustness_settings"]
 
 logger = logging.getLogger("medxfer.transferability")
 
@@ -165,6 +167,11 @@ class ScoringTarget:
         prepare: ``(entry preprocessing dict, bank folder) -> cases`` for entries that expect their
             own preprocessing (:mod:`medxfer.transforms.preprocessing`); ``None``: every entry must
             take the target's (``cases``).
+        robustness: the robustness settings, keyword arguments of
+            :func:`~medxfer.transferability.robustness.robustness_options` (``jitter``, ``pooled``,
+            ``distance``, ``margin``; its output fits too), e.g. a 2D bundle's thesis settings;
+            ``None``: :data:`DEFAULT_ROBUSTNESS` (pooled features, the default jitter, cosine
+            distance, margin 0.5: the 3D scoring's settings).
     """
 
     name: str
@@ -175,6 +182,41 @@ class ScoringTarget:
     normalize: tuple | None = None
     robustness_batch: int = 2
     prepare: Callable[[dict, Path], list[dict]] | None = None
+    robustness: dict | None = None
+
+
+#: Robustness settings of a target without its own (:attr:`ScoringTarget.robustness` ``None``):
+#: pooled features (medxfer's choice for 3D, where features of a whole window are large), the
+#: default jitter (:data:`~medxfer.transferability.robustness.THESIS_JITTER`: the authors' colour
+#: strengths, medxfer's intensity ones), cosine distance, margin 0.5 (thesis eqs. 4.1-4.3).
+DEFAULT_ROBUSTNESS = robustness_options(pooled=True)
+
+
+def robustness_settings(options: dict | None) -> dict:
+    """Checked robustness settings (:func:`~medxfer.transferability.robustness.robustness_options`:
+    ``{"jitter": JitterConfig, "pooled", "distance", "margin"}``) of a target's ``robustness``
+    (``None``: :data:`DEFAULT_ROBUSTNESS`); ``pooled`` must be decided (``True`` / ``False``) or a
+    ``transfer_mode`` given."""
+    if options is None:
+        return DEFAULT_ROBUSTNESS
+    options = dict(options)
+    unknown = sorted(set(options) - {"jitter", "pooled", "distance", "margin", "transfer_mode"})
+    if unknown:
+        raise ValueError(f"robustness settings: unknown key(s) {unknown}; choose from jitter, pooled, distance, "
+                         "margin, transfer_mode")
+    if options.get("pooled") is None and options.get("transfer_mode") is None:
+        raise ValueError("robustness settings: pooled is not set and no transfer_mode says it (pooled for "
+                         "decoder_only, unpooled otherwise); give one of them")
+    return robustness_options(**options)
+
+
+def _robustness_record(options: dict | None) -> dict | None:
+    """Plain JSON of robustness settings for the cache keys; ``None`` for :data:`DEFAULT_ROBUSTNESS`
+    (keys of targets with the default settings stay what they were before the settings existed)."""
+    settings = robustness_settings(options)
+    if settings == DEFAULT_ROBUSTNESS:
+        return None
+    return _plain_key({**settings, "jitter": asdict(settings["jitter"])})
 
 
 def _task_records(data_root, plans: dict, max_cases: int | None, split_ids: Sequence[str] | None) -> list[dict]:
@@ -222,10 +264,11 @@ def task_target(data_root, plans: dict, max_cases: int | None = None,
     return ScoringTarget(str(data_root), prepare_cases(records, msd_transforms(plans, mode="eval")), prepare=prepare)
 
 
-def seg2d_target(data_root, image_size, max_cases: int | None = 16) -> ScoringTarget:
-    """A 2D segmentation folder as a scoring target: its first ``max_cases`` labelled images through
-    the evaluation chain at ``image_size`` (features), and the same images in ``[0, 1]`` for the
-    robustness score under colour jitter, normalised like an ImageNet-style pretraining (thesis ch. 4)."""
+def seg2d_target(data_root, image_size, max_cases: int | None = 16, robustness: dict | None = None) -> ScoringTarget:
+    """A 2D segmentation folder as a scoring target: its first ``max_cases`` labelled images (``None``:
+    all) through the evaluation chain at ``image_size`` (features), and the same images in ``[0, 1]``
+    for the robustness score under colour jitter, normalised like an ImageNet-style pretraining
+    (thesis ch. 4), with the ``robustness`` settings (:attr:`ScoringTarget.robustness`)."""
     size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(s) for s in image_size]
     records, labels = load_seg2d(data_root)  # read once: labelled cases and raw images for robustness
     check_seg2d_records(data_root, records[:max_cases] if max_cases else records)  # decoded once (cached)
@@ -235,8 +278,8 @@ def seg2d_target(data_root, image_size, max_cases: int | None = 16) -> ScoringTa
         item = chain(r)
         cases.append({"id": r["id"], "image": torch.as_tensor(np.asarray(item["image"])),
                       "label": np.asarray(item["label"]).astype(np.int64)})
-    return ScoringTarget(str(data_root), cases, size, unnormalized_images(records, size, max_cases or 16), "color",
-                         (IMAGENET_MEAN, IMAGENET_STD), robustness_batch=4)
+    return ScoringTarget(str(data_root), cases, size, unnormalized_images(records, size, max_cases or None), "color",
+                         (IMAGENET_MEAN, IMAGENET_STD), robustness_batch=4, robustness=robustness)
 
 
 def score_bank(bank_root, data_root, plans: dict, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
@@ -268,7 +311,8 @@ def _as_array(x) -> np.ndarray:
 
 def target_digest(target: ScoringTarget) -> str:
     """sha256 of what a score depends on besides the model: every case's id, image and label
-    values (as preprocessed), the robustness images and the target's settings. A cached per-model
+    values (as preprocessed), the robustness images and the target's settings (robustness settings
+    other than :data:`DEFAULT_ROBUSTNESS` included). A cached per-model
     row (:func:`score_target`'s ``cache_dir``) is reused only for the same digest."""
     h = hashlib.sha256()
 
@@ -285,6 +329,9 @@ def target_digest(target: ScoringTarget) -> str:
         add(target.robustness_images)
     h.update(json.dumps([target.roi, target.robustness_mode, target.normalize, target.robustness_batch],
                         default=str).encode())
+    robustness = _robustness_record(target.robustness)
+    if robustness is not None:  # the default settings add nothing: digests of earlier caches still match
+        h.update(json.dumps(robustness, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -343,7 +390,12 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
 
     ``amp``: forward passes under autocast on CUDA (:func:`amp_dtype`; recorded in the cache key
     then); the estimators compute in float64 from float32 features either way; robustness keeps
-    full precision (cosine distances of pooled features, cheap).
+    full precision (distances of encoder features, a few forward passes per image).
+
+    Robustness uses the target's settings (:attr:`ScoringTarget.robustness`: jitter, pooled or
+    unpooled features, distance, margin; :func:`robustness_settings`), part of the cache key when
+    they are not :data:`DEFAULT_ROBUSTNESS`. With ``robustness`` the only estimator no voxel
+    features are sampled (nothing would read them).
 
     Under ``torchrun`` (``group``: :func:`medxfer.distributed.init_from_env` by default) the
     (model, case) pairs still to score are split into contiguous, equal shares, one per rank, each
@@ -369,6 +421,8 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
     dev = rank_device(device, group)
     autocast = amp_dtype(dev, amp)
     digest = target_digest(target) if cache_dir is not None else None
+    robust_kwargs = robustness_settings(target.robustness)  # checked before any model is loaded
+    sampled = any(e != "robustness" for e in estimators)
     prepared: dict[str, list[dict]] = {}  # preprocessing key -> the target's cases prepared that way
 
     def cases_for(entry) -> list[dict]:
@@ -432,7 +486,8 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
                              "it (an encoder checkpoint); leave them out")
         t0 = time.perf_counter()
         feats = sample_dataset(net, layout.feature_stages(), cases, roi, sampling, progress=False,
-                               with_source_probs=bool(layout.decoder_stages), indices=indices, amp_dtype=autocast)
+                               with_source_probs=bool(layout.decoder_stages), indices=indices, amp_dtype=autocast) \
+            if sampled else [None] * len(indices)  # robustness alone reads no voxel features
         t_forward = time.perf_counter() - t0
         robustness = None
         if "robustness" in estimators and owner[name] == group.rank:
@@ -440,8 +495,9 @@ def score_target(bank_root, target: ScoringTarget, estimators: Sequence[str] = D
             images = target.robustness_images if target.robustness_images is not None \
                 else robustness_windows(cases, roi)
             try:
-                value = module_robustness(net, layout.penultimate_encoder, images, target.normalize, pooled=True,
-                                          seed=seed, mode=target.robustness_mode, batch_size=target.robustness_batch)
+                value = module_robustness(net, layout.penultimate_encoder, images, target.normalize, seed=seed,
+                                          mode=target.robustness_mode, batch_size=target.robustness_batch,
+                                          **robust_kwargs)
                 error = None
             except ValueError as e:  # e.g. a single target case: no negative image
                 value, error = float("nan"), f"ValueError: {e}"
@@ -536,7 +592,7 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
                estimators: Sequence[str] = DEFAULT_ESTIMATORS, sampling: SamplingConfig | None = None,
                entries: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
                seed: int = 0, meta: dict | None = None, overwrite: bool = False,
-               amp: bool = True) -> tuple[list[dict], bool]:
+               amp: bool = True, robustness: dict | None = None) -> tuple[list[dict], bool]:
     """Score a bank into ``out_dir`` (``scores.csv`` / ``scores.json``), resumably; returns
     ``(rows, already_done)``.
 
@@ -548,7 +604,11 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
       (:class:`FileExistsError`, one line) unless ``overwrite``, which replaces them.
 
     ``make_target`` builds the :class:`ScoringTarget` only when something is scored. The state
-    marker is written last, after both score files.
+    marker is written last, after both score files. ``robustness``: the robustness settings
+    (:attr:`ScoringTarget.robustness`), given here because they belong to the key (settings other
+    than :data:`DEFAULT_ROBUSTNESS` are recorded, as ``amp`` is only when active, so keys of the
+    default settings are unchanged); they replace the built target's own, which must be unset or
+    the same (``ValueError`` otherwise: its settings would be missing from the key).
 
     Under ``torchrun`` every rank calls it alike: rank 0 alone reads and writes ``out_dir``'s
     scores and marker and tells the others what it decided; the scoring is split across the ranks
@@ -561,6 +621,9 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
     autocast = amp_dtype(resolve_device(device), amp)
     if autocast:  # scores of reduced-precision forward passes are another setting (CPU keys unchanged)
         key["amp"] = str(autocast)
+    robust_record = _robustness_record(robustness)
+    if robust_record is not None:  # likewise: the default robustness settings leave the key as it was
+        key["robustness"] = robust_record
     decision: tuple = ("score", None)
     if group.is_main:
         try:
@@ -574,7 +637,12 @@ def score_into(out_dir, bank_root, make_target: Callable[[], ScoringTarget], tar
         logger.info("%s: scored before with these settings, not scored again", out / "scores.json")
         return decision[1], True
     t0 = time.perf_counter()
-    rows = score_target(bank_root, make_target(), estimators, sampling, entries, device, progress, seed,
+    target = make_target()
+    if target.robustness is not None and robustness_settings(target.robustness) != robustness_settings(robustness):
+        raise ValueError(f"{target.name}: the scoring target has robustness settings of its own; pass them to "
+                         "score_into as robustness= (they are part of what the scores are for)")
+    target = replace(target, robustness=robustness)
+    rows = score_target(bank_root, target, estimators, sampling, entries, device, progress, seed,
                         cache_dir=out / ROWS_DIR, amp=amp, group=group)
     final = None
     if group.is_main:

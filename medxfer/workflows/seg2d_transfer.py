@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -52,11 +51,11 @@ from medxfer.jsonfile import write_json
 from medxfer.metrics.segmentation import case_metrics, summarize_cases
 from medxfer.networks import arch_layout, build_network
 from medxfer.networks.truncated import TruncatedSegmenter
-from medxfer.transfer.bank import ModelBank, entry_layout
+from medxfer.transfer.bank import ModelBank
 from medxfer.transfer.weights import load_pretrained, read_checkpoint, truncated_encoder_weights
 from medxfer.transferability.evaluate import evaluate_estimators, table_from_files, write_report
 from medxfer.transferability.features import SamplingConfig
-from medxfer.transferability.robustness import module_robustness, robustness_options
+from medxfer.transferability.robustness import robustness_options
 from medxfer.transferability.score import ScoringTarget, score_into, score_target, seg2d_key, write_scores
 from medxfer.transforms.dermoscopy import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.transforms.seg2d import seg2d_transforms, unnormalized_images
@@ -194,7 +193,7 @@ def online_selection_handlers(enabled: bool, network, arch: str, target_root, im
         return []
     if target_root is None:
         raise ValueError("online selection needs target_root (the target segmentation images)")
-    options = robustness_options(**dict(robustness or {}), transfer_mode=transfer_mode)
+    options = _robustness_options(robustness, transfer_mode)
     images = target_images(target_root, image_size, max_images, fold, n_folds, split_seed, splits_file)
     return [RobustnessEarlyStopping(network, arch_layout(arch, network).penultimate_encoder, images,
                                     normalize=(mean or IMAGENET_MEAN, std or IMAGENET_STD), epochs=epochs,
@@ -234,10 +233,11 @@ def run_pretraining(trainer, bank_saver: BankCheckpointer) -> None:
 RANDOM_INIT = "random_init"
 
 
-def _selection_target(data_root, records: list[dict], labels: dict, size) -> ScoringTarget:
+def _selection_target(data_root, records: list[dict], labels: dict, size, robustness: dict) -> ScoringTarget:
     """The selection images as a :class:`~medxfer.transferability.score.ScoringTarget`: labelled
     cases through the evaluation chain (feature estimators) and the same images in ``[0, 1]``
-    (robustness), as :func:`medxfer.transferability.score.seg2d_target` builds them for a folder."""
+    (robustness, with the settings ``robustness``), as :func:`medxfer.transferability.score.seg2d_target`
+    builds them for a folder."""
     chain = seg2d_transforms("eval", size, labels)
     cases = []
     for r in records:
@@ -245,7 +245,7 @@ def _selection_target(data_root, records: list[dict], labels: dict, size) -> Sco
         cases.append({"id": r["id"], "image": torch.as_tensor(np.asarray(item["image"])),
                       "label": np.asarray(item["label"]).astype(np.int64)})
     return ScoringTarget(str(data_root), cases, list(size), unnormalized_images(records, size), "color",
-                         (IMAGENET_MEAN, IMAGENET_STD), robustness_batch=4)
+                         (IMAGENET_MEAN, IMAGENET_STD), robustness_batch=4, robustness=robustness)
 
 
 def _random_init_bank(bank_root, out_dir, seed: int) -> Path:
@@ -275,82 +275,29 @@ def _random_init_bank(bank_root, out_dir, seed: int) -> Path:
     return Path(out_dir)
 
 
-def _bank_robustness(bank_root, images: torch.Tensor, options: dict, seed: int, device, cache_dir=None,
-                     entries: Sequence[str] | None = None) -> dict[str, dict]:
-    """``{model: {"score", "seconds", "error"}}``: robustness of every entry of ``bank_root`` with the
-    thesis settings ``options`` (:func:`robustness_options`) on ``images`` (``[0, 1]``, ImageNet
-    normalisation before the network), the second-to-last encoder level.
-
-    Written here, not in :func:`medxfer.transferability.score.score_target`, because that loop
-    scores robustness with fixed settings (pooled features, default jitter) and offers no way to
-    pass the bundle's; each model's result is kept in ``cache_dir`` (with the entry's sha256, the
-    settings and the images' digest; ``None``: not kept) so a killed selection resumes."""
-    bank = ModelBank.open(bank_root)
-    dev = resolve_device(device)
-    digest = hashlib.sha256(np.ascontiguousarray(images.numpy()).tobytes()).hexdigest()
-    settings = json.loads(json.dumps({**options, "jitter": vars(options["jitter"])}, default=list))
-    out = {}
-    for name in entries or bank.names():
-        entry = bank.get(name)
-        key = {"sha256": entry.sha256, "options": settings, "images": digest, "seed": seed}
-        cached = None if cache_dir is None else Path(cache_dir) / f"{name}.json"
-        if cached is not None and cached.exists():
-            try:
-                record = json.loads(cached.read_text())
-            except ValueError:
-                record = None
-            if isinstance(record, dict) and record.get("for") == key:
-                out[name] = record["result"]
-                continue
-        net = build_network(entry.arch, entry.in_channels, entry.out_channels, list(images.shape[2:]), **entry.arch_kwargs)
-        net.load_state_dict(bank.load_state_dict(name))
-        net.to(dev).eval()
-        t0 = time.perf_counter()
-        try:
-            value, error = module_robustness(net, entry_layout(entry, net).penultimate_encoder, images,
-                                             (IMAGENET_MEAN, IMAGENET_STD), seed=seed, mode="color", batch_size=4,
-                                             **options), None
-        except ValueError as e:  # e.g. a single target image: no negative
-            value, error = float("nan"), f"ValueError: {e}"
-        out[name] = {"score": float(value), "seconds": time.perf_counter() - t0, "error": error}
-        if cached is not None:
-            write_json(cached, {"for": key, "result": out[name]})
-        del net
-    return out
-
-
-def _merge_robustness(rows: list[dict], robust: dict[str, dict], estimators: Sequence[str]) -> list[dict]:
-    """Rows with the ``robustness`` column (and its seconds / error) in ``estimators`` order."""
-    merged = []
-    for r in rows:
-        result = robust[r["model"]]
-        scores = {e: (result["score"] if e == "robustness" else r[e]) for e in estimators}
-        head = {k: r[k] for k in ("model", "arch", "source", "epoch")}
-        rest = {k: v for k, v in r.items() if k not in head and k not in scores and k != "errors"
-                and k != "seconds_robustness"}
-        rest["seconds_estimators"] = rest.get("seconds_estimators", 0.0) + result["seconds"]
-        errors = {k: v for k, v in dict(r.get("errors") or {}).items() if k != "robustness"}
-        if result["error"]:
-            errors["robustness"] = result["error"]
-        merged.append({**head, **scores, **rest, "seconds_robustness": result["seconds"], "errors": errors})
-    return merged
+def _robustness_options(robustness: dict | None, transfer_mode: str) -> dict:
+    """The bundle's ``robustness`` settings checked (:func:`robustness_options`; ``pooled`` null
+    follows the planned ``transfer_mode``): the :attr:`ScoringTarget.robustness` of the selection."""
+    return robustness_options(**dict(robustness or {}), transfer_mode=transfer_mode)
 
 
 def _score_candidates(bank_root, target_root, output_dir, image_size, estimators, max_cases, seed, device, fold,
                       n_folds, split_seed, splits_file, robustness, transfer_mode, random_init, progress) -> list[dict]:
     """Rows of every candidate (the bank's entries; with ``random_init`` first the random-init
-    encoder(s), epoch 0) on the selection images, into ``output_dir`` (resumable)."""
+    encoder(s), epoch 0) on the selection images, into ``output_dir``: every estimator, robustness
+    with the bundle's settings included, in the one scoring loop
+    (:func:`~medxfer.transferability.score.score_into`, resumable per model), one bank at a time."""
     size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(v) for v in image_size]
     output_dir = Path(output_dir)
     records, labels = selection_records(target_root, fold, n_folds, split_seed, splits_file, max_cases)
-    features = [e for e in estimators if e != "robustness"]
+    options = _robustness_options(robustness, transfer_mode)
     key = {**seg2d_key(target_root, size, None), "cases": [r["id"] for r in records]}
     target = None
 
     def make_target() -> ScoringTarget:
         nonlocal target
         if target is None:
-            target = _selection_target(target_root, records, labels, size)
+            target = _selection_target(target_root, records, labels, size, options)
         return target
 
     banks = [Path(bank_root)]
@@ -360,23 +307,11 @@ def _score_candidates(bank_root, target_root, output_dir, image_size, estimators
     for bank in banks:
         where = output_dir if bank == Path(bank_root) else output_dir / "random_init"
         names = ModelBank.open(bank).names()
-        part: list[dict] = []
-        if features:
-            # score_into's own scores.json is rewritten below with every candidate: keep this bank's rows
-            got, _ = score_into(where, bank, make_target, key, features, SamplingConfig(seed=seed), device=device,
-                                seed=seed, overwrite=True, progress=progress,
-                                meta={"bank_root": str(bank), "target": str(target_root), "estimators": features})
-            part = [r for r in got if r["model"] in names]
-        else:
-            bank_obj = ModelBank.open(bank)
-            part = [{"model": n, "arch": bank_obj.get(n).arch, "source": "+".join(bank_obj.get(n).source) or "scratch",
-                     "epoch": bank_obj.get(n).epoch} for n in names]
-        if "robustness" in estimators:
-            options = robustness_options(**dict(robustness or {}), transfer_mode=transfer_mode)
-            robust = _bank_robustness(bank, make_target().robustness_images, options, seed, device,
-                                      where / "robustness.partial")
-            part = _merge_robustness(part, robust, estimators)
-        rows += part
+        # score_into's own scores.json is rewritten below with every candidate: keep this bank's rows
+        got, _ = score_into(where, bank, make_target, key, list(estimators), SamplingConfig(seed=seed), device=device,
+                            seed=seed, overwrite=True, progress=progress, robustness=options,
+                            meta={"bank_root": str(bank), "target": str(target_root), "estimators": list(estimators)})
+        rows += [r for r in got if r["model"] in names]
     write_scores(rows, output_dir, {"bank_root": str(bank_root), "target": str(target_root),
                                     "estimators": list(estimators), "cases": [r["id"] for r in records],
                                     "fold": fold, "random_init": bool(random_init),
@@ -390,8 +325,7 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
         n_folds: int = 5, split_seed: int = 0, splits_file=None, robustness: dict | None = None,
         transfer_mode: str = "encoder_only") -> list[dict]:
     """Scores of every encoder checkpoint of the bank on the 2D target (offline selection), no files
-    written: the feature estimators through the one scoring loop
-    (:func:`medxfer.transferability.score.score_target`), robustness with the thesis settings.
+    written, every estimator in the one scoring loop (:func:`medxfer.transferability.score.score_target`).
 
     Images: :func:`selection_records` (``fold`` None: every image of the folder; ``max_cases``
     None: all of them). Robustness: colour-jittered images in ``[0, 1]``, normalised like the
@@ -402,19 +336,8 @@ def score_checkpoints(bank_root, target_root, image_size: int = 224, estimators:
     (an encoder checkpoint has no decoder; LEEP / NCE need a segmentation head and are refused)."""
     size = [int(image_size)] * 2 if np.isscalar(image_size) else [int(v) for v in image_size]
     records, labels = selection_records(target_root, fold, n_folds, split_seed, splits_file, max_cases)
-    target = _selection_target(target_root, records, labels, size)
-    features = [e for e in estimators if e != "robustness"]
-    rows = score_target(bank_root, target, features, SamplingConfig(seed=seed), entries, device, progress, seed) \
-        if features else []
-    if "robustness" not in estimators:
-        return rows
-    if not features:
-        bank = ModelBank.open(bank_root)
-        rows = [{"model": n, "arch": bank.get(n).arch, "source": "+".join(bank.get(n).source) or "scratch",
-                 "epoch": bank.get(n).epoch, "seconds_estimators": 0.0} for n in (entries or bank.names())]
-    options = robustness_options(**dict(robustness or {}), transfer_mode=transfer_mode)
-    robust = _bank_robustness(bank_root, target.robustness_images, options, seed, device, None, entries)
-    return _merge_robustness(rows, robust, estimators)
+    target = _selection_target(target_root, records, labels, size, _robustness_options(robustness, transfer_mode))
+    return score_target(bank_root, target, list(estimators), SamplingConfig(seed=seed), entries, device, progress, seed)
 
 
 def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
@@ -436,10 +359,9 @@ def select_checkpoint(bank_root, target_root, output_dir, image_size: int = 224,
     ``splits_file`` as the downstream ``train.yaml``; ``fold`` None: the whole folder), all of them
     when ``max_cases`` is None. ``robustness``: :func:`robustness_options` settings.
 
-    The scoring resumes (:func:`medxfer.transferability.score.score_into` for the feature
-    estimators, per-model robustness results in ``robustness.partial/``): a killed selection run
-    again scores only what was not scored yet; scores of other settings in ``output_dir`` are
-    replaced. ``selection.json`` is written last."""
+    The scoring resumes (:func:`medxfer.transferability.score.score_into`, per model, robustness
+    settings part of the key): a killed selection run again scores only the models not scored yet;
+    scores of other settings in ``output_dir`` are replaced. ``selection.json`` is written last."""
     if select_by not in estimators:
         raise ValueError(f"select_by {select_by!r} must be one of the estimators {list(estimators)}")
     output_dir = Path(output_dir)
