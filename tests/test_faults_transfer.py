@@ -248,4 +248,5 @@ def test_bundle_configs_pass_allow_partial_through(tmp_path):
             assert cause is not None and FIRST_CONV in str(cause)
     for bundle, config in (("seg2d_transfer", "train.yaml"), ("tatl_skin", "train.yaml")):
         text = (root.parent / bundle / "configs" / config).read_text()
-        assert "\nallow_partial: false" in text and "@allow_partial)" in text
+        network_def = next(line for line in text.splitlines() if line.startswith("network_def:"))
+        assert "\nallow_partial: false" in text and "@allow_partial" in network_def  # passed to the network builder
