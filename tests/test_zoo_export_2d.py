@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow, ckpt_export, load, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, load, verify_metadata, verify_net_in_out
 from monai.metrics import compute_dice
 from PIL import Image
 
@@ -25,7 +25,7 @@ import medxfer.networks.unet2d as unet2d_module
 from medxfer.cli import main
 from medxfer.networks import build_network
 from medxfer.workflows.bundle import run_bundle
-from medxfer.workflows.seg2d_transfer import Seg2DRun
+from medxfer.workflows.seg2d_transfer import Seg2DRun, thesis_dice_loss
 from medxfer.workflows.zoo_export import (METADATA_SCHEMA, ExportSource, export_bundle, seg2d_preprocessing,
                                           write_metadata_schema)
 
@@ -280,3 +280,22 @@ def test_exported_2d_evaluate_config_runs_without_medxfer_and_reports_the_dice_o
             pred = (torch.sigmoid(net(case["image"][None])) > 0.5).float()
         scores.append(float(compute_dice(pred, case["label"][None], include_background=True, ignore_empty=False)))
     assert name == "val_mean_dice" and float(value) == pytest.approx(np.nanmean(scores), abs=1e-4)
+
+
+def test_exported_2d_train_config_is_the_thesis_recipe(trained):
+    """MONAI-only train.json = seg2d_transfer's ``recipe: thesis``: its loss equals medxfer's
+    thesis_dice_loss on random logits, rotations over [0, pi], poly decay after every step."""
+    parser = ConfigParser()
+    parser.read_config(str(trained["bundle"] / "configs" / "train.json"))
+    parser["bundle_root"] = str(trained["bundle"])
+    binary = parser["network_def"]["out_channels"] == 1
+    loss = parser.get_parsed_content("loss")
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1 if binary else 2, 8, 8)
+    label = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    assert float(loss(logits, label)) == pytest.approx(float(thesis_dice_loss(binary)(logits, label)), abs=1e-6)
+    assert (parser["max_epochs"], parser["batch_size"], parser["learning_rate"]) == (150, 24, 0.05)
+    rotate = next(t for t in parser["train#preprocessing#transforms"] if t["_target_"] == "RandRotated")
+    assert rotate["range_x"] == [0.0, pytest.approx(np.pi)] and rotate["prob"] == 1.0
+    schedule = next(h for h in parser["train#handlers"] if h["_target_"] == "LrScheduleHandler")
+    assert schedule["epoch_level"] is False

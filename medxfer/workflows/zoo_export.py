@@ -434,7 +434,8 @@ def seg2d_preprocessing(image_size: Sequence[int], mean: Sequence[float], std: S
     written in: ``"infer"`` (image only), with ``labels`` ``"eval"``, with ``train`` too ``"train"``
     (flips and one affine, same draw for image and mask). PIL reads rows first (``reverse_indexing``
     false, as :func:`medxfer.transforms.dermoscopy.image_reader`) and converts to RGB (masks to 8-bit
-    grey); a binary dataset's 0/255 (or 0/1) masks become 0/1."""
+    grey); a binary dataset's 0/255 (or 0/1) masks become 0/1. ``train``: the thesis' downstream
+    augmentation (``augment="thesis"``, the seg2d_transfer default)."""
     size = [int(s) for s in image_size]
     rgb = {"_target_": "PILReader", "converter": "$lambda im: im if im.mode == 'RGB' else im.convert('RGB')",
            "reverse_indexing": False}
@@ -453,11 +454,10 @@ def seg2d_preprocessing(image_size: Sequence[int], mean: Sequence[float], std: S
             chain.append({"_target_": "Lambdad", "keys": "label", "func": "$lambda m: (m > 0).float()"})
         chain.append({"_target_": "Resized", "keys": "label", "spatial_size": size, "mode": "nearest-exact"})
         keys = ["image", "label"]
-        if train:  # medxfer.transforms.seg2d._augment, prob 0.5
-            chain += [{"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
-                      {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 1},
-                      {"_target_": "RandAffined", "keys": keys, "prob": 0.5, "rotate_range": math.radians(15),
-                       "scale_range": [0.1, 0.1], "mode": ["bilinear", "nearest"], "padding_mode": "zeros"}]
+        if train:  # medxfer.transforms.seg2d._thesis_augment: rotation U[0, pi] (always), row flip p = 1/2
+            chain += [{"_target_": "RandRotated", "keys": keys, "range_x": [0.0, math.pi], "prob": 1.0,
+                       "keep_size": True, "mode": ["bilinear", "nearest"], "padding_mode": "zeros"},
+                      {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0}]
     chain += [{"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": [float(m) for m in mean],
                "divisor": [float(s) for s in std], "channel_wise": True},
               {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32"}]
@@ -722,8 +722,11 @@ def _seg2d_train_config(src: ExportSource) -> dict:
     only, fine-tuning every layer from ``models/model.pt`` (``--init_from_bundle false``: from the
     random init). ``dataset_dir`` is a folder-pair set (``images/`` + ``masks/<stem>.png``); the
     first 80 % of the sorted images train, the rest validate (``train#dataset#data`` and
-    ``validate#dataset#data`` are overridable, as MONAI Label does). Dice loss (sigmoid binary,
-    softmax otherwise), SGD momentum 0.9, weight decay 1e-4, poly decay 0.9."""
+    ``validate#dataset#data`` are overridable, as MONAI Label does). The thesis recipe
+    (``recipe: thesis`` of ``train.yaml``): 150 epochs, batch 24, SGD lr 0.05 momentum 0.9 weight
+    decay 1e-4, poly decay 0.9 after every step, the batch-wise squared Dice loss with background
+    (:func:`medxfer.workflows.seg2d_transfer.thesis_dice_loss` written in MONAI: a binary network's
+    sigmoid ``p`` scored as ``[1 - p, p]``), rotations over [0, pi] and row flips."""
     binary = src.out_channels == 1
     n = len(src.labels)
     mean, std = src.normalization["mean"], src.normalization["std"]
@@ -746,12 +749,17 @@ def _seg2d_train_config(src: ExportSource) -> dict:
         "network_def": network_def(src.arch, src.arch_kwargs, src.in_channels, src.out_channels, src.patch_size),
         "network": "$@network_def.to(@device)",
         "init_from_bundle": True,
-        "max_epochs": 100, "val_interval": 1, "batch_size": 8, "learning_rate": 0.01,
-        "loss": {"_target_": "DiceLoss", "sigmoid": binary, "softmax": not binary, "to_onehot_y": not binary},
+        "max_epochs": 150, "val_interval": 1, "batch_size": 24, "learning_rate": 0.05,
+        "dice": {"_target_": "DiceLoss", "include_background": True, "squared_pred": True, "batch": True,
+                 "smooth_nr": 1.0e-5, "smooth_dr": 1.0e-5, "softmax": not binary, "to_onehot_y": not binary},
+        # binary: the sigmoid scored with its background channel (thesis eq. 2.10); the lambda gets the
+        # loss as an argument (names inside a config lambda resolve in the config's globals only)
+        "loss": ("$(lambda dice: lambda p, y: dice(torch.cat([1 - torch.sigmoid(p), torch.sigmoid(p)], 1), "
+                 "torch.cat([1 - y, y], 1)))(@dice)") if binary else "@dice",
         "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": "@learning_rate",
                       "momentum": 0.9, "weight_decay": 1.0e-4},
         "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.PolynomialLR", "optimizer": "@optimizer",
-                         "total_iters": "@max_epochs", "power": 0.9},
+                         "total_iters": "$@max_epochs * len(@train#dataloader)", "power": 0.9},
         "train": {
             "preprocessing": {"_target_": "Compose", "transforms": seg2d_preprocessing(
                 src.patch_size, mean, std, src.labels, train=True)},
@@ -760,7 +768,7 @@ def _seg2d_train_config(src: ExportSource) -> dict:
             "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                            "shuffle": True, "num_workers": 0},
             "inferer": {"_target_": "SimpleInferer"},
-            **_trainer_parts(),
+            **_trainer_parts(lr_per_step=True),
         },
         "validate": {
             "preprocessing": {"_target_": "Compose", "transforms": seg2d_preprocessing(src.patch_size, mean, std,
@@ -815,7 +823,7 @@ def _inference_config(src: ExportSource) -> dict:
     }
 
 
-def _trainer_parts() -> dict:
+def _trainer_parts(lr_per_step: bool = False) -> dict:
     """``train#handlers`` (a list of dicts: load the bundle's weights unless ``init_from_bundle`` is
     false, poly schedule, validation every ``val_interval`` epochs, loss log) and ``train#trainer``,
     shared by the 3D and 2D ``train.json``."""
@@ -823,7 +831,8 @@ def _trainer_parts() -> dict:
         "handlers": [
             {"_target_": "CheckpointLoader", "_disabled_": "$not @init_from_bundle",
              "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"}, "map_location": "@device"},
-            {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+            {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True,
+             "epoch_level": not lr_per_step},
             {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
              "interval": "@val_interval"},
             {"_target_": "StatsHandler", "tag_name": "train_loss",
