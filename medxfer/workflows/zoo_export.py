@@ -1047,6 +1047,19 @@ def write_metadata_schema(path) -> Path:
     return atomic_write_text(path, json.dumps(METADATA_SCHEMA, indent=2) + "\n")
 
 
+def _evaluation_section(cases: str) -> str:
+    """The model card's evaluate.json / multi_gpu_train.json commands (3D and 2D cards)."""
+    return f"""Evaluation of `models/model.pt` (mean Dice on the last 20 % of the sorted labelled {cases}, MONAI's
+`MetricsSaver` writes `eval/metrics.csv` and per-case `eval/val_mean_dice_raw.csv`), fine-tuning on
+several GPUs (DistributedDataParallel; gloo processes on a machine without GPUs):
+
+```bash
+python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --bundle_root . --dataset_dir /path/to/labelled
+torchrun --standalone --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root . --dataset_dir /path/to/labelled
+```
+"""
+
+
 def _model_card(src: ExportSource, cfg: dict, meta: dict) -> str:
     steps = "\n".join(f"- `{t['_target_']}` " + ", ".join(f"{k}={v}" for k, v in t.items()
                                                           if k not in ("_target_", "keys")) for t in src.preprocessing)
@@ -1064,15 +1077,7 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 
 `dataset_dir` holds `imagesTs/*.nii.gz` (an MSD task) or `*.nii.gz`; predictions go to `eval/`.
 
-Evaluation of `models/model.pt` (mean Dice on the last 20 % of the sorted labelled cases (`imagesTr` / `labelsTr`), MONAI's
-`MetricsSaver` writes `eval/metrics.csv` and per-case `eval/val_mean_dice_raw.csv`), fine-tuning on
-several GPUs (DistributedDataParallel; gloo processes on a machine without GPUs):
-
-```bash
-python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --bundle_root . --dataset_dir /path/to/labelled
-torchrun --standalone --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root . --dataset_dir /path/to/labelled
-```
-
+{_evaluation_section('cases (`imagesTr` / `labelsTr`)')}
 ## Network
 
 `{cfg['network_def']['_target_']}`, {src.in_channels} input channel(s), {src.out_channels} outputs
@@ -1118,15 +1123,7 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 masks go to `eval/<image stem>.png` at each image's size ({'0/255' if src.out_channels == 1 else 'label indices'}).
 Fine-tuning: `configs/train.json` on `dataset_dir/images` + `dataset_dir/masks` (starts from `models/model.pt`).
 
-Evaluation of `models/model.pt` (mean Dice on the last 20 % of the sorted labelled images (`images/` + `masks/`), MONAI's
-`MetricsSaver` writes `eval/metrics.csv` and per-case `eval/val_mean_dice_raw.csv`), fine-tuning on
-several GPUs (DistributedDataParallel; gloo processes on a machine without GPUs):
-
-```bash
-python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --bundle_root . --dataset_dir /path/to/labelled
-torchrun --standalone --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root . --dataset_dir /path/to/labelled
-```
-
+{_evaluation_section('images (`images/` + `masks/`)')}
 ## Network
 
 `{cfg['network_def']['_target_']}`, {src.in_channels} input channels, {src.out_channels} output(s)
