@@ -433,12 +433,17 @@ def _case_geometry(profile: MSDProfile, rng, shape, spacing, spacing_jitter) -> 
     return _Grid(case_shape, case_spacing, centre, scale)
 
 
-def render_case(profile: MSDProfile, rng: np.random.Generator, shape=None, spacing=None, spacing_jitter=0.1) -> RenderedCase:
+def render_case(profile: MSDProfile, rng: np.random.Generator, shape=None, spacing=None, spacing_jitter=0.1,
+                tissue_overrides: dict | None = None) -> RenderedCase:
     """Draw one case of ``profile`` on a canonical RAS grid (nothing is written).
 
     Args:
         profile: an :class:`MSDProfile`; rng: the case's generator (all randomness comes from it).
         shape, spacing, spacing_jitter: as for :func:`generate_msd_task`.
+        tissue_overrides: ``{sequence: {tissue: (mean, texture amplitude)}}`` replacing entries of
+            the profile's intensity tables for this case (``{"ct": {"spleen": (60, 10)}}``; used by
+            :mod:`medxfer.data.synth.graded`); ``None`` (default) draws exactly the tables above.
+            The random draws do not depend on it, so the anatomy is the same with or without.
     """
     grid = _case_geometry(profile, rng, shape, spacing, spacing_jitter)
     ph = _Phantom(grid, rng)
@@ -449,7 +454,7 @@ def render_case(profile: MSDProfile, rng: np.random.Generator, shape=None, spaci
     bias = np.exp(0.2 * _smooth_field(rng, grid.shape, sigma_vox=12))  # MR receive-coil bias field
     channels = []
     for seq in profile.sequences:
-        table = _TABLES[seq]
+        table = {**_TABLES[seq], **((tissue_overrides or {}).get(seq) or {})}
         mean = np.array([table[t][0] for t in TISSUES], np.float32)
         amp = np.array([table[t][1] for t in TISSUES], np.float32)
         img = mean[ph.tissue] + amp[ph.tissue] * texture
