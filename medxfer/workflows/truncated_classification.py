@@ -78,7 +78,7 @@ TASKS = ("multiclass", "multilabel")
 #: CheXpert's 14 observation columns, in the order of its CSV files.
 CHEXPERT_FINDINGS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                      "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                     "Pleural Other", "Fracture", "Support Device")
+                     "Pleural Other", "Fracture", "Support Devices")
 _UNCERTAIN = {"ones": 1.0, "zeros": 0.0}
 
 
