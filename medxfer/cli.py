@@ -56,7 +56,7 @@ from medxfer.transfer.weights import CheckpointError, read_checkpoint
 from medxfer.transferability.evaluate import evaluate_estimators, plot_scores, table_from_files, write_report
 from medxfer.transferability.features import SamplingConfig
 from medxfer.transferability.score import DEFAULT_ESTIMATORS, clear_scores, score_bank_into
-from medxfer.workflows.bank_build import build_ccfv_bank, load_bank_config
+from medxfer.workflows.bank_build import PretrainingFailed, build_ccfv_bank, load_bank_config
 from medxfer.workflows.msd_seg3d import task_plans
 from medxfer.workflows.zoo_export import export_bundle, source_from_bank, source_from_run
 
@@ -210,8 +210,8 @@ def _cmd_bank_build(args) -> int:
                                    f"(defined: {sorted(config['archs'])})")
             config["archs"] = {a: config["archs"][a] for a in args.archs}
         summary = build_ccfv_bank(args.data, args.target, args.out, config, device=args.device, seed=args.seed,
-                                  num_workers=args.num_workers, overwrite=args.overwrite)
-    except (DatasetError, BankError, FileExistsError, ValueError) as e:
+                                  num_workers=args.num_workers, overwrite=args.overwrite, workers=args.workers)
+    except (DatasetError, BankError, FileExistsError, ValueError, PretrainingFailed) as e:
         return _error(e)
     for item in summary["entries"]:
         done = "  (already done, kept)" if item.get("already_done") else ""
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--optimizer", choices=("adamw", "sgd"))
     build.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     build.add_argument("--num-workers", type=int, default=0)
+    build.add_argument("--workers", type=int, default=1,
+                       help="pretraining runs in parallel, each a single-thread process (one GPU each where several "
+                            "exist); the bank equals that of --workers 1 run with one torch thread")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--overwrite", action="store_true",
                        help="rebuild everything (a bank of other settings in --out is otherwise refused; "

@@ -23,14 +23,32 @@ tasks, seconds per entry) into ``out``; pretraining runs go to ``out/runs/<a>_<S
   scratch, so the bank equals that of an uninterrupted build (the runs are seeded);
 * scratch entries are rebuilt from their seed and kept when the bytes match;
 * ``build_summary.json`` is written last.
+
+**Parallel** (``workers > 1``, ``medxfer bank build --workers N``): the pretraining runs not done
+yet go to a pool of ``N`` spawned processes, each with one torch thread and its own device (one GPU
+each, round-robin, where several exist; else ``device``, e.g. ``N`` single-thread CPU processes).
+A worker runs the bundle with a *staging* bank inside its run folder (``runs/<a>_<S>/staged_bank``)
+and never touches ``bank.yaml``: only this (the parent) process adds entries to the manifest, one
+job at a time as jobs return (the checkpoint files are moved in with ``os.replace``, then the
+manifest is saved atomically, then the ``done`` marker), so no lock is needed. Sources without
+plans are planned here before the pool starts (two archs on one source would otherwise plan it
+concurrently). The runs are seeded as in one process, so the checkpoints have the same bytes as a
+``workers=1`` build run with one torch thread (the thread count changes the last bits of CPU
+convolutions); the manifest lists the entries in the same (job) order; markers, resume and
+``build_summary.json`` are those of a serial build. A failing job raises :class:`PretrainingFailed`
+(one line naming the job) after the running jobs have finished and been added; the failed job
+leaves no entry (its ``running`` marker makes the next build redo it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -48,15 +66,18 @@ from medxfer.networks.registry import build_network
 from medxfer.resources import config_path
 from medxfer.transfer.bank import MANIFEST, BankError, ModelBank, sha256_file
 from medxfer.workflows.bundle import run_bundle
-from medxfer.workflows.msd_seg3d import bank_entry_name
+from medxfer.workflows.msd_seg3d import bank_entry_name, task_plans
 
 __all__ = ["DEFAULT_BANK_CONFIG", "BUILD_FILE", "PretrainJob", "load_bank_config", "source_tasks", "build_ccfv_bank",
-           "pretrain_bank", "pretrain_jobs", "job_done", "task_digest", "ccfv_entries"]
+           "pretrain_bank", "pretrain_jobs", "job_done", "task_digest", "ccfv_entries", "PretrainingFailed",
+           "STAGED_BANK"]
 
 #: configs/ of the checkout, or the copy shipped in the wheel
 DEFAULT_BANK_CONFIG = config_path("bank_ccfv.yaml")
 #: The settings of the build that made a bank folder (written when the build starts).
 BUILD_FILE = "bank_build.json"
+#: Folder of a pretraining run (``runs/<a>_<S>/``) where a parallel worker's bundle writes its entries.
+STAGED_BANK = "staged_bank"
 logger = logging.getLogger("medxfer.bank")
 
 
@@ -88,7 +109,8 @@ def source_tasks(data_dir, target: str) -> list[Path]:
 
 def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, device: str | None = None,
                     num_workers: int = 0, seed: int = 0, progress: bool = True,
-                    source_names: Sequence[str] | None = None, quiet: bool = False, overwrite: bool = False) -> dict:
+                    source_names: Sequence[str] | None = None, quiet: bool = False, overwrite: bool = False,
+                    workers: int = 1) -> dict:
     """Pretrain the leave-one-task-out bank for ``target``; returns the build summary (also saved).
 
     Args:
@@ -99,6 +121,7 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
         config: the bank definition (:func:`load_bank_config`).
         device: ``"cpu"``, ``"cuda"``; ``None`` = the bundle default (cuda when available).
         source_names: source task folder names to use (default: every other task in ``data_dir``).
+        workers: pretraining runs in parallel (:func:`pretrain_bank`).
     """
     config = config or load_bank_config()
     target_task = load_task(Path(data_dir) / Path(str(target)).name)
@@ -121,7 +144,7 @@ def build_ccfv_bank(data_dir, target: str, out, config: dict | None = None, devi
                          device=device, num_workers=num_workers, seed=seed, progress=progress, quiet=quiet,
                          description=f"CC-FV leave-one-task-out bank for target {target_task.root.name}",
                          summary_extra={"target": target_task.root.name, "skipped_sources": skipped},
-                         overwrite=overwrite)
+                         overwrite=overwrite, workers=workers)
 
 
 def _sha256_of(path: Path) -> str | None:
@@ -220,17 +243,23 @@ def _claim_bank(out: Path, settings: dict, overwrite: bool) -> None:
 def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_channels: tuple[int, int],
                   device: str | None = None, num_workers: int = 0, seed: int = 0, progress: bool = True,
                   quiet: bool = False, description: str = "", summary_extra: dict | None = None,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, workers: int = 1) -> dict:
     """Pretrain every arch of ``config`` on every task of ``sources`` (one task each) into the bank
     ``out``, and add one seeded, untrained ``<arch>_scratch`` entry per arch with
     ``scratch_channels = (in, out)``. Writes ``build_summary.json`` (with ``summary_extra`` merged
     in) last; returns it. Resumable (module docstring): finished runs are skipped and listed with
     ``already_done: true`` (and in ``summary["already_done"]``), half-finished ones redone.
 
+    ``workers > 1``: the runs not done yet go to that many spawned single-thread processes (one GPU
+    each where several exist); the bank, markers and summary are those of ``workers=1`` (module
+    docstring, **Parallel**); a failing run raises :class:`PretrainingFailed`.
+
     A bank pretrained on all tasks serves every leave-one-task-out target: see :func:`ccfv_entries`.
     """
     from tqdm.auto import tqdm
 
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1 (got {workers})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _claim_bank(out, _build_settings(sources, config, scratch_channels, seed), overwrite)
@@ -246,7 +275,11 @@ def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_
         overrides["device"] = device
     summary = {"data_dir": str(Path(data_dir).resolve()), "bank": str(out.resolve()), "config": config,
                "sources": [Path(s).name for s in sources], **(summary_extra or {}), "entries": [], "already_done": []}
-    for job in tqdm(pretrain_jobs(sources, config), desc="pretraining bank entries", disable=not progress):
+    serial = pretrain_jobs(sources, config)
+    if int(workers) > 1:  # the same jobs in a process pool; the loop below then has none left
+        _pretrain_parallel(out, serial, config, seed, configs, overrides, device, int(workers), quiet, progress, summary)
+        serial = []
+    for job in tqdm(serial, desc="pretraining bank entries", disable=not progress or not serial):
         settings = job.settings(config, seed)
         marker = finished_pretraining(out, job.name, settings)
         if marker is not None:
@@ -292,6 +325,166 @@ def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_
     logger.info("bank %s: %d entries (%d pretraining run(s) already done before)", out, len(bank),
                 len(summary["already_done"]))
     return summary
+
+
+class PretrainingFailed(RuntimeError):
+    """A pretraining run of a parallel bank build failed in its worker process (one-line message
+    naming the run folder, the job and the cause)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else '(no message)'}"
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(devices, threads: int) -> None:
+    """A pretraining worker process: its own device (one GPU each where several exist), ``threads`` torch threads."""
+    _WORKER["device"] = devices.get()
+    torch.set_num_threads(threads)
+
+
+def _worker_devices(device: str | None, workers: int) -> list[str | None]:
+    """The device of each worker: ``cuda:i`` round-robin when the run is on CUDA and several GPUs
+    exist, else ``device`` (``None``: the bundle's default)."""
+    resolved = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if resolved == "cuda" and torch.cuda.device_count() > 1:
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
+    return [device] * workers
+
+
+def _pretrain_in_worker(job: PretrainJob, configs: list[str], overrides: dict, run_dir: str, quiet: bool) -> float:
+    """One pretraining run in a worker process, its entries written into the run's staging bank;
+    returns its seconds. Any failure comes back as a plain one-line :class:`RuntimeError` (the
+    original may not pickle, and its traceback would be the worker's)."""
+    device = _WORKER.get("device")
+    overrides = {**overrides, "bank_root": str(Path(run_dir) / STAGED_BANK), **({"device": device} if device else {})}
+    t0 = time.perf_counter()
+    try:
+        run_bundle("msd_seg3d", configs, output_dir=run_dir, source_roots=[str(job.source)], arch=job.arch,
+                   resume=False, quiet=quiet, **overrides)
+    except Exception as e:  # noqa: BLE001 -- reported by the parent, naming the job
+        raise RuntimeError(_first_line(e)) from None
+    return time.perf_counter() - t0
+
+
+def _add_staged(out: Path, job: PretrainJob, run_dir: Path) -> dict[str, str]:
+    """Move a finished worker's entries from its staging bank into the bank ``out`` (checkpoint
+    files first, then the manifest, saved atomically; this process is the manifest's only writer)
+    and remove the staging bank. Returns ``{entry: sha256}``."""
+    staging = run_dir / STAGED_BANK
+    try:
+        staged = ModelBank.open(staging)
+    except BankError:
+        staged = None
+    names = pretraining_entries(staged, job.name) if staged is not None else []
+    if not names:
+        raise RuntimeError(f"{run_dir}: pretraining finished without adding a bank entry {job.name}_e*")
+    bank = ModelBank.open(out)
+    clash = [n for n in names if n in bank]
+    if clash:
+        raise FileExistsError(f"{bank.manifest}: entries {clash} exist already (written by another process?)")
+    entries = []
+    for name in names:
+        entry = staged.get(name)
+        path = staged.verify(name, read_weights=False)  # the bytes the worker recorded
+        target = out / entry.checkpoint
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)  # same file system (inside out/): atomic
+        entries.append(entry)
+    ModelBank(out, [*bank, *entries], bank.description).save()
+    shutil.rmtree(staging, ignore_errors=True)
+    return {e.name: e.sha256 for e in entries}
+
+
+def _pretrain_parallel(out: Path, jobs: list[PretrainJob], config: dict, seed: int, configs: list[str],
+                       overrides: dict, device: str | None, workers: int, quiet: bool, progress: bool,
+                       summary: dict) -> None:
+    """The pretraining runs of :func:`pretrain_bank` in a pool of ``workers`` spawned processes
+    (module docstring, **Parallel**); fills ``summary`` as the serial loop does, in job order."""
+    from tqdm.auto import tqdm
+
+    items: dict[str, dict] = {}
+    todo: list[PretrainJob] = []
+    for job in jobs:
+        marker = finished_pretraining(out, job.name, job.settings(config, seed))
+        if marker is not None:
+            logger.info("%s: pretraining finished before (marker %s/%s.json), kept", job.name, MARKER_DIR, job.name)
+            items[job.name] = {"arch": job.arch, "source": job.source.name, "entries": list(marker["entries"]),
+                               "seconds": marker.get("seconds"), "already_done": True}
+            continue
+        removed = purge_pretraining(out, job.name)  # a half-finished run: redone from scratch
+        run_dir = out / "runs" / job.name
+        if removed or run_dir.exists():
+            logger.warning("%s: unfinished pretraining (killed?) redone from scratch%s", job.name,
+                           f"; removed its entries {removed}" if removed else "")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        todo.append(job)
+    for src in dict.fromkeys(job.source for job in todo):  # planned once, here, not by two workers at a time
+        if not (src / "medxfer_plans.json").is_file():
+            task_plans(src)
+    for job in todo:
+        write_pretraining_marker(out, job.name, job.settings(config, seed), "running")
+    failures: dict[str, str] = {}
+    if todo:
+        ctx = multiprocessing.get_context("spawn")
+        devices = ctx.Queue()
+        n = min(workers, len(todo))
+        for d in _worker_devices(device, n):
+            devices.put(d)
+        bar = tqdm(total=len(todo), desc=f"pretraining bank entries ({n} workers)", disable=not progress)
+        with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(devices, 1)) as pool:
+            running = {}
+            for job in todo:
+                job_overrides = {**overrides, "n_folds": job.settings(config, seed)["n_folds"],
+                                 "arch_kwargs": dict(config["archs"][job.arch] or {})}
+                running[pool.submit(_pretrain_in_worker, job, configs, job_overrides, str(out / "runs" / job.name),
+                                    quiet)] = job
+            try:
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        job = running.pop(fut)
+                        try:
+                            error = fut.exception()  # the worker's one line, or the pool's (a worker died)
+                            if error is None:
+                                seconds = fut.result()
+                                added = _add_staged(out, job, out / "runs" / job.name)
+                        except Exception as e:  # noqa: BLE001 -- adding its entries failed
+                            error = RuntimeError(_first_line(e))
+                        if error is not None:  # the running jobs finish and are kept; the rest is left
+                            failures[job.name] = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                            for other in [f for f in running if f.cancel()]:  # not started: left for the next build
+                                running.pop(other)
+                            continue
+                        write_pretraining_marker(out, job.name, job.settings(config, seed), "done", added, seconds)
+                        items[job.name] = {"arch": job.arch, "source": job.source.name, "entries": list(added),
+                                           "seconds": seconds, "already_done": False}
+                        bar.update()
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
+            finally:
+                bar.close()
+    if failures:
+        first = next(job for job in todo if job.name in failures)
+        more = [name for name in failures if name != first.name]
+        raise PretrainingFailed(f"{out / 'runs' / first.name}: pretraining {first.name} ({first.arch} on "
+                                f"{first.source.name}) failed: {failures[first.name]}"
+                                + (f" (also failed: {', '.join(more)})" if more else ""))
+    # the manifest in job order, as a serial build writes it (entries were added as jobs returned)
+    bank = ModelBank.open(out)
+    order = [n for job in jobs for n in items[job.name]["entries"] if n in bank]
+    ordered = [bank.get(n) for n in order] + [e for e in bank if e.name not in set(order)]
+    if [e.name for e in ordered] != bank.names():
+        ModelBank(out, ordered, bank.description).save()
+    for job in jobs:
+        summary["entries"].append(items[job.name])
+        if items[job.name]["already_done"]:
+            summary["already_done"].append(job.name)
 
 
 def _same_weights(bank: ModelBank, name: str, net: torch.nn.Module) -> bool:
