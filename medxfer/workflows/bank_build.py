@@ -47,6 +47,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -340,10 +341,21 @@ def _first_line(err: BaseException) -> str:
 _WORKER: dict = {}
 
 
-def _init_worker(devices, threads: int) -> None:
-    """A pretraining worker process: its own device (one GPU each where several exist), ``threads`` torch threads."""
+def _init_worker(devices, threads: int, parent: int) -> None:
+    """A pretraining worker process: its own device (one GPU each where several exist), ``threads``
+    torch threads, and a watchdog that ends it when the build process is gone (killed): an orphaned
+    worker would otherwise go on writing into the run folder the next build redoes. ``parent`` is
+    the build's pid, passed in: a worker still importing when the build was killed has another
+    parent already."""
     _WORKER["device"] = devices.get()
     torch.set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="medxfer-orphan-watchdog", daemon=True).start()
 
 
 def _worker_devices(device: str | None, workers: int) -> list[str | None]:
@@ -435,7 +447,8 @@ def _pretrain_parallel(out: Path, jobs: list[PretrainJob], config: dict, seed: i
         for d in _worker_devices(device, n):
             devices.put(d)
         bar = tqdm(total=len(todo), desc=f"pretraining bank entries ({n} workers)", disable=not progress)
-        with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(devices, 1)) as pool:
+        with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(devices, 1, os.getpid())) as pool:
             running = {}
             for job in todo:
                 job_overrides = {**overrides, "n_folds": job.settings(config, seed)["n_folds"],
