@@ -43,11 +43,12 @@ from medxfer.data.isic import load_isic
 from medxfer.data.msd import load_task
 from medxfer.data.splits import make_kfold_splits, save_splits
 from medxfer.data.summary import save_preview, summarize_isic, summarize_task
+from medxfer.data.synth.graded import FAMILY_FILE, generate_graded_family
 from medxfer.data.synth.isic import generate_isic
 from medxfer.data.synth.msd import MSD_PROFILES, generate_msd
 from medxfer.data.validate import check_dataset
 from medxfer.jsonfile import write_json
-from medxfer.study import load_preset, run_study
+from medxfer.study import design_check, load_preset, run_study
 
 __all__ = ["run_demo", "DEMO_MARKER"]
 
@@ -141,13 +142,32 @@ def run_demo(out="runs/demo", seed: int = 0, overwrite: bool = False, num_traini
     if study == "none":
         return 0
     print()
-    config = load_preset(study, {"seed": seed})  # `medxfer study --preset demo|quick --seed S`
+    preset = "designed" if study == "full" else study  # `medxfer study --preset designed|quick --seed S`
+    config = load_preset(preset, {"seed": seed})
     study_key = json.loads(json.dumps(asdict(config), default=str))
     if _read(out / STUDY_MARKER) != study_key:  # the demo's own folder, made with another preset: start afresh
         shutil.rmtree(out / "study", ignore_errors=True)
         write_json(out / STUDY_MARKER, study_key)
+    data_dir, design = out / "data" / "msd", None
+    if config.generated:  # the designed benchmark: its own generated family (kept when made with the same settings)
+        data_dir = out / "data" / "graded"
+        params = {**config.generated, "seed": seed}
+        design = _read(data_dir / FAMILY_FILE)
+        if design is None or any(design.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in params.items()):
+            print(f"generating the designed benchmark's tasks ({params}) -> {data_dir}")
+            design = generate_graded_family(data_dir, overwrite=True, **params)
     t1 = time.perf_counter()
-    result = run_study(out / "data" / "msd", out / "study", config)
+    result = run_study(data_dir, out / "study", config)
     print(f"study done in {(time.perf_counter() - t1) / 60:.1f} min (estimated {result['estimate_s']['total'] / 60:.1f}); "
-          f"report: {out / 'study' / 'te_evaluation.json'}, plot: {out / 'study' / 'scores_vs_dice.png'}")
+          f"report: {out / 'study' / 'te_evaluation.json'}, plot: {out / 'study' / 'tau_vs_ceiling.png'}")
+    if design is not None:
+        check = design_check(design, result, out / "study" / "finetune_dice_seeds.csv")
+        write_json(out / "study" / "design_check.json", check)
+        print("\ndoes the fine-tuning follow the design? (bars: noise ceiling >= 0.8, Spearman vs design >= 0.8, "
+              "best designed model beyond the untrained one's seed spread)")
+        for target, c in check.items():
+            b = c["closest_vs_scratch"]
+            print(f"  {target}: noise ceiling {c['noise_ceiling']:+.2f}, Spearman vs design {c['spearman_vs_design']:+.2f}, "
+                  f"{b['closest']} - untrained {b['margin']:+.3f} (seed std {b['std_closest']:.3f} / {b['std_scratch']:.3f}): "
+                  f"{'meets' if c['accepted'] else 'MISSES'} the bar")
     return 0

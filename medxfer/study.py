@@ -41,6 +41,7 @@ half-finished one from scratch, ending with the reports of an uninterrupted run.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import multiprocessing
@@ -53,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.stats import spearmanr
 
 from medxfer.atomic import atomic_path, atomic_write_text
 from medxfer.data.msd import load_task
@@ -61,6 +63,7 @@ from medxfer.handlers.bank_saver import marker_key
 from medxfer.jsonfile import write_json
 from medxfer.resources import config_path
 from medxfer.transfer.bank import BankError, ModelBank
+from medxfer.transfer.weights import TRANSFER_MODES
 from medxfer.transferability.evaluate import METRICS, evaluate_estimators, plot_scores, write_report
 from medxfer.transferability.features import SamplingConfig
 from medxfer.transferability.repeats import REFERENCE, bootstrap_evaluation
@@ -70,7 +73,7 @@ from medxfer.workflows.bundle import run_bundle
 from medxfer.workflows.msd_seg3d import task_plans
 
 __all__ = ["StudyConfig", "Job", "StudyPlan", "load_preset", "parse_overrides", "plan_study", "estimate_seconds", "run_study",
-           "format_dry_run", "SECONDS_PER_ITERATION", "RESULT_FILE"]
+           "format_dry_run", "design_check", "SECONDS_PER_ITERATION", "RESULT_FILE"]
 
 #: Training seconds per iteration (batch 2 volumes x 2 patches of 48x48x16, AdamW) measured on the
 #: 2-core CPU machines of this project (2026-11); scaled linearly with the patch's voxel count.
@@ -107,9 +110,12 @@ class StudyConfig:
         "unetr": {"feature_size": 8, "hidden_size": 192, "mlp_dim": 384, "num_heads": 4}})
     patch_size: list = field(default_factory=lambda: [48, 48, 16])
     pretrain_epochs: int = 60
+    bank_epochs: list = field(default_factory=list)  # also bank the pretraining checkpoints of these epochs (<model>_e<k>)
     finetune_epochs: int = 40
     finetune_folds: int = 3          # fold 0: (1 - 1/folds) of the target cases fine-tune, the rest validate
     learning_rate: float = 3e-3      # AdamW, poly decay (configs/adamw.yaml)
+    pretrain_learning_rate: float | None = None  # None: learning_rate
+    transfer_mode: str = "all_but_head"  # what fine-tuning loads (medxfer.transfer.weights.TRANSFER_MODES); CC-FV's
     estimators: tuple = ("ccfv", "ccfv_official", "logme", "gbc", "transrate", "transrate_official", "leep", "nce",
                          "robustness")
     seed: int = 0
@@ -123,6 +129,8 @@ class StudyConfig:
     finetune_iterations: int | None = None
     seconds_per_iteration: dict | None = None  # per arch at patch_size; None: SECONDS_PER_ITERATION scaled
     description: str = ""
+    generated: dict | None = None    # the generated data this preset is made for (graded family parameters;
+                                     # medxfer.data.synth.graded.generate_graded_family keywords); None: given data
 
     @classmethod
     def quick(cls) -> "StudyConfig":
@@ -176,6 +184,8 @@ def _with(config: StudyConfig, values: dict, where: str) -> StudyConfig:
     if "estimators" in values:
         values["estimators"] = tuple(values["estimators"])
     config = replace(config, **values)
+    if config.transfer_mode not in TRANSFER_MODES and not str(config.transfer_mode).startswith("truncated:"):
+        raise ValueError(f"{where}: transfer_mode {config.transfer_mode!r} is not one of {', '.join(TRANSFER_MODES)}")
     if config.seeds < 1 or config.bootstrap < 1 or config.batch_size < 1 or (config.workers or 1) < 1:
         raise ValueError(f"{where}: seeds, bootstrap, batch_size and workers must be >= 1")
     return config
@@ -240,6 +250,14 @@ def _seconds_per_iteration(config: StudyConfig, arch: str) -> float:
     if config.seconds_per_iteration:
         return float(config.seconds_per_iteration.get(arch, max(config.seconds_per_iteration.values())))
     return SECONDS_PER_ITERATION.get(arch, 1.0) * math.prod(config.patch_size) / _REFERENCE_VOXELS
+
+
+def _bank_epochs(config: StudyConfig, pre_epochs: int) -> list[int]:
+    """The intermediate checkpoints banked besides the last epoch (``bank_epochs`` below ``pre_epochs``)."""
+    epochs = sorted({int(e) for e in config.bank_epochs or []})
+    if any(e < 1 or e > pre_epochs for e in epochs):
+        raise ValueError(f"bank_epochs {epochs}: every epoch must be in 1..pretrain_epochs ({pre_epochs})")
+    return [e for e in epochs if e != pre_epochs]
 
 
 def _pretrain_folds(n_cases: int) -> int:
@@ -311,7 +329,8 @@ def _plan(config: StudyConfig, all_tasks: list, from_data: bool, data_dir=None) 
     skipped = [t.name for t in all_tasks if t not in tasks]
     pre_epochs = _pretrain_epochs(config, tasks)
     ft_epochs = {t.name: _finetune_epochs(config, t) for t in targets}
-    pool = pretrain_jobs([t.root or Path(t.name) for t in tasks], {"archs": config.archs, "epochs": pre_epochs})
+    pool = pretrain_jobs([t.root or Path(t.name) for t in tasks],
+                         {"archs": config.archs, "epochs": pre_epochs, "bank_epochs": _bank_epochs(config, pre_epochs)})
     models = {t.name: [e for j in pool if j.source.name != t.name for e in j.entries]
               + [f"{a}_scratch" for a in config.archs] for t in targets}
     planned = lambda t: t.root is not None and (t.root / "medxfer_plans.json").is_file()  # noqa: E731
@@ -471,7 +490,7 @@ def _finetune_key(bank, target: _Target, model: str, config: StudyConfig, seed: 
         return None
     return marker_key({"target": target.name, "data": task_digest(target.task.root), "entry": model,
                        "entry_sha256": bank.get(model).sha256, "configs": _FINETUNE_CONFIGS,
-                       "transfer_mode": "all_but_head", "max_epochs": target.epochs,
+                       "transfer_mode": config.transfer_mode, "max_epochs": target.epochs,
                        "val_interval": target.epochs, "patch_size": list(config.patch_size),
                        "n_folds": config.finetune_folds, "seed": seed, "learning_rate": config.learning_rate,
                        "batch_size": config.batch_size, "split_seed": config.seed})
@@ -577,7 +596,8 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
     device = config.device
     bank_root = out / "bank"
     bank_config = {"archs": config.archs, "patch_size": config.patch_size, "epochs": plan.pretrain_epochs,
-                   "bank_epochs": [], "optimizer": "adamw", "learning_rate": config.learning_rate,
+                   "bank_epochs": _bank_epochs(config, plan.pretrain_epochs), "optimizer": "adamw",
+                   "learning_rate": config.learning_rate if config.pretrain_learning_rate is None else config.pretrain_learning_rate,
                    "n_folds": _PRETRAIN_FOLDS}
     pre_jobs = pretrain_jobs(tasks, bank_config)
     seeds = [config.seed + k for k in range(config.seeds)]
@@ -635,7 +655,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
             if j.name in finished:
                 bar.skip(jobs[f"pretrain {j.name}"])
         build = pretrain_bank(data_dir, tasks, bank_root, bank_config, (plan.targets[0].n_channels, 2), device=device,
-                              seed=config.seed, progress=progress, quiet=True,
+                              seed=config.seed, progress=progress, quiet=True, workers=plan.workers,
                               description="CC-FV study pool: one model per task x arch")
         timings["bank"] = sum(e["seconds"] or 0.0 for e in build["entries"])
         for e in build["entries"]:  # the pool runs as one block; its runs count as jobs when it returns
@@ -669,7 +689,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
                 ran(job, took)
 
         log(f"[study 4/5] fine-tuning {n_ft} runs ({sum(len(t.models) for t in targets)} models x {len(seeds)} seed(s); "
-            f"all_but_head, same budget) over {plan.workers} worker(s)")
+            f"{config.transfer_mode}, same budget) over {plan.workers} worker(s)")
         val_ids = {}
         for target in targets:  # one split per target for every seed (the runs' own default is seeded by the run)
             splits = make_kfold_splits(target.task.training, n_folds=config.finetune_folds, seed=config.seed)
@@ -686,7 +706,7 @@ def run_study(data_dir, out, config: StudyConfig | None = None, progress: bool =
                         bar.skip(job)
                         continue
                     overrides = {"data_root": str(target.task.root), "bank_root": str(bank_root), "bank_entry": model,
-                                 "transfer_mode": "all_but_head", "max_epochs": target.epochs,
+                                 "transfer_mode": config.transfer_mode, "max_epochs": target.epochs,
                                  "val_interval": target.epochs, "patch_size": list(config.patch_size),
                                  "n_folds": config.finetune_folds, "seed": seed, "learning_rate": config.learning_rate,
                                  "batch_size": config.batch_size, "splits_file": str(target.splits_file),
@@ -822,6 +842,71 @@ def _report(out: Path, config: StudyConfig, plan: StudyPlan, targets: list, scor
         f"{len(dice_rows)} models x {len(seeds)} seed(s); noise ceiling {ceilings}: an estimator's lead inside the "
         "intervals, or a ceiling near 0, decides nothing")
     return summary
+
+
+def _source_of(model: str, tasks) -> str | None:
+    """The task of ``tasks`` a bank entry was pretrained on (``None``: the untrained one)."""
+    return next((t for t in tasks if t in model), None)
+
+
+def _epochs_of(model: str) -> int:
+    """Pretraining epochs of a bank entry ``<arch>_<Task>_e<epoch>`` (0: the untrained one)."""
+    head, sep, tail = model.rpartition("_e")
+    return int(tail) if sep and tail.isdigit() and not model.endswith("_scratch") else 0
+
+
+def design_check(design: dict, summary: dict, seed_csv) -> dict:
+    """Does the fine-tuning of a designed benchmark follow its design? (issue 18's bar, per target)
+
+    ``design``: the ``graded_family.json`` of :func:`medxfer.data.synth.graded.generate_graded_family`;
+    ``summary``: :func:`run_study`'s result on it; ``seed_csv``: its ``finetune_dice_seeds.csv``.
+    The designed order of a target's models: nearer source (contrast grades) first, then longer
+    pretraining (the ``_e<epoch>`` of the entry), the untrained model last. Per target:
+    ``noise_ceiling`` (bar >= 0.8), ``spearman_vs_design`` (mean Dice against the designed order,
+    ties stay ties; bar >= 0.8), ``closest_vs_scratch`` (the first model of the designed order minus
+    the untrained one; ``beyond_seed_spread`` when the margin exceeds the sum of both seed stds:
+    the mean +- std bands do not overlap, our reading of "beyond the seed spread"), every model's
+    mean Dice and seed std, and ``accepted`` (all three bars)."""
+    per_seed: dict = {}
+    with open(seed_csv) as f:
+        for r in csv.DictReader(f):
+            if r["case"] == "mean":
+                per_seed.setdefault(r["target"], {}).setdefault(r["model"], []).append(float(r["dice"]))
+    far = design["n_grades"]  # the untrained model: beyond the farthest source
+    out = {}
+    for target in summary["targets"]:
+        rows = [r for r in summary["finetune_dice"] if r["target"] == target]
+        dist = {r["model"]: design["distance"][target].get(_source_of(r["model"], design["tasks"]), far) for r in rows}
+        length = {r["model"]: _epochs_of(r["model"]) for r in rows}
+        # designed order: nearer source first, then longer pretraining; the untrained model last
+        key = {m: (dist[m], -length[m]) for m in dist}
+        order = {k: i for i, k in enumerate(sorted(set(key.values())))}
+        dice = {r["model"]: r["dice"] for r in rows}
+        std = {r["model"]: r["dice_std"] for r in rows}
+        models = sorted(dice, key=lambda m: (order[key[m]], m))
+        rho = spearmanr([dice[m] for m in models], [-order[key[m]] for m in models]).statistic
+        scratch = next(m for m in models if m.endswith("_scratch"))
+        closest = models[0]
+        margin = dice[closest] - dice[scratch]
+        margins = {m: dice[m] - dice[scratch] for m in models if m != scratch}
+        beyond = {m: bool(margins[m] > std[m] + std[scratch]) for m in margins}
+        stats = summary["statistics"][target]
+        out[target] = {
+            "noise_ceiling": summary["noise_ceiling"][target],
+            "noise_ceiling_interval": [stats["noise_ceiling"]["low"], stats["noise_ceiling"]["high"]],
+            "spearman_vs_design": float(rho),
+            "closest_vs_scratch": {"closest": closest, "margin": margin, "std_closest": std[closest],
+                                   "std_scratch": std[scratch], "beyond_seed_spread": beyond[closest]},
+            "pretrained_beyond_seed_spread": f"{sum(beyond.values())} of {len(beyond)}",
+            "models": [{"model": m, "distance": dist[m], "pretrain_epochs": length[m], "dice": dice[m], "seed_std": std[m],
+                        "per_seed": per_seed.get(target, {}).get(m)} for m in models],
+            "mean_seed_std": float(np.nanmean([std[m] for m in models])),
+            "std_of_model_means": float(np.std([dice[m] for m in models])),
+            "estimators_weighted_tau": {e: [s["weighted_tau"]["value"], s["weighted_tau"]["low"], s["weighted_tau"]["high"]]
+                                        for e, s in stats["estimators"].items()},
+        }
+        out[target]["accepted"] = bool(out[target]["noise_ceiling"] >= 0.8 and rho >= 0.8 and beyond[closest])
+    return out
 
 
 def _ci(value, low, high) -> str:

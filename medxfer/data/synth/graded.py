@@ -53,8 +53,10 @@ FIRST_TASK_ID = 60
 
 def grade_hu(grade: int, n_grades: int) -> float:
     """The spleen's mean CT number at ``grade`` of ``n_grades`` (linear from 110 to 15 HU)."""
-    if n_grades < 2 or not 0 <= grade < n_grades:
-        raise ValueError(f"grade must be in 0..{n_grades - 1} and n_grades >= 2, got grade {grade} of {n_grades}")
+    if n_grades < 1 or not 0 <= grade < n_grades:
+        raise ValueError(f"grade must be in 0..{n_grades - 1} and n_grades >= 1, got grade {grade} of {n_grades}")
+    if n_grades == 1:
+        return SPLEEN_HU
     return SPLEEN_HU - grade / (n_grades - 1) * (SPLEEN_HU - VISCERAL_HU)
 
 
@@ -79,7 +81,8 @@ def generate_graded_family(out, n_grades: int = 5, n_targets: int = 2, num_train
 
     Args:
         out: parent folder of the task folders (created if missing).
-        n_grades: ``k`` >= 2 contrast grades (0 = full spleen contrast, ``k-1`` = none).
+        n_grades: ``k`` >= 1 contrast grades (0 = full spleen contrast, ``k-1`` = none; 1: only the
+            grade-0 targets, for a benchmark graded by pretraining length alone).
         n_targets: independent grade-0 tasks (>= 1; the study's targets; with 1, the closest source
             is grade 1).
         num_training: labelled cases per task (the same for every task: equal pretraining budgets).
@@ -129,7 +132,7 @@ def generate_graded_family(out, n_grades: int = 5, n_targets: int = 2, num_train
         tasks[folder] = {"grade": grade, "spleen_hu": hu, "task_id": task_id}
     targets = [f for f, t in tasks.items() if t["grade"] == 0][:n_targets]
     design = {"lever": "spleen mean CT number (contrast to the 15 HU surroundings); all else equal",
-              "n_grades": n_grades, "num_training": num_training, "shape": list(shape), "spacing": list(spacing),
+              "n_grades": n_grades, "n_targets": n_targets, "num_training": num_training, "shape": list(shape), "spacing": list(spacing),
               "seed": seed, "tasks": tasks, "targets": targets,
               "distance": {t: {s: abs(tasks[s]["grade"] - tasks[t]["grade"]) for s in tasks if s != t} for t in targets}}
     atomic_write_text(out / FAMILY_FILE, json.dumps(design, indent=2) + "\n")
