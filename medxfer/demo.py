@@ -10,17 +10,19 @@ seeded 5-fold splits, and report what was made::
     OUT/summary.json                    per-dataset numbers (shapes, spacings, labels, prevalence)
     OUT/preview.png                     one slice per task, a few dermoscopy images with outlines
 
-Then the CC-FV study (:mod:`medxfer.study`, the same as ``medxfer study --preset demo``) on the
-generated MSD tasks: a leave-one-task-out bank per target, every estimator's scores, every model
-fine-tuned with several seeds, the noise ceiling and which estimator predicted the mean fine-tuning
-ranking best, with intervals::
+Then the CC-FV study (:mod:`medxfer.study`, the same as ``medxfer study --preset designed``) on
+the designed benchmark (``configs/study_designed.yaml``: its ``generated`` family of
+:mod:`medxfer.data.synth.graded` tasks, written to ``OUT/data/graded``; models of graded
+pretraining length): every estimator's scores, every model fine-tuned with several seeds, the
+noise ceiling, which estimator predicted the mean fine-tuning ranking best, with intervals, and
+whether the fine-tuning followed the design (:func:`medxfer.study.design_check`)::
 
     OUT/study/bank/  OUT/study/scores/  OUT/study/finetune_dice.csv  OUT/study/finetune_dice_seeds.csv
     OUT/study/te_evaluation.json|csv  OUT/study/te_statistics.csv  OUT/study/scores_vs_dice.png
-    OUT/study/tau_vs_ceiling.png  OUT/study/study.json
+    OUT/study/tau_vs_ceiling.png  OUT/study/study.json  OUT/study/design_check.json
 
-``study="quick"`` runs it with the quick preset's smoke-test budgets (tests; ``medxfer study
---preset quick``), ``study="none"`` skips it.
+``study="quick"`` runs the quick preset's smoke-test budgets on the generated MSD profiles instead
+(tests; ``medxfer study --preset quick``), ``study="none"`` skips it.
 
 A killed demo resumes: run the same command again. The generated data is kept when
 ``OUT/data/demo_data.json`` (written after the data was generated and checked) records the same

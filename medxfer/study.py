@@ -1,7 +1,8 @@
 """The CC-FV study: which transferability estimator predicts fine-tuning best?
 
 The experiment of Yang et al. (MICCAI 2023, section 3.1) as a list of resumable jobs, on generated
-data small enough for 2 CPU cores (``medxfer demo``) or at the paper's scale on real MSD
+data small enough for 2 CPU cores (``medxfer demo``: the designed benchmark, ``--preset designed``,
+whose models are pretraining checkpoints of graded length) or at the paper's scale on real MSD
 (``medxfer study --preset ccfv_msd --data /data/msd``, ``configs/study_ccfv_msd.yaml``):
 
 1. **plan**: nnU-Net planning of every task once (``<task>/medxfer_plans.json``; spacing and
@@ -94,7 +95,9 @@ MSD_TABLE = "msd_tasks.yaml"
 
 @dataclass
 class StudyConfig:
-    """Budgets and settings of the study (defaults: the README's main job on 2 CPU cores).
+    """Budgets and settings of the study (defaults: the study on the generated MSD profiles, ``--preset
+    demo``, the README's main job before issue 18; the main job now runs ``configs/study_designed.yaml``,
+    whose ``generated`` family is made by ``medxfer demo`` / ``scripts/bench/designed_benchmark.py``).
 
     Budgets are epochs unless ``pretrain_iterations`` / ``finetune_iterations`` are set (the
     paper's protocol counts iterations): then the epochs are derived per run from its training
