@@ -241,6 +241,23 @@ def _claim_bank(out: Path, settings: dict, overwrite: bool) -> None:
     atomic_write_text(claim, json.dumps({"made_by": "medxfer bank build", "for": settings}, indent=1) + "\n")
 
 
+def _kept_or_purged(out: Path, job: PretrainJob, settings: dict) -> dict | None:
+    """A finished job's summary item (its trusted marker), or ``None`` after removing what a
+    half-finished run left (entries, checkpoints, run folder): it is then redone from scratch."""
+    marker = finished_pretraining(out, job.name, settings)
+    if marker is not None:
+        logger.info("%s: pretraining finished before (marker %s/%s.json), kept", job.name, MARKER_DIR, job.name)
+        return {"arch": job.arch, "source": job.source.name, "entries": list(marker["entries"]),
+                "seconds": marker.get("seconds"), "already_done": True}
+    removed = purge_pretraining(out, job.name)
+    run_dir = out / "runs" / job.name
+    if removed or run_dir.exists():
+        logger.warning("%s: unfinished pretraining (killed?) redone from scratch%s", job.name,
+                       f"; removed its entries {removed}" if removed else "")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return None
+
+
 def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_channels: tuple[int, int],
                   device: str | None = None, num_workers: int = 0, seed: int = 0, progress: bool = True,
                   quiet: bool = False, description: str = "", summary_extra: dict | None = None,
@@ -282,19 +299,12 @@ def pretrain_bank(data_dir, sources: Sequence[Path], out, config: dict, scratch_
         serial = []
     for job in tqdm(serial, desc="pretraining bank entries", disable=not progress or not serial):
         settings = job.settings(config, seed)
-        marker = finished_pretraining(out, job.name, settings)
-        if marker is not None:
-            logger.info("%s: pretraining finished before (marker %s/%s.json), kept", job.name, MARKER_DIR, job.name)
-            summary["entries"].append({"arch": job.arch, "source": job.source.name, "entries": list(marker["entries"]),
-                                       "seconds": marker.get("seconds"), "already_done": True})
+        done = _kept_or_purged(out, job, settings)
+        if done is not None:
+            summary["entries"].append(done)
             summary["already_done"].append(job.name)
             continue
-        removed = purge_pretraining(out, job.name)  # a half-finished run: redone from scratch
         run_dir = out / "runs" / job.name
-        if removed or run_dir.exists():
-            logger.warning("%s: unfinished pretraining (killed?) redone from scratch%s", job.name,
-                           f"; removed its entries {removed}" if removed else "")
-        shutil.rmtree(run_dir, ignore_errors=True)
         write_pretraining_marker(out, job.name, settings, "running")
         t0 = time.perf_counter()
         run_bundle("msd_seg3d", configs, output_dir=str(run_dir), source_roots=[str(job.source)],
@@ -421,18 +431,10 @@ def _pretrain_parallel(out: Path, jobs: list[PretrainJob], config: dict, seed: i
     items: dict[str, dict] = {}
     todo: list[PretrainJob] = []
     for job in jobs:
-        marker = finished_pretraining(out, job.name, job.settings(config, seed))
-        if marker is not None:
-            logger.info("%s: pretraining finished before (marker %s/%s.json), kept", job.name, MARKER_DIR, job.name)
-            items[job.name] = {"arch": job.arch, "source": job.source.name, "entries": list(marker["entries"]),
-                               "seconds": marker.get("seconds"), "already_done": True}
+        done = _kept_or_purged(out, job, job.settings(config, seed))
+        if done is not None:
+            items[job.name] = done
             continue
-        removed = purge_pretraining(out, job.name)  # a half-finished run: redone from scratch
-        run_dir = out / "runs" / job.name
-        if removed or run_dir.exists():
-            logger.warning("%s: unfinished pretraining (killed?) redone from scratch%s", job.name,
-                           f"; removed its entries {removed}" if removed else "")
-        shutil.rmtree(run_dir, ignore_errors=True)
         todo.append(job)
     for src in dict.fromkeys(job.source for job in todo):  # planned once, here, not by two workers at a time
         if not (src / "medxfer_plans.json").is_file():
